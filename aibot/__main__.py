@@ -1,0 +1,5 @@
+import sys
+
+from aibot.cli import main
+
+sys.exit(main())

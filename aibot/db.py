@@ -1,0 +1,120 @@
+"""Connections to the aibot database.
+
+Every connection sets `search_path` to the `aibot` schema first, so named queries can say `jobs`
+instead of `aibot.jobs` and operators can run them as-is in psql after `SET search_path = aibot`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import threading
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg_pool import ConnectionPool
+
+from aibot.sqlfiles import query
+
+SCHEMA = "aibot"
+APP_NAME = "aibot"
+
+
+def database_url(explicit: str | None = None) -> str:
+    url = explicit or os.environ.get("AIBOT_DATABASE_URL")
+    if not url:
+        raise RuntimeError(
+            "no database configured: set AIBOT_DATABASE_URL (e.g. postgresql://user@127.0.0.1:5432/aibot)"
+        )
+    return url
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced, for logs and status output."""
+    url = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+    return re.sub(r"(password\s*=\s*)(\S+)", r"\1***", url)
+
+
+def _configure(conn: psycopg.Connection) -> None:
+    conn.execute(f"SET search_path = {SCHEMA}, public")
+    conn.commit()
+
+
+def connect(url: str | None = None, *, autocommit: bool = False, **kw: Any) -> psycopg.Connection:
+    conn = psycopg.connect(
+        database_url(url), autocommit=autocommit, row_factory=dict_row, application_name=APP_NAME, **kw
+    )
+    if autocommit:
+        conn.execute(f"SET search_path = {SCHEMA}, public")
+    else:
+        _configure(conn)
+    return conn
+
+
+def make_pool(url: str | None = None, *, min_size: int = 1, max_size: int = 8, name: str = "aibot") -> ConnectionPool:
+    pool = ConnectionPool(
+        database_url(url),
+        min_size=min_size,
+        max_size=max_size,
+        kwargs={"row_factory": dict_row, "application_name": APP_NAME},
+        configure=_configure,
+        check=ConnectionPool.check_connection,
+        name=name,
+        open=False,
+    )
+    pool.open(wait=True, timeout=30)
+    return pool
+
+
+def run(conn: psycopg.Connection, name: str, params: Mapping[str, Any] | None = None) -> psycopg.Cursor:
+    """Executes the named query from `sql/queries/` and returns the cursor."""
+    return conn.execute(query(name), params or {})
+
+
+def one(conn: psycopg.Connection, name: str, params: Mapping[str, Any] | None = None) -> dict | None:
+    return run(conn, name, params).fetchone()
+
+
+def all_rows(conn: psycopg.Connection, name: str, params: Mapping[str, Any] | None = None) -> list[dict]:
+    return run(conn, name, params).fetchall()
+
+
+class Database:
+    """A lazily opened pool shared by the threads of one process.
+
+    Dramatiq forks worker processes after importing the actors module, so the pool must not be
+    opened at import time; `pool` opens it on first use in the process that uses it.
+    """
+
+    def __init__(self, url: str | None = None, *, max_size: int = 8):
+        self._url = url
+        self._max_size = max_size
+        self._pool: ConnectionPool | None = None
+        self._pid: int | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def url(self) -> str:
+        return database_url(self._url)
+
+    @property
+    def pool(self) -> ConnectionPool:
+        with self._lock:
+            if self._pool is None or self._pid != os.getpid():
+                self._pool = make_pool(self._url, max_size=self._max_size)
+                self._pid = os.getpid()
+            return self._pool
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[psycopg.Connection]:
+        with self.pool.connection() as conn:
+            yield conn
+
+    def close(self) -> None:
+        with self._lock:
+            if self._pool is not None and self._pid == os.getpid():
+                self._pool.close()
+            self._pool = None

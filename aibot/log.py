@@ -1,0 +1,64 @@
+"""Logging where every line names the worker, job, entity, server and model it concerns.
+
+The names travel in a contextvar, so code deep in a backend need not pass them around; a filter
+copies them onto each record and the format prints them (or '-' when not set).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import logging
+import os
+import socket
+from collections.abc import Iterator
+
+FIELDS = ("worker", "job", "entity", "server", "model")
+_context: contextvars.ContextVar[dict[str, str]] = contextvars.ContextVar("aibot_log_context", default={})
+
+FORMAT = ("%(asctime)s %(levelname)-5s [%(process)d] %(name)s "
+          "worker=%(worker)s job=%(job)s entity=%(entity)s server=%(server)s model=%(model)s | %(message)s")
+
+
+def default_worker_name(role: str = "worker") -> str:
+    return f"{role}@{socket.gethostname()}:{os.getpid()}"
+
+
+@contextlib.contextmanager
+def context(**fields: object) -> Iterator[None]:
+    merged = {**_context.get(), **{k: str(v) for k, v in fields.items() if v is not None}}
+    token = _context.set(merged)
+    try:
+        yield
+    finally:
+        _context.reset(token)
+
+
+def bind(**fields: object) -> None:
+    """Sets fields for the rest of this thread's/task's context (e.g. the worker name at start-up)."""
+    _context.set({**_context.get(), **{k: str(v) for k, v in fields.items() if v is not None}})
+
+
+class ContextFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        ctx = _context.get()
+        for name in FIELDS:
+            if not hasattr(record, name):
+                setattr(record, name, ctx.get(name, "-"))
+        return True
+
+
+def setup(level: str | int | None = None) -> None:
+    level = level or os.environ.get("AIBOT_LOG_LEVEL", "INFO")
+    root = logging.getLogger()
+    if any(getattr(h, "_aibot", False) for h in root.handlers):
+        root.setLevel(level)
+        return
+    handler = logging.StreamHandler()
+    handler._aibot = True  # type: ignore[attr-defined]
+    handler.addFilter(ContextFilter())
+    handler.setFormatter(logging.Formatter(FORMAT))
+    root.addHandler(handler)
+    root.setLevel(level)
+    for noisy in ("httpx", "httpcore", "apscheduler.scheduler", "apscheduler.executors.default"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
