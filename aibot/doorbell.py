@@ -1,8 +1,67 @@
-"""Wake-ups for the claim actor (stub until the workers module lands; see docs/internals.md)."""
+"""Wake-ups ("doorbells") for the claim actor.
+
+A doorbell is a Dramatiq message with no arguments: it means "there may be work you can claim". The
+jobs table is the queue; doorbells only decide how many claim-actor invocations run. We ring at most
+as many as there are claims that could succeed right now (free usable slots matched with runnable
+jobs), minus doorbells already waiting, so a burst of 10,000 jobs creates a handful of messages, not
+10,000. Busy invocations keep claiming directly after each job, so they need no doorbell.
+
+With the default dramatiq-postgres broker the messages are inserted in the caller's transaction: a job
+and its wake-up commit together, and a rolled-back ingest leaves no stray wake-up. Other brokers get
+the messages enqueued right away (not transactional); the scheduler's doorbell tick covers any gap.
+"""
 
 from __future__ import annotations
 
+import json
+import logging
+import psycopg
+from dramatiq import Message
 
-def ring(conn, n: int) -> int:
-    """Enqueues up to `n` claim-actor messages in the caller's transaction; returns how many."""
-    return 0
+from aibot import db
+
+log = logging.getLogger("aibot.doorbell")
+
+QUEUE = "aibot"
+ACTOR = "claim"
+
+
+def matchable(conn: psycopg.Connection) -> int:
+    return db.one(conn, "doorbell_matchable")["matchable"]
+
+
+def ring(conn: psycopg.Connection, n: int | None = None) -> int:
+    """Rings up to the number of claims that could succeed now; returns how many were rung.
+
+    `n` is how much new work the caller just added: 0 skips the (cheap) capacity query entirely.
+    """
+    if n == 0:
+        return 0
+    want = matchable(conn)
+    if want <= 0:
+        return 0
+    if _broker_is_postgres():
+        outstanding = db.one(conn, "doorbell_outstanding", {"queue": QUEUE})["n"]
+        count = want - outstanding
+        if count <= 0:
+            return 0
+        messages = [_message() for _ in range(count)]
+        db.run(conn, "doorbell_insert", {"queue": QUEUE, "messages": json.dumps(messages)})
+        db.run(conn, "doorbell_notify", {"queue": QUEUE})
+        return count
+    from aibot.actors import claim  # a non-Postgres broker: enqueue through Dramatiq itself
+
+    for _ in range(want):
+        claim.send()
+    return want
+
+
+def _message() -> dict:
+    """The JSON dramatiq-postgres stores for `claim.send()`: Dramatiq's own encoding of the message."""
+    return json.loads(Message(queue_name=QUEUE, actor_name=ACTOR, args=(), kwargs={}, options={}).encode())
+
+
+def _broker_is_postgres() -> bool:
+    from aibot.actors.broker import broker_kind
+
+    return broker_kind() == "postgres"

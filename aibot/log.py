@@ -62,3 +62,18 @@ def setup(level: str | int | None = None) -> None:
     root.setLevel(level)
     for noisy in ("httpx", "httpcore", "apscheduler.scheduler", "apscheduler.executors.default"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def adopt_handlers() -> None:
+    """Puts the context fields on handlers someone else installed (Dramatiq's worker processes log
+    through a pipe to the master); falls back to `setup()` when there are none."""
+    root = logging.getLogger()
+    if not root.handlers:
+        setup()
+        return
+    for handler in root.handlers:
+        if not any(isinstance(f, ContextFilter) for f in handler.filters):
+            handler.addFilter(ContextFilter())
+            handler.setFormatter(logging.Formatter(FORMAT))
+    for noisy in ("httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import dramatiq_postgres
 import psycopg
 
 from aibot.sqlfiles import query, sql_root
@@ -78,6 +79,10 @@ def migrate(url: str, *, progress=None) -> list[Migration]:
                              {"version": mig.version, "name": mig.name, "checksum": mig.checksum})
                 done.append(mig)
                 log.info("applied migration %s", mig.name)
+        with conn.transaction(), conn.cursor() as cur:
+            # The default broker's own tables (idempotent, serialised by dramatiq-postgres itself), so
+            # the bot can insert doorbell messages in its ingest transaction from the first run.
+            dramatiq_postgres.init(cur)
     return done
 
 

@@ -16,11 +16,19 @@ from collections.abc import Iterator
 
 import psycopg
 from psycopg import sql
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.conninfo import conninfo_to_dict
+from urllib.parse import urlsplit, urlunsplit
 
 
 def with_dbname(url: str, dbname: str) -> str:
-    return make_conninfo(url, dbname=dbname)
+    """The same server URL pointing at another database (URL form: dramatiq-postgres parses URLs)."""
+    if "://" not in url:
+        params = conninfo_to_dict(url)
+        user = params.get("user", "postgres")
+        auth = f"{user}:{params['password']}" if params.get("password") else user
+        return f"postgresql://{auth}@{params.get('host', '127.0.0.1')}:{params.get('port', 5432)}/{dbname}"
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path=f"/{dbname}"))
 
 
 @contextlib.contextmanager

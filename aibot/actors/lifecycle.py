@@ -1,0 +1,97 @@
+"""Process-level duties of a worker, hooked into Dramatiq's lifecycle.
+
+- boot: build the shared Runtime, register the process in `aibot.workers`, start the heartbeat that
+  renews the leases of every claim in flight (one thread per process, not one per job);
+- SIGTERM (Dramatiq's `before_worker_shutdown`): stop claiming, let generations in flight finish until
+  `AIBOT_SHUTDOWN_TIMEOUT` seconds (default 30), then release what is left back to the queue with the
+  attempt refunded and close the HTTP clients so blocked reads return; nothing is left `running`.
+  A second SIGTERM makes Dramatiq exit at once; leases then recover whatever was in flight.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+
+import dramatiq
+from psycopg.types.json import Jsonb
+
+from aibot import db, log
+
+logger = logging.getLogger("aibot.actors")
+
+_runtime = None
+_runtime_lock = threading.Lock()
+
+
+def runtime():
+    """The process's Runtime, created on first use (after Dramatiq forked this process)."""
+    global _runtime
+    with _runtime_lock:
+        if _runtime is None:
+            from aibot.worker import Runtime
+
+            _runtime = Runtime()
+        return _runtime
+
+
+class Lifecycle(dramatiq.Middleware):
+    def __init__(self) -> None:
+        self._stop_heartbeat = threading.Event()
+        self._heartbeat: threading.Thread | None = None
+
+    def after_worker_boot(self, broker, worker) -> None:
+        rt = runtime()
+        log.bind(worker=rt.worker_id)
+        with rt.database.transaction() as conn:
+            db.run(conn, "worker_register", {
+                "worker_id": rt.worker_id, "host": socket.gethostname(), "pid": os.getpid(), "role": "worker",
+                "info": Jsonb({"threads": getattr(worker, "worker_threads", None), "lease_seconds": rt.lease_seconds}),
+            })
+        self._heartbeat = threading.Thread(target=self._beat, args=(rt,), name="aibot-heartbeat", daemon=True)
+        self._heartbeat.start()
+        logger.info("worker ready (lease %.0fs, invocation budget %.0fs)", rt.lease_seconds, rt.budget_seconds)
+
+    def _beat(self, rt) -> None:
+        interval = max(0.5, rt.lease_seconds / 3)
+        while not self._stop_heartbeat.wait(interval):
+            try:
+                rt.renew_leases()
+                with rt.database.transaction() as conn:
+                    db.run(conn, "worker_heartbeat", {"worker_id": rt.worker_id})
+            except Exception as exc:  # the database may be restarting; leases have slack for that
+                logger.warning("heartbeat failed: %s", exc)
+
+    def before_worker_shutdown(self, broker, worker) -> None:
+        rt = runtime()
+        rt.stopping.set()
+        timeout = float(os.environ.get("AIBOT_SHUTDOWN_TIMEOUT", "30"))
+        logger.info("shutting down: %d generation(s) in flight get %.0fs to finish", len(rt.inflight), timeout)
+        threading.Thread(target=self._drain, args=(rt, timeout), name="aibot-drain", daemon=True).start()
+
+    def _drain(self, rt, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while len(rt.inflight) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if len(rt.inflight):
+            try:
+                rt.release_all("shutdown timeout reached")
+            except Exception as exc:
+                logger.error("could not release in-flight jobs (%s); their leases will expire", exc)
+            rt.backends.close_all()
+
+    def after_worker_shutdown(self, broker, worker) -> None:
+        rt = runtime()
+        self._stop_heartbeat.set()
+        if len(rt.inflight):
+            rt.release_all("worker stopped")
+        try:
+            with rt.database.transaction() as conn:
+                db.run(conn, "worker_unregister", {"worker_id": rt.worker_id})
+        except Exception as exc:
+            logger.warning("could not unregister: %s", exc)
+        rt.close()
+        logger.info("worker stopped")

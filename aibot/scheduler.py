@@ -1,0 +1,142 @@
+"""Cron-like housekeeping on APScheduler, each tick run once cluster-wide.
+
+Any number of schedulers may run (one inside every `aibot bot`, or `aibot scheduler` alone). Triggers
+are aligned to the epoch, so every scheduler computes the same tick time for the same firing; before
+running a tick a scheduler inserts `(job, tick)` into `aibot.scheduler_ticks` with ON CONFLICT DO
+NOTHING, and only the one whose insert landed runs it. A slow or dead scheduler therefore costs
+nothing but its own ticks.
+
+Schedules come from the environment, `AIBOT_SCHEDULE_<JOB>`: an interval (`10s`, `5m`, `1h`), a
+five-field cron expression (`*/5 * * * *`), or `off`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+
+from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.triggers.cron import CronTrigger
+from apscheduler.triggers.interval import IntervalTrigger
+
+from aibot import db, log, tasks
+
+logger = logging.getLogger("aibot.scheduler")
+
+EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    name: str
+    default: str
+    task: Callable
+    help: str
+
+
+SCHEDULES = [
+    Schedule("reclaim", "10s", tasks.reclaim, "expired leases back to queued (or dead past max attempts)"),
+    Schedule("refresh", "15s", tasks.refresh, "servers' loaded models and memory into Postgres"),
+    Schedule("rebalance", "30s", tasks.rebalance, "slots per (server, model); load/unload models for the queued demand"),
+    Schedule("probe", "2s", tasks.probe, "health probes of servers whose backoff has expired"),
+    Schedule("prune", "1h", tasks.prune, "finished jobs past retention, old ticks, rate events, dead workers"),
+    Schedule("doorbell", "5s", tasks.doorbell, "wake claim actors when runnable work waits beside free slots"),
+]
+
+_INTERVAL = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}
+
+
+def parse_schedule(text: str):
+    """`'10s'` → IntervalTrigger aligned to the epoch; five cron fields → CronTrigger; `'off'` → None."""
+    text = text.strip()
+    if text.lower() in ("off", "none", "disabled", ""):
+        return None
+    m = _INTERVAL.match(text)
+    if m:
+        seconds = float(m.group(1)) * _UNITS[m.group(2)]
+        if seconds <= 0:
+            raise ValueError(f"schedule interval must be positive: {text!r}")
+        return IntervalTrigger(seconds=seconds, start_date=EPOCH, timezone=timezone.utc)
+    if len(text.split()) == 5:
+        try:
+            return CronTrigger.from_crontab(text, timezone=timezone.utc)
+        except ValueError as exc:
+            raise ValueError(f"bad cron expression {text!r}: {exc}") from None
+    raise ValueError(f"schedule {text!r} is neither an interval like '10s' nor a 5-field cron expression")
+
+
+def tick_time(trigger, now: datetime) -> datetime:
+    """The firing this run belongs to: the first fire time after `now - tolerance`.
+
+    Every scheduler computes the same value for the same firing, which is what makes the tick row a
+    cluster-wide once-only guard; the tolerance absorbs a late wake-up of up to half a period (5 s max).
+    """
+    tolerance = timedelta(seconds=5)
+    if isinstance(trigger, IntervalTrigger):
+        tolerance = min(tolerance, trigger.interval / 2)
+    return trigger.get_next_fire_time(None, now - tolerance)
+
+
+class Scheduler:
+    def __init__(self, database: db.Database, *, name: str | None = None, env: dict | None = None,
+                 schedules: list[Schedule] | None = None) -> None:
+        self.database = database
+        self.name = name or log.default_worker_name("scheduler")
+        self._aps = BackgroundScheduler(timezone=timezone.utc, job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 30})
+        self.ran: dict[str, int] = {}
+        self._lock = threading.Lock()
+        env = os.environ if env is None else env
+        self.triggers = {}
+        for sched in SCHEDULES if schedules is None else schedules:
+            trigger = parse_schedule(env.get(f"AIBOT_SCHEDULE_{sched.name.upper()}", sched.default))
+            if trigger is not None:
+                self.triggers[sched.name] = trigger
+                self._aps.add_job(self._run, trigger, args=(sched,), id=sched.name, name=sched.name)
+
+    def start(self) -> None:
+        self._aps.start()
+        logger.info("scheduler %s started: %s", self.name,
+                    ", ".join(f"{n}={t}" for n, t in self.triggers.items()))
+
+    def stop(self) -> None:
+        self._aps.shutdown(wait=True)
+
+    def _run(self, sched: Schedule) -> None:
+        trigger = self.triggers[sched.name]
+        tick = tick_time(trigger, datetime.now(timezone.utc))
+        with log.context(worker=self.name, job=f"tick:{sched.name}"):
+            try:
+                self.run_tick(sched, tick)
+            except Exception:
+                logger.exception("tick %s at %s failed", sched.name, tick.isoformat())
+
+    def run_tick(self, sched: Schedule, tick: datetime) -> bool:
+        """Runs `sched` for `tick` unless another scheduler already took that tick; True if it ran."""
+        with self.database.transaction() as conn:
+            won = db.one(conn, "tick_claim", {"job_name": sched.name, "tick_at": tick, "runner": self.name})
+        if not won:
+            return False
+        result = sched.task(self.database)
+        with self.database.transaction() as conn:
+            db.run(conn, "tick_finish", {"job_name": sched.name, "tick_at": tick})
+        with self._lock:
+            self.ran[sched.name] = self.ran.get(sched.name, 0) + 1
+        if result:
+            logger.info("%s: %s", sched.name, result)
+        return True
+
+
+def start_in_background(settings=None) -> Scheduler:
+    """Used by `aibot bot` to run the scheduler in the bot's process."""
+    from aibot.settings import get_settings
+
+    settings = settings or get_settings()
+    sched = Scheduler(db.Database(settings.database_url, max_size=4))
+    sched.start()
+    return sched

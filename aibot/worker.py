@@ -1,0 +1,302 @@
+"""The claim actor's work: claim a job and a slot, generate, store, deliver, complete.
+
+One `Runtime` per worker process holds what every invocation shares: the database pool, the hot-
+reloaded entity config, HTTP clients per server, the sink, and the set of claims in flight (which a
+heartbeat thread renews and a shutdown releases). The actor itself (aibot/actors/claim.py) is a thin
+shell around `Runtime.run_invocation`.
+
+Every state change goes through `aibot.jobs` with the claim's fencing token, so a worker whose lease
+was taken over can neither complete nor deliver: the sink's reply id is derived from the job, which
+makes the rare double delivery (lease lost *during* the POST) a no-op at the chat server.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+from aibot import db, doorbell, health, jobs, log, postprocess, prompt
+from aibot.backends.base import Backend, BackendError, ModelNotLoaded
+from aibot.backends.factory import make_backend
+from aibot.bot import ratelimit
+from aibot.config import ConfigStore
+from aibot.settings import Settings, get_settings, server_token
+from aibot.sinks import SinkError, make_sink
+
+logger = logging.getLogger("aibot.worker")
+
+
+@dataclass
+class InFlight:
+    job_id: int
+    token: object
+    released: threading.Event = field(default_factory=threading.Event)
+
+
+class InFlightRegistry:
+    """Claims this process holds; the heartbeat renews them and shutdown releases them."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._items: dict[int, InFlight] = {}
+
+    def add(self, job_id: int, token) -> InFlight:
+        item = InFlight(job_id, token)
+        with self._lock:
+            self._items[job_id] = item
+        return item
+
+    def remove(self, job_id: int) -> None:
+        with self._lock:
+            self._items.pop(job_id, None)
+
+    def snapshot(self) -> list[InFlight]:
+        with self._lock:
+            return list(self._items.values())
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._items)
+
+
+class BackendCache:
+    """One HTTP client per server, rebuilt when the server's URL, kind or token variable changes."""
+
+    def __init__(self, timeouts=None) -> None:
+        self._lock = threading.Lock()
+        self._clients: dict[int, tuple[tuple, Backend]] = {}
+        self._timeouts = timeouts
+
+    def get(self, server: dict) -> Backend:
+        key = (server["kind"], server["url"], server.get("token_env"), server.get("default_parallel"))
+        with self._lock:
+            cached = self._clients.get(server["id"])
+            if cached and cached[0] == key:
+                return cached[1]
+            if cached:
+                cached[1].close()
+            kwargs = {"token": server_token(server.get("token_env")), "default_parallel": server.get("default_parallel") or 1}
+            if self._timeouts is not None:
+                kwargs["timeouts"] = self._timeouts
+            backend = make_backend(server["kind"], server["url"], **kwargs)
+            self._clients[server["id"]] = (key, backend)
+            return backend
+
+    def close_all(self) -> None:
+        with self._lock:
+            for _, backend in self._clients.values():
+                try:
+                    backend.close()
+                except Exception:  # pragma: no cover - best effort at shutdown
+                    pass
+            self._clients.clear()
+
+
+class Runtime:
+    def __init__(self, settings: Settings | None = None, *, role: str = "worker") -> None:
+        self.settings = settings or get_settings()
+        self.worker_id = self.settings.worker_name or log.default_worker_name(role)
+        self.database = db.Database(self.settings.database_url, max_size=int(os.environ.get("AIBOT_WORKER_POOL", "16")))
+        self.config = ConfigStore(self.settings.config_path)
+        self.sink = make_sink(self.settings)
+        self.backends = BackendCache()
+        self.inflight = InFlightRegistry()
+        self.stopping = threading.Event()
+        self.lease_seconds = float(self.settings.lease_seconds)
+        self.budget_seconds = float(os.environ.get("AIBOT_INVOCATION_BUDGET_SECONDS", "30"))
+        self._servers: dict[int, tuple[float, dict]] = {}
+        self._servers_lock = threading.Lock()
+        self._faulted: dict[int, float] = {}  # server id -> monotonic time of our last fault there
+        self._loader = None
+
+    # --- one actor invocation -------------------------------------------------------------------
+
+    def run_invocation(self) -> int:
+        """Claims and processes jobs until none is claimable or the time budget is spent.
+
+        Going straight on to the next claim keeps the per-job overhead to a few short transactions
+        instead of a broker round trip per job; the budget keeps one invocation from hogging a
+        thread forever, and the doorbell it rings on leaving hands the work to a fresh one.
+        """
+        deadline = time.monotonic() + self.budget_seconds
+        done = 0
+        while not self.stopping.is_set():
+            with self.database.transaction() as conn:
+                claim = jobs.claim(conn, self.worker_id, lease_seconds=self.lease_seconds, use_slots=True)
+            if claim is None:
+                self._on_idle()
+                return done
+            self.process(claim)
+            done += 1
+            if time.monotonic() >= deadline:
+                with self.database.transaction() as conn:
+                    doorbell.ring(conn)
+                return done
+        return done
+
+    def process(self, claim: jobs.Claim) -> None:
+        server = self._server(claim.server_id) if claim.server_id is not None else None
+        item = self.inflight.add(claim.job_id, claim.token)
+        try:
+            with log.context(job=claim.job_id, entity=claim.entity_id, model=claim.model,
+                             server=server["name"] if server else None):
+                self._process(claim, server)
+        except Exception:
+            logger.exception("unexpected error; the job's lease will expire and it will be retried")
+        finally:
+            self.inflight.remove(claim.job_id)
+            del item
+
+    def _process(self, claim: jobs.Claim, server: dict | None) -> None:
+        if claim.reply is not None:
+            logger.info("delivering a stored reply (earlier delivery failed)")
+            self._deliver(claim, claim.reply)
+            return
+        cfg = self.config.get()
+        entity = cfg.entity(claim.entity_id)
+        if entity is None or not entity.enabled:
+            why = "unknown entity" if entity is None else "entity disabled"
+            with self.database.transaction() as conn:
+                jobs.complete(conn, claim.job_id, claim.token, state="rejected", reason=f"{why}: {claim.entity_id!r}")
+            logger.warning("rejected: %s", why)
+            return
+        if server is None:  # a slot-less claim without a stored reply cannot generate
+            with self.database.transaction() as conn:
+                jobs.release(conn, claim.job_id, claim.token)
+            return
+        if entity.rate_limits is not None:
+            with self.database.transaction() as conn:
+                retry_at = ratelimit.reserve(conn, entity, claim.job_id)
+                if retry_at is not None:
+                    jobs.release(conn, claim.job_id, claim.token, available_at=retry_at)
+            if retry_at is not None:
+                logger.info("rate limited; deferred until %s", retry_at.isoformat())
+                return
+
+        payload = claim.payload
+        request = prompt.build_request(
+            entity,
+            text=payload.get("text", ""),
+            sender=payload.get("username", ""),
+            context_lines=payload.get("context", []),
+            model=claim.model,
+            global_settings=cfg.global_settings,
+            token_budget=entity.context_token_budget,
+        )
+        backend = self.backends.get(server)
+        started = time.monotonic()
+        try:
+            result = backend.chat(request)
+        except BackendError as exc:
+            self._generation_failed(claim, server, exc)
+            return
+        self._server_ok(server)
+        text = postprocess.clean_reply(result.text, entity, cfg.global_settings)
+        if text is None:
+            with self.database.transaction() as conn:
+                jobs.complete(conn, claim.job_id, claim.token, state="skipped",
+                              reason="model answered [SKIP]" if "[SKIP]" in result.text else "empty reply after post-processing")
+                ratelimit.cancel(conn, claim.job_id)
+            logger.info("no reply to post (%.2fs)", time.monotonic() - started)
+            return
+        ais = payload.get("ais") or {}
+        reply = {
+            "text": text,
+            "username": ais.get("name") or entity.username,
+            "color": ais.get("color") or entity.color,
+            "entity": entity.id,
+            "model": claim.model,
+            "server": server["name"],
+            "generated_at": datetime.now(timezone.utc).isoformat(),
+        }
+        with self.database.transaction() as conn:
+            if not jobs.store_reply(conn, claim.job_id, claim.token, reply):
+                logger.warning("lease lost while generating; another worker owns the job now")
+                return
+        logger.info("generated %d chars in %.2fs", len(text), time.monotonic() - started)
+        self._deliver(claim, reply)
+
+    def _deliver(self, claim: jobs.Claim, reply: dict) -> None:
+        try:
+            reply_id = self.sink.deliver(claim.job_id, claim.payload, reply)
+        except SinkError as exc:
+            with self.database.transaction() as conn:
+                state = jobs.fail(conn, claim.job_id, claim.token, f"delivery failed: {exc}", server_fault=True)
+            logger.warning("delivery failed (%s); job is %s, the stored reply will be re-sent", exc, state)
+            return
+        with self.database.transaction() as conn:
+            if jobs.complete(conn, claim.job_id, claim.token):
+                logger.info("delivered as %s", reply_id)
+            else:
+                logger.warning("delivered as %s but the lease was lost; the sink's reply id makes a repeat a no-op", reply_id)
+
+    def _generation_failed(self, claim: jobs.Claim, server: dict, exc: BackendError) -> None:
+        # A model the server does not hold is our stale view of the cluster, not the job's fault.
+        server_fault = exc.server_fault or isinstance(exc, ModelNotLoaded)
+        with self.database.transaction() as conn:
+            if server_fault:
+                self._faulted[server["id"]] = time.monotonic()
+                health.record_fault(conn, server["id"], f"{type(exc).__name__}: {exc}")
+            state = jobs.fail(conn, claim.job_id, claim.token, f"{type(exc).__name__}: {exc}", server_fault=server_fault)
+            ratelimit.cancel(conn, claim.job_id)
+        logger.warning("generation failed (%s: %s); job is now %s", type(exc).__name__, exc, state)
+
+    def _server_ok(self, server: dict) -> None:
+        """Resets the server's shared failure count, but only if this process saw it fail recently:
+        an UPDATE per reply on the shared server row would be a hot spot."""
+        if server["id"] in self._faulted:
+            with self.database.transaction() as conn:
+                health.record_ok(conn, server["id"])
+            self._faulted.pop(server["id"], None)
+
+    def _server(self, server_id: int) -> dict:
+        now = time.monotonic()
+        with self._servers_lock:
+            cached = self._servers.get(server_id)
+            if cached and now - cached[0] < 10.0:
+                return cached[1]
+        with self.database.transaction() as conn:
+            row = db.one(conn, "server_by_id", {"server_id": server_id})
+        if row is None:
+            raise LookupError(f"server id {server_id} is not in aibot.servers")
+        with self._servers_lock:
+            self._servers[server_id] = (now, row)
+        return row
+
+    def _on_idle(self) -> None:
+        """Nothing claimable: if queued work waits for a model no server holds, start a load."""
+        if self._loader is not None:
+            self._loader.kick()
+
+    # --- process lifecycle ----------------------------------------------------------------------
+
+    def renew_leases(self) -> None:
+        items = self.inflight.snapshot()
+        if not items:
+            return
+        with self.database.transaction() as conn:
+            for item in items:
+                if not item.released.is_set():
+                    jobs.renew(conn, item.job_id, item.token, self.lease_seconds)
+
+    def release_all(self, reason: str) -> int:
+        """Hands every in-flight job back to the queue with its attempt refunded (shutdown deadline)."""
+        released = 0
+        items = self.inflight.snapshot()
+        if not items:
+            return 0
+        with self.database.transaction() as conn:
+            for item in items:
+                item.released.set()
+                if jobs.release(conn, item.job_id, item.token):
+                    released += 1
+        logger.warning("released %d in-flight job(s): %s", released, reason)
+        return released
+
+    def close(self) -> None:
+        self.backends.close_all()
+        self.database.close()
