@@ -18,6 +18,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from types import SimpleNamespace
 
 from aibot import db, doorbell, health, jobs, log, postprocess, prompt
 from aibot.backends.base import Backend, BackendError, ModelNotLoaded
@@ -79,7 +80,7 @@ class BackendCache:
                 return cached[1]
             if cached:
                 cached[1].close()
-            kwargs = {"token": server_token(server.get("token_env")), "default_parallel": server.get("default_parallel") or 1}
+            kwargs = {"token": server_token(SimpleNamespace(token_env=server.get("token_env"))), "default_parallel": server.get("default_parallel") or 1}
             if self._timeouts is not None:
                 kwargs["timeouts"] = self._timeouts
             backend = make_backend(server["kind"], server["url"], **kwargs)
@@ -99,7 +100,9 @@ class BackendCache:
 class Runtime:
     def __init__(self, settings: Settings | None = None, *, role: str = "worker") -> None:
         self.settings = settings or get_settings()
-        self.worker_id = self.settings.worker_name or log.default_worker_name(role)
+        # Several processes of one host share the environment, so the pid keeps names unique.
+        name = os.environ.get("AIBOT_WORKER_NAME")
+        self.worker_id = f"{name}:{os.getpid()}" if name else log.default_worker_name(role)
         self.database = db.Database(self.settings.database_url, max_size=int(os.environ.get("AIBOT_WORKER_POOL", "16")))
         self.config = ConfigStore(self.settings.config_path)
         self.sink = make_sink(self.settings)

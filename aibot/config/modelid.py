@@ -1,0 +1,88 @@
+"""Which model id to ask a server for, given an entity and the kind of server.
+
+The original computed `quantizations[defaultQuantization].modelPath`, else `baseModel`, else `model`
+(LM Studio ids are `<base>@<quant>`). When the team moved to Ollama and llama.cpp the same models
+were renamed `<base>-<quant>`, so one entity config must name the model differently per backend.
+Rule: a message's explicit `botParams.model` override wins verbatim; otherwise take the modelPath and,
+if it is written in another backend's form (`<base>@<quant>` or `<base>-<quant>` for the default
+quantization), rewrite it into this backend's template; with only `baseModel` + `defaultQuantization`,
+build it from the template. Anything else is used as written (an operator's explicit path is trusted).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from aibot.config.issues import ConfigError, Issue
+
+if TYPE_CHECKING:
+    from aibot.config.models import Entity
+
+# `openai` servers are generic; LM Studio is the common OpenAI-compatible server, so use its form.
+TEMPLATES: dict[str, str] = {
+    "lmstudio": "{base}@{quant}",
+    "openai": "{base}@{quant}",
+    "ollama": "{base}-{quant}",
+    "llamacpp": "{base}-{quant}",
+    "llamacpp-router": "{base}-{quant}",
+}
+SEPARATORS = ("@", "-")
+
+
+class UnresolvableModel(ConfigError):
+    """The entity names no model at all (no modelPath, baseModel or model)."""
+
+
+def _template(kind: str) -> str:
+    try:
+        return TEMPLATES[kind]
+    except KeyError:
+        raise ValueError(f"unknown backend kind {kind!r}; expected one of {', '.join(TEMPLATES)}") from None
+
+
+def _split(path: str, quant: str, base_model: str | None) -> str | None:
+    """The base name if `path` is `<base>@<quant>` or `<base>-<quant>`, else None."""
+    for sep in SEPARATORS:
+        suffix = f"{sep}{quant}"
+        if path.lower().endswith(suffix.lower()) and len(path) > len(suffix):
+            base = path[: -len(suffix)]
+            if base_model is None or base == base_model or sep == "@":
+                return base
+    return None
+
+
+def resolve_model_id(entity: Entity, backend_kind: str = "lmstudio", override: str | None = None) -> str:
+    template = _template(backend_kind)
+    if override is not None and override.strip():
+        return override.strip()
+    quant = entity.default_quantization
+    if quant:
+        q = entity.quantizations.get(quant)
+        if q is not None and q.model_path:
+            base = _split(q.model_path, quant, entity.base_model)
+            return q.model_path if base is None else template.format(base=base, quant=quant)
+        if entity.base_model:
+            return template.format(base=entity.base_model, quant=quant)
+    if entity.base_model:
+        return entity.base_model
+    if entity.model:
+        return entity.model
+    raise UnresolvableModel(
+        [Issue(path=f"entity {entity.id!r}", value=None,
+               message="no model: set quantizations[defaultQuantization].modelPath, "
+                       "baseModel (+ defaultQuantization) or model")],
+        source=f"(entity {entity.id!r})",
+    )
+
+
+def model_problem(entity: Entity) -> str | None:
+    """Why this entity's model cannot be resolved, or None if it can (used by the loader)."""
+    quant = entity.default_quantization
+    if quant and quant not in entity.quantizations and not entity.base_model:
+        return (f"defaultQuantization {quant!r} is not a key of quantizations "
+                f"({', '.join(entity.quantizations) or 'none'}) and there is no baseModel")
+    try:
+        resolve_model_id(entity)
+    except UnresolvableModel as exc:
+        return exc.issues[0].message
+    return None

@@ -1,0 +1,114 @@
+"""Process settings from env and TOML; secrets never printed."""
+
+from __future__ import annotations
+
+import pytest
+
+from aibot.config import ServerConfig
+from aibot.settings import Settings, SettingsError, get_settings, reset_settings, server_token
+
+SECRET = "s3cr3t-token-value"
+
+
+def test_defaults():
+    s = Settings.from_sources({})
+    assert s.database_url is None and s.broker_url is None
+    assert s.config_path == "config-aientities.json"
+    assert (s.lease_seconds, s.aging_seconds) == (600, 30.0)
+    assert s.chat_api_token is None and s.chat_token() is None
+    assert s.worker_name.startswith("worker@")
+
+
+def test_environment_variables():
+    s = Settings.from_sources({
+        "AIBOT_DATABASE_URL": "postgresql://bot:pw@db:5432/aibot",
+        "AIBOT_CONFIG": "/etc/aibot/entities",
+        "AIBOT_CHAT_API_URL": "https://chat.example/api",
+        "AIBOT_CHAT_API_TOKEN": SECRET,
+        "AIBOT_LEASE_SECONDS": "120",
+        "AIBOT_AGING_SECONDS": "2.5",
+        "AIBOT_WORKER_NAME": "w1",
+    })
+    assert s.database_url == "postgresql://bot:pw@db:5432/aibot"
+    assert s.broker_url == s.database_url  # default broker = the database (dramatiq-postgres)
+    assert s.config_path == "/etc/aibot/entities" and s.chat_api_url == "https://chat.example/api"
+    assert s.chat_token() == SECRET
+    assert (s.lease_seconds, s.aging_seconds, s.worker_name) == (120, 2.5, "w1")
+
+
+def test_explicit_broker():
+    s = Settings.from_sources({"AIBOT_DATABASE_URL": "postgresql://a/b", "AIBOT_BROKER_URL": "redis://r:6379/0"})
+    assert s.broker_url == "redis://r:6379/0"
+
+
+def test_toml_file_and_env_wins(tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_text(SECRET + "\n")
+    toml = tmp_path / "aibot.toml"
+    toml.write_text(f'database_url = "postgresql://toml/db"\nlease_seconds = 900\nworker_name = "from-toml"\n'
+                    f'chat_api_token_file = "{token_file}"\n')
+    s = Settings.from_sources({"AIBOT_SETTINGS_FILE": str(toml), "AIBOT_WORKER_NAME": "from-env"})
+    assert s.database_url == "postgresql://toml/db" and s.lease_seconds == 900
+    assert s.worker_name == "from-env"
+    assert s.chat_token() == SECRET  # trailing newline stripped
+
+
+def test_token_file_variable(tmp_path):
+    f = tmp_path / "tok"
+    f.write_text(SECRET)
+    assert Settings.from_sources({"AIBOT_CHAT_API_TOKEN_FILE": str(f)}).chat_token() == SECRET
+    # the direct variable wins over the file
+    s = Settings.from_sources({"AIBOT_CHAT_API_TOKEN_FILE": str(f), "AIBOT_CHAT_API_TOKEN": "direct"})
+    assert s.chat_token() == "direct"
+
+
+def test_secrets_are_redacted_in_repr_and_str():
+    s = Settings.from_sources({"AIBOT_CHAT_API_TOKEN": SECRET,
+                               "AIBOT_DATABASE_URL": "postgresql://bot:hunter2@db/aibot"})
+    for text in (repr(s), str(s), f"{s}"):
+        assert SECRET not in text and "hunter2" not in text
+        assert "***" in text
+    assert "**********" in repr(s.chat_api_token)
+
+
+def test_bad_values_name_the_variable_but_not_secrets(tmp_path):
+    with pytest.raises(SettingsError, match="AIBOT_LEASE_SECONDS") as info:
+        Settings.from_sources({"AIBOT_LEASE_SECONDS": "ten"})
+    assert "'ten'" in str(info.value)
+    with pytest.raises(SettingsError, match="AIBOT_LEASE_SECONDS"):
+        Settings.from_sources({"AIBOT_LEASE_SECONDS": "0"})
+    with pytest.raises(SettingsError, match="AIBOT_CHAT_API_TOKEN_FILE") as info:
+        Settings.from_sources({"AIBOT_CHAT_API_TOKEN_FILE": str(tmp_path / "missing")})
+    toml = tmp_path / "s.toml"
+    toml.write_text('lease_secs = 5\n')
+    with pytest.raises(SettingsError, match="unknown setting 'lease_secs'"):
+        Settings.from_sources({"AIBOT_SETTINGS_FILE": str(toml)})
+    toml.write_text('lease_seconds = \n')
+    with pytest.raises(SettingsError, match="not valid TOML"):
+        Settings.from_sources({"AIBOT_SETTINGS_FILE": str(toml)})
+    with pytest.raises(SettingsError, match="not found"):
+        Settings.from_sources({"AIBOT_SETTINGS_FILE": str(tmp_path / "nope.toml")})
+
+
+def test_get_settings_is_cached_and_resettable(monkeypatch):
+    monkeypatch.delenv("AIBOT_SETTINGS_FILE", raising=False)
+    monkeypatch.setenv("AIBOT_WORKER_NAME", "first")
+    reset_settings()
+    try:
+        a = get_settings()
+        monkeypatch.setenv("AIBOT_WORKER_NAME", "second")
+        assert get_settings() is a and a.worker_name == "first"
+        reset_settings()
+        assert get_settings().worker_name == "second"
+    finally:
+        reset_settings()
+
+
+def test_server_token(tmp_path):
+    server = ServerConfig(ip="h", token_env="GPU_TOKEN")
+    assert server_token(server, {}) is None
+    assert server_token(server, {"GPU_TOKEN": SECRET}) == SECRET
+    f = tmp_path / "t"
+    f.write_text(SECRET + "\n")
+    assert server_token(server, {"GPU_TOKEN_FILE": str(f)}) == SECRET
+    assert server_token(ServerConfig(ip="h"), {"GPU_TOKEN": SECRET}) is None
