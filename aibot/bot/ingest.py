@@ -1,0 +1,165 @@
+"""Turns a batch of raw chat messages into job rows, atomically with the source's read cursor.
+
+One transaction per batch holds the job inserts, the cursor move and the doorbell wake-ups: a crash
+anywhere before the commit leaves neither jobs nor a moved cursor (the batch is simply read again),
+and no job is ever committed without the wake-up that gets it claimed. Jobs are unique on
+(source, message id, entity), so re-reading a message is a no-op and a rejected message is recorded
+once, however often it is seen.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aibot import doorbell
+from aibot.bot import cursor as cursors
+from aibot.bot import rules
+from aibot.bot.sources import Incoming
+
+log = logging.getLogger("aibot.bot.ingest")
+
+NEW, DUPLICATE, REJECTED, IGNORED = "new", "duplicate", "rejected", "ignored"
+RAW_PREVIEW_CHARS = 2000
+
+
+@dataclass(frozen=True)
+class Outcome:
+    status: str                      # new | duplicate | rejected | ignored
+    message_id: str
+    entity_id: str
+    label: str | None = None
+    reason: str | None = None
+    job_id: int | None = None
+    priority: int | None = None
+
+
+@dataclass
+class IngestResult:
+    outcomes: list[Outcome] = field(default_factory=list)
+
+    def count(self, status: str) -> int:
+        return sum(1 for o in self.outcomes if o.status == status)
+
+    @property
+    def new(self) -> int:
+        return self.count(NEW)
+
+    @property
+    def duplicate(self) -> int:
+        return self.count(DUPLICATE)
+
+    @property
+    def rejected(self) -> int:
+        return self.count(REJECTED)
+
+    @property
+    def ignored(self) -> int:
+        return self.count(IGNORED)
+
+    @property
+    def job_ids(self) -> list[int]:
+        return [o.job_id for o in self.outcomes if o.job_id is not None]
+
+    def summary(self) -> str:
+        return f"{self.new} new, {self.duplicate} duplicate, {self.rejected} rejected, {self.ignored} ignored"
+
+
+def backend_kind_of(config: Any) -> str:
+    """The naming scheme for model ids: the servers' kind when they agree, else LM Studio's."""
+    kinds = {getattr(s, "kind", "lmstudio") for s in getattr(config, "servers", None) or []}
+    return kinds.pop() if len(kinds) == 1 else "lmstudio"
+
+
+def decide(item: Incoming, config: Any, *, backend_kind: str = "lmstudio") -> rules.Decision:
+    if item.error is not None:
+        return rules.Decision(rules.REJECT, item.fallback_id or rules.synthetic_id(item.raw), reason=item.error)
+    return rules.evaluate(item.raw, config, backend_kind=backend_kind, fallback_id=item.fallback_id)
+
+
+def _max_attempts(config: Any, entity_id: str) -> int:
+    """The entity's `maxAttempts`, else `queueSettings.maxRetries` (the original's name for it), else 3."""
+    entity = config.entity(entity_id) if entity_id != "-" else None
+    for value in (getattr(entity, "max_attempts", None),
+                  getattr(getattr(config, "queue_settings", None), "max_retries", None)):
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+            return value
+    return 3
+
+
+def ingest(conn, source_name: str, messages: Iterable[Incoming | Any], config: Any, *, settings: Any = None,
+           cursor: str | None = None, backend_kind: str | None = None) -> IngestResult:
+    """Records every message's decision and moves `source_name`'s cursor to `cursor`, in one transaction.
+
+    Works on an autocommit connection (opens a transaction) or inside the caller's (a savepoint, so the
+    caller's commit decides).
+    """
+    from aibot.jobs import NewJob, enqueue_many
+
+    kind = backend_kind or backend_kind_of(config)
+    aging = float(getattr(settings, "aging_seconds", 30.0) or 30.0)
+    outcomes: list[Outcome | None] = []
+    jobs: list[Any] = []
+    job_slots: list[int] = []           # index into outcomes for each job
+    keys: dict[tuple[str, str], int] = {}
+    for item in messages:
+        if not isinstance(item, Incoming):
+            item = Incoming(raw=item)
+        d = decide(item, config, backend_kind=kind)
+        if d.action == rules.IGNORE:
+            outcomes.append(Outcome(IGNORED, d.message_id, d.entity_id, item.label, d.reason))
+            continue
+        key = (d.message_id, d.entity_id)
+        if key in keys:  # the same message twice in one batch: the second is a duplicate
+            outcomes.append(Outcome(DUPLICATE, d.message_id, d.entity_id, item.label, d.reason,
+                                    priority=d.priority))
+            continue
+        keys[key] = len(outcomes)
+        job_slots.append(len(outcomes))
+        outcomes.append(None)
+        max_attempts = _max_attempts(config, d.entity_id)
+        if d.action == rules.JOB:
+            jobs.append(NewJob(source=source_name, source_message_id=d.message_id, entity_id=d.entity_id,
+                               model=d.model, priority=d.priority, payload=d.payload, message_at=d.message_at,
+                               max_attempts=max_attempts))
+        else:
+            jobs.append(NewJob(source=source_name, source_message_id=d.message_id, entity_id=d.entity_id,
+                               model=None, priority=d.priority, state="rejected", reason=d.reason,
+                               payload={"raw": rules.preview(item.raw, RAW_PREVIEW_CHARS), "label": item.label},
+                               message_at=None, max_attempts=max_attempts))
+        outcomes[-1] = Outcome(REJECTED if d.action == rules.REJECT else NEW, d.message_id, d.entity_id,
+                               item.label, d.reason if d.action == rules.REJECT else _warnings(d),
+                               priority=d.priority)
+
+    with conn.transaction():
+        ids = enqueue_many(conn, jobs, aging_seconds=aging) if jobs else []
+        runnable = 0
+        for slot, job, job_id in zip(job_slots, jobs, ids, strict=True):
+            o = outcomes[slot]
+            assert o is not None
+            if job_id is None:
+                outcomes[slot] = Outcome(DUPLICATE, o.message_id, o.entity_id, o.label, o.reason, None, o.priority)
+            else:
+                outcomes[slot] = Outcome(o.status, o.message_id, o.entity_id, o.label, o.reason, job_id, o.priority)
+                runnable += job.state == "queued"
+        if cursor is not None:
+            cursors.save(conn, source_name, cursor)
+        if runnable:
+            doorbell.ring(conn, runnable)
+
+    result = IngestResult([o for o in outcomes if o is not None])
+    for o in result.outcomes:
+        if o.status == REJECTED:
+            log.warning("rejected %s message %s (entity %s): %s", source_name, o.message_id, o.entity_id, o.reason)
+        elif o.status == NEW and o.reason:
+            log.warning("queued %s message %s (entity %s) with warnings: %s", source_name, o.message_id,
+                        o.entity_id, o.reason)
+    if result.outcomes:
+        log.info("ingested %d %s message(s): %s", len(result.outcomes), source_name, result.summary())
+    return result
+
+
+def _warnings(d: rules.Decision) -> str | None:
+    return "; ".join(d.warnings) or None
