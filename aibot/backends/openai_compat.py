@@ -1,0 +1,195 @@
+"""Generic OpenAI-compatible server (`kind = "openai"`), and the chat code every other backend reuses.
+
+Every server kind we support speaks `POST /v1/chat/completions`, so chat, streaming and the parsing
+of replies live here once; the other backends subclass this and add listing and load control.
+A plain OpenAI-compatible server has no load control: `/v1/models` is all we can know, and we treat
+every listed model as loaded with the configured parallelism (default 1).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+from aibot.backends.base import (
+    BackendError,
+    BadResponse,
+    ChatRequest,
+    ChatResult,
+    InsufficientResources,
+    LoadedModel,
+    ModelNotLoaded,
+    ServerInfo,
+)
+from aibot.backends.http import (
+    HttpClient,
+    Timeouts,
+    Unsupported,
+    error_text,
+    mentions_not_loaded,
+    mentions_resources,
+    truncate,
+)
+
+CHAT_PATH = "/v1/chat/completions"
+
+
+def chat_body(request: ChatRequest, *, stream: bool) -> dict[str, Any]:
+    """The JSON body for /v1/chat/completions. Sampler params are sent as given (only the set ones)."""
+    if not request.model:
+        raise ValueError("ChatRequest.model must be a non-empty model id")
+    body: dict[str, Any] = {"model": request.model, "messages": request.messages}
+    body.update({k: v for k, v in request.params.items() if v is not None})
+    if request.stop:
+        body["stop"] = list(request.stop)
+    body["stream"] = stream
+    return body
+
+
+def embedded_error(body: Any, where: str) -> BackendError | None:
+    """Some servers (LM Studio, llama.cpp streams) answer 2xx with `{"error": ...}`; type it."""
+    if not isinstance(body, dict) or "error" not in body or body.get("choices"):
+        return None
+    message = truncate(error_text(body), 300)
+    if mentions_resources(message):
+        return InsufficientResources(f"{where}: server refused for lack of memory: {message}", body=message)
+    if mentions_not_loaded(message):
+        return ModelNotLoaded(f"{where}: model not loaded: {message}", body=message)
+    return BadResponse(f"{where}: error in a 2xx answer: {message}", body=message)
+
+
+def parse_completion(body: Any, where: str) -> ChatResult:
+    """`choices[0].message.content` plus usage; anything else is a BadResponse (server's fault)."""
+    err = embedded_error(body, where)
+    if err is not None:
+        raise err
+    if not isinstance(body, dict):
+        raise BadResponse(f"{where}: expected a JSON object, got {type(body).__name__}")
+    choices = body.get("choices")
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        raise BadResponse(f"{where}: no choices in the reply: {truncate(str(body), 200)}")
+    message = choices[0].get("message")
+    if not isinstance(message, dict) or "content" not in message:
+        raise BadResponse(f"{where}: choices[0].message.content missing: {truncate(str(body), 200)}")
+    content = message["content"]
+    if content is None:
+        content = ""  # e.g. a reasoning model that spent all tokens thinking; postprocess drops it
+    if not isinstance(content, str):
+        raise BadResponse(f"{where}: choices[0].message.content is {type(content).__name__}, not text")
+    usage = body.get("usage") if isinstance(body.get("usage"), dict) else {}
+    return ChatResult(
+        text=content,
+        finish_reason=choices[0].get("finish_reason"),
+        prompt_tokens=_int_or_none(usage.get("prompt_tokens")),
+        completion_tokens=_int_or_none(usage.get("completion_tokens")),
+        model=body.get("model") if isinstance(body.get("model"), str) else None,
+    )
+
+
+def stream_deltas(events: Iterator[Any], where: str) -> Iterator[str]:
+    """Text deltas from OpenAI-style chunks (`choices[0].delta.content`)."""
+    for event in events:
+        err = embedded_error(event, where)
+        if err is not None:
+            raise err
+        if not isinstance(event, dict):
+            raise BadResponse(f"{where}: stream chunk is not an object")
+        choices = event.get("choices")
+        if not isinstance(choices, list):
+            raise BadResponse(f"{where}: stream chunk without choices: {truncate(str(event), 200)}")
+        if not choices:
+            continue  # usage-only chunk
+        first = choices[0] if isinstance(choices[0], dict) else {}
+        delta = first.get("delta") or first.get("message") or {}
+        text = delta.get("content") if isinstance(delta, dict) else None
+        if text:
+            if not isinstance(text, str):
+                raise BadResponse(f"{where}: delta content is not text")
+            yield text
+
+
+def _int_or_none(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def models_data(body: Any, where: str) -> list[dict[str, Any]]:
+    """The `data` list of an OpenAI `/v1/models` answer."""
+    err = embedded_error(body, where)
+    if err is not None:
+        raise err
+    data = body.get("data") if isinstance(body, dict) else None
+    if not isinstance(data, list):
+        raise BadResponse(f"{where}: no `data` list in the models answer")
+    return [m for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)]
+
+
+class OpenAICompatBackend:
+    """Any server with `/v1/models` and `/v1/chat/completions`; no load control."""
+
+    kind = "openai"
+
+    def __init__(self, base_url: str, *, token: str | None = None, timeouts: Timeouts | None = None,
+                 default_parallel: int = 1, verify: bool | str = True, transport: Any = None):
+        if not isinstance(default_parallel, int) or isinstance(default_parallel, bool) or default_parallel < 1:
+            raise ValueError(f"default_parallel must be an integer >= 1, got {default_parallel!r}")
+        self.http = HttpClient(base_url, token=token, timeouts=timeouts, verify=verify, transport=transport)
+        self.base_url = self.http.base_url
+        self.default_parallel = default_parallel
+        self._lock = threading.Lock()  # guards per-instance memo (e.g. LM Studio's API level)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.http.display})"
+
+    # -- health and listing ---------------------------------------------------------------------
+
+    def health(self) -> ServerInfo:
+        """Never raises: a failed probe is `healthy=False` with the typed error's name in `detail`."""
+        try:
+            self.http.request("GET", "/v1/models", profile="probe")
+        except BackendError as exc:
+            return ServerInfo(healthy=False, detail=f"{type(exc).__name__}: {exc}")
+        return ServerInfo(healthy=True)
+
+    def list_loaded(self) -> list[LoadedModel]:
+        where = f"GET {self.http.display}/v1/models"
+        data = models_data(self.http.request("GET", "/v1/models"), where)
+        return [LoadedModel(key=m["id"], parallel=self.default_parallel) for m in data]
+
+    # -- load control ---------------------------------------------------------------------------
+
+    def load(self, model: str, *, context_length: int | None = None, parallel: int | None = None) -> LoadedModel:
+        """No load control: succeeds only if the server already lists the model."""
+        for m in self.list_loaded():
+            if m.key == model:
+                return m
+        raise Unsupported(f"{self.kind} server {self.http.display} cannot load models on request, "
+                          f"and it does not list {model!r}")
+
+    def unload(self, model: str) -> None:
+        raise Unsupported(f"{self.kind} server {self.http.display} cannot unload models (no load control)")
+
+    # -- generation -----------------------------------------------------------------------------
+
+    def chat(self, request: ChatRequest) -> ChatResult:
+        where = f"POST {self.http.display}{CHAT_PATH}"
+        body = self.http.request("POST", CHAT_PATH, json_body=chat_body(request, stream=False), profile="chat")
+        try:
+            return parse_completion(body, where)
+        except BackendError as exc:
+            raise self.http.scrub(exc) from exc.__cause__
+
+    def chat_stream(self, request: ChatRequest) -> Iterator[str]:
+        """Text deltas; the request is sent on the first `next()`, and errors surface while iterating."""
+        where = f"POST {self.http.display}{CHAT_PATH}"
+        events = self.http.stream_events("POST", CHAT_PATH, json_body=chat_body(request, stream=True))
+        try:
+            yield from stream_deltas(events, where)
+        except BackendError as exc:
+            raise self.http.scrub(exc) from exc.__cause__
+
+    def tokenize(self, model: str, text: str) -> int | None:
+        return None
+
+    def close(self) -> None:
+        self.http.close()

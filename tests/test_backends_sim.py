@@ -1,0 +1,278 @@
+"""Every backend against the simulator (aibot.sim) over loopback HTTP: listing, load control, chat,
+streaming, health, typed errors from injected faults, LM Studio's API-level fallback and bearer tokens."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("aibot.sim.server")
+
+from aibot.backends import (  # noqa: E402
+    BadResponse,
+    ChatRequest,
+    InsufficientResources,
+    ModelNotLoaded,
+    RequestFault,
+    ServerFault,
+    Timeout,
+    Timeouts,
+    Unauthorized,
+    Unreachable,
+    Unsupported,
+    make_backend,
+)
+from aibot.sim.catalog import GB, ModelSpec  # noqa: E402
+from aibot.sim.config import SimConfig  # noqa: E402
+from aibot.sim.server import SimServer  # noqa: E402
+
+FAST = Timeouts(connect=1, read=2, total=3, control=3, load=10, probe_connect=0.5, probe_total=1)
+TINY = "sim/tiny-1"
+MODELS = [ModelSpec(TINY, 1 * GB, parallel=4, context_length=4096),
+          ModelSpec("sim/tiny-2", 2 * GB, parallel=2, context_length=8192),
+          ModelSpec("sim/big", 40 * GB, parallel=4)]
+
+
+def req(model=TINY, **params):
+    return ChatRequest(model=model, messages=[{"role": "user", "content": "hello"}],
+                       params={"max_tokens": 8, **params}, stop=["\n\n"])
+
+
+@pytest.fixture
+def sim():
+    started = []
+
+    def start(api="lmstudio", *, token=None, timeouts=FAST, default_parallel=1, **config):
+        config.setdefault("speed", 0.001)
+        config.setdefault("models", MODELS)
+        config.setdefault("preloaded", [TINY] if api != "openai" else [])
+        server = SimServer(SimConfig(api=api, **config)).start()
+        backend = make_backend(api, server.url, token=token, timeouts=timeouts, default_parallel=default_parallel)
+        started.append((server, backend))
+        return server, backend
+
+    yield start
+    for server, backend in started:
+        backend.close()
+        server.stop()
+
+
+# ---------------------------------------------------------------- the happy path, per kind
+
+@pytest.mark.parametrize("api", ["lmstudio", "llamacpp", "llamacpp-router", "ollama", "openai"])
+def test_health_chat_and_stream(sim, api):
+    _, b = sim(api)
+    assert b.health().healthy
+    result = b.chat(req())
+    assert result.text and result.finish_reason in ("stop", "length")
+    assert result.completion_tokens and result.completion_tokens <= 8
+    assert "".join(b.chat_stream(req())).strip()
+
+
+def test_lmstudio_v1_list_load_unload(sim):
+    server, b = sim("lmstudio")
+    [tiny] = b.list_loaded()
+    assert (tiny.key, tiny.size_bytes, tiny.parallel, tiny.context_length) == (TINY, 1 * GB, 4, 4096)
+    loaded = b.load("sim/tiny-2", context_length=2048, parallel=3)
+    assert (loaded.key, loaded.size_bytes, loaded.parallel, loaded.context_length) == ("sim/tiny-2", 2 * GB, 2, 2048)
+    assert {m.key for m in b.list_loaded()} == {TINY, "sim/tiny-2"}
+    b.unload("sim/tiny-2")
+    assert [m.key for m in b.list_loaded()] == [TINY]
+    b.unload("sim/tiny-2")            # not loaded: a no-op
+    assert b.api_level == "v1"
+    assert "/api/v1/models/load" in str(server.stats()["requests"]["by_endpoint"])
+
+
+def test_lmstudio_refusal_for_memory_is_insufficient_resources(sim):
+    _, b = sim("lmstudio", memory_bytes=10 * GB)
+    with pytest.raises(InsufficientResources) as info:
+        b.load("sim/big")
+    assert info.value.server_fault
+
+
+def test_lmstudio_model_not_loaded_without_jit(sim):
+    _, b = sim("lmstudio", jit=False)
+    with pytest.raises(ModelNotLoaded) as info:
+        b.chat(req("sim/tiny-2"))
+    assert not info.value.server_fault
+
+
+@pytest.mark.parametrize("unknown_status", [404, 200])
+@pytest.mark.parametrize("version,level", [("0.4", "v1"), ("0.3", "v0"), ("openai-only", "openai")])
+def test_lmstudio_api_level_fallback(sim, version, level, unknown_status):
+    server, b = sim("lmstudio", lmstudio_version=version, unknown_endpoint_status=unknown_status,
+                    default_parallel=2)
+    loaded = b.list_loaded()
+    assert b.api_level == level
+    keys = {m.key for m in loaded}
+    if level == "openai":
+        assert keys == {m.key for m in MODELS}             # JIT lists everything; all count as loaded
+    else:
+        assert keys == {TINY}
+    if level != "v1":
+        assert all(m.parallel == 2 for m in loaded)       # no parallel reported: default_parallel
+    # The level is remembered: a second listing asks one path only.
+    before = dict(server.stats()["requests"]["by_endpoint"])
+    b.list_loaded()
+    after = server.stats()["requests"]["by_endpoint"]
+    asked = {k for k in after if after[k] != before.get(k)}
+    assert len(asked) == 1
+    assert b.health().healthy
+
+
+def test_lmstudio_old_api_loads_by_jit_and_cannot_unload(sim):
+    _, b = sim("lmstudio", lmstudio_version="0.3")
+    assert b.load("sim/tiny-2").key == "sim/tiny-2"
+    assert {m.key for m in b.list_loaded()} == {TINY, "sim/tiny-2"}
+    with pytest.raises(Unsupported, match="0.4"):
+        b.unload("sim/tiny-2")
+
+
+def test_llamacpp_single_model(sim):
+    _, b = sim("llamacpp")
+    [m] = b.list_loaded()
+    assert (m.key, m.parallel, m.context_length) == (TINY, 4, 4096)
+    assert b.load(TINY).key == TINY
+    with pytest.raises(Unsupported):
+        b.load("sim/tiny-2")
+    with pytest.raises(Unsupported):
+        b.unload(TINY)
+    assert b.tokenize(TINY, "hello world, how are you") > b.tokenize(TINY, "hello") > 0
+
+
+def test_llamacpp_router_load_unload(sim):
+    _, b = sim("llamacpp-router")
+    assert [(m.key, m.state, m.parallel) for m in b.list_loaded()] == [(TINY, "loaded", 4)]
+    loaded = b.load("sim/tiny-2")
+    assert (loaded.key, loaded.state, loaded.parallel, loaded.context_length) == ("sim/tiny-2", "loaded", 2, 8192)
+    assert b.load("sim/tiny-2").key == "sim/tiny-2"           # already loaded: no-op
+    b.unload("sim/tiny-2")
+    assert [m.key for m in b.list_loaded()] == [TINY]
+    b.unload("sim/tiny-2")                                     # not loaded: no-op
+    with pytest.raises(RequestFault):
+        b.load("no/such-model")
+    assert b.tokenize("sim/tiny-2", "a few words here") > 0
+
+
+def test_llamacpp_router_waits_for_a_slow_load(sim):
+    _, b = sim("llamacpp-router", speed=0.02)      # a 2 GB load now takes about 0.1 s
+    b.poll_interval = 0.01
+    assert b.load("sim/tiny-2").state == "loaded"
+
+
+def test_ollama_list_load_unload(sim):
+    _, b = sim("ollama", default_parallel=3)
+    [m] = b.list_loaded()
+    assert (m.key, m.size_bytes, m.parallel) == (TINY, 1 * GB, 3)
+    assert "sim/tiny-2" in b.available()
+    loaded = b.load("sim/tiny-2")
+    assert (loaded.key, loaded.size_bytes) == ("sim/tiny-2", 2 * GB)
+    b.unload("sim/tiny-2")
+    assert [m.key for m in b.list_loaded()] == [TINY]
+
+
+def test_ollama_memory_refusal_and_unknown_model(sim):
+    _, b = sim("ollama", memory_bytes=10 * GB)
+    with pytest.raises(InsufficientResources):
+        b.load("sim/big")
+    with pytest.raises(ModelNotLoaded):
+        b.chat(req("no/such-model"))
+
+
+def test_openai_has_no_load_control(sim):
+    _, b = sim("openai", default_parallel=2)
+    assert all(m.parallel == 2 for m in b.list_loaded())
+    with pytest.raises(Unsupported):
+        b.load("not/listed")
+    with pytest.raises(Unsupported):
+        b.unload(TINY)
+
+
+def test_one_backend_serves_many_threads(sim):
+    from concurrent.futures import ThreadPoolExecutor
+
+    server, b = sim("lmstudio")
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(lambda i: b.chat(req()), range(32)))
+    assert len(results) == 32 and all(r.text for r in results)
+    assert server.stats()["requests"]["by_endpoint"]
+
+
+# ---------------------------------------------------------------- injected faults
+
+@pytest.mark.parametrize("api", ["lmstudio", "llamacpp", "ollama"])
+@pytest.mark.parametrize("fault,error", [
+    ("error", ServerFault), ("html", ServerFault), ("malformed", BadResponse),
+    ("empty_choices", BadResponse), ("truncated", BadResponse),
+])
+def test_fault_typing(sim, api, fault, error):
+    server, b = sim(api)
+    server.set_faults(script=[fault])
+    with pytest.raises(error) as info:
+        b.chat(req())
+    assert info.value.server_fault
+    b.chat(req())   # the next request is fine
+
+
+@pytest.mark.parametrize("fault", ["error", "html", "truncated", "malformed"])
+def test_stream_fault_typing(sim, fault):
+    server, b = sim("lmstudio")
+    server.set_faults(script=[fault])
+    with pytest.raises((ServerFault, BadResponse)) as info:
+        list(b.chat_stream(req()))
+    assert info.value.server_fault
+
+
+def test_html_502_keeps_status(sim):
+    server, b = sim("lmstudio")
+    server.set_faults(script=["html"])
+    with pytest.raises(ServerFault) as info:
+        b.chat(req())
+    assert info.value.status == 502 and "html" in (info.value.body or "").lower()
+
+
+def test_slow_reply_is_timeout(sim):
+    server, b = sim("lmstudio", timeouts=Timeouts(read=0.3, total=1))
+    server.set_faults(script=["slow"], slow_seconds=5)
+    with pytest.raises(Timeout):
+        b.chat(req())
+
+
+def test_outage_refuse_is_unreachable_then_recovers(sim):
+    server, b = sim("lmstudio")
+    server.begin_outage(seconds=None, mode="refuse")
+    with pytest.raises(Unreachable):
+        b.chat(req())
+    assert not b.health().healthy
+    server.end_outage()
+    assert b.health().healthy
+    assert b.chat(req()).text
+
+
+def test_outage_503_is_server_fault(sim):
+    server, b = sim("llamacpp")
+    server.begin_outage(seconds=None, mode="503")
+    with pytest.raises(ServerFault) as info:
+        b.chat(req())
+    assert info.value.status == 503
+    health = b.health()
+    assert not health.healthy
+    server.end_outage()
+
+
+# ---------------------------------------------------------------- bearer token
+
+@pytest.mark.parametrize("api", ["lmstudio", "llamacpp-router", "ollama", "openai"])
+def test_bearer_token(sim, api):
+    token = "sk-lm-abcd1234:0123456789abcdefghij"
+    server, good = sim(api, token=token, api_token=token)
+    assert good.chat(req()).text
+    assert good.list_loaded()
+    bad = make_backend(api, server.url, token="wrong-token", timeouts=FAST)
+    with pytest.raises(Unauthorized) as info:
+        bad.chat(req())
+    assert info.value.server_fault and "wrong-token" not in str(info.value)
+    none = make_backend(api, server.url, timeouts=FAST)
+    with pytest.raises(Unauthorized):
+        none.list_loaded()
+    bad.close()
+    none.close()
