@@ -164,7 +164,7 @@ class Runtime:
         if entity is None or not entity.enabled:
             why = "unknown entity" if entity is None else "entity disabled"
             with self.database.transaction() as conn:
-                jobs.complete(conn, claim.job_id, claim.token, state="rejected", reason=f"{why}: {claim.entity_id!r}")
+                jobs.reject(conn, claim.job_id, claim.token, f"{why}: {claim.entity_id!r}")
             logger.warning("rejected: %s", why)
             return
         if server is None:  # a slot-less claim without a stored reply cannot generate
@@ -181,15 +181,24 @@ class Runtime:
                 return
 
         payload = claim.payload
-        request = prompt.build_request(
-            entity,
-            text=payload.get("text", ""),
-            sender=payload.get("username", ""),
-            context_lines=payload.get("context", []),
-            model=claim.model,
-            global_settings=cfg.global_settings,
-            token_budget=entity.context_token_budget,
-        )
+        ais = payload.get("ais") or {}
+        try:
+            request = prompt.build_request(
+                entity,
+                text=payload.get("text", ""),
+                sender=payload.get("username", ""),
+                context_lines=payload.get("context", []),
+                model=claim.model,
+                global_settings=cfg.global_settings,
+                token_budget=entity.context_token_budget,
+                ai_name=ais.get("name"),
+            )
+        except ValueError as exc:  # a payload no prompt can be built from: the job's own fault, for good
+            with self.database.transaction() as conn:
+                jobs.reject(conn, claim.job_id, claim.token, f"cannot build the request: {exc}")
+                ratelimit.cancel(conn, claim.job_id)
+            logger.warning("rejected: cannot build the request: %s", exc)
+            return
         backend = self.backends.get(server)
         started = time.monotonic()
         try:
@@ -206,7 +215,6 @@ class Runtime:
                 ratelimit.cancel(conn, claim.job_id)
             logger.info("no reply to post (%.2fs)", time.monotonic() - started)
             return
-        ais = payload.get("ais") or {}
         reply = {
             "text": text,
             "username": ais.get("name") or entity.username,
@@ -227,8 +235,11 @@ class Runtime:
         try:
             reply_id = self.sink.deliver(claim.job_id, claim.payload, reply)
         except SinkError as exc:
+            # An outage of the sink is not the job's fault (retry without burning attempts); a sink that
+            # rejects the reply outright (4xx) is, and then the normal attempt budget applies.
             with self.database.transaction() as conn:
-                state = jobs.fail(conn, claim.job_id, claim.token, f"delivery failed: {exc}", server_fault=True)
+                state = jobs.fail(conn, claim.job_id, claim.token, f"delivery failed: {exc}",
+                                  server_fault=getattr(exc, "retryable", True))
             logger.warning("delivery failed (%s); job is %s, the stored reply will be re-sent", exc, state)
             return
         with self.database.transaction() as conn:
