@@ -7,13 +7,7 @@
 -- How many claims could succeed right now: per model min(runnable jobs, free usable slots), plus jobs
 -- whose reply is stored and only needs delivering (they take no slot). Doorbells never exceed this.
 WITH free AS (
-    SELECT s.model, count(*) AS n
-    FROM slots s
-    JOIN servers v ON v.id = s.server_id
-    WHERE s.job_id IS NULL AND NOT s.retired
-      AND v.enabled AND NOT v.draining AND v.health <> 'down'
-      AND (v.backoff_until IS NULL OR v.backoff_until <= now())
-    GROUP BY s.model
+    SELECT model, sum(free) AS n FROM free_slots GROUP BY model
 ), demand AS (
     SELECT j.model, count(*) AS n
     FROM jobs j
