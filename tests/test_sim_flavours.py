@@ -1,0 +1,235 @@
+"""The non-LM-Studio flavours over real loopback HTTP: OpenAI, llama-server (single and router), Ollama."""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from aibot.sim import GB, ModelSpec, SimConfig, SimServer
+from tests.waiting import wait_for
+
+MODELS = [ModelSpec("m-a", 1 * GB, parallel=2, context_length=8192), ModelSpec("m-b", 2 * GB, parallel=3)]
+
+
+@pytest.fixture
+def make_sim():
+    servers: list[SimServer] = []
+
+    def make(api: str, **kw) -> SimServer:
+        kw.setdefault("models", MODELS)
+        kw.setdefault("speed", 0.001)
+        kw.setdefault("reply_tokens", 12)
+        s = SimServer(SimConfig(api=api, **kw)).start()
+        servers.append(s)
+        return s
+
+    yield make
+    for s in servers:
+        s.stop()
+
+
+def chat(url: str, model: str | None, path: str = "/v1/chat/completions", **extra) -> httpx.Response:
+    body = {"messages": [{"role": "user", "content": "hello"}], **extra}
+    if model is not None:
+        body["model"] = model
+    return httpx.post(url + path, json=body, timeout=10)
+
+
+# ------------------------------------------------------------------ OpenAI-compatible
+
+
+def test_openai_serves_only_v1_with_all_models_loaded(make_sim):
+    sim = make_sim("openai")
+    assert [m["id"] for m in httpx.get(f"{sim.url}/v1/models").json()["data"]] == ["m-a", "m-b"]
+    r = chat(sim.url, "m-b")
+    assert r.status_code == 200 and r.json()["model"] == "m-b"
+    r = chat(sim.url, "gpt-9")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    assert httpx.get(f"{sim.url}/api/v0/models").status_code == 404
+    assert httpx.post(f"{sim.url}/api/v1/models/load", json={"model": "m-a"}).status_code == 404
+
+
+def test_openai_with_explicit_preload_serves_just_those(make_sim):
+    sim = make_sim("openai", preloaded=["m-a"])
+    assert [m["id"] for m in httpx.get(f"{sim.url}/v1/models").json()["data"]] == ["m-a"]
+    assert chat(sim.url, "m-b").status_code == 404
+
+
+# ------------------------------------------------------------------ llama-server single model
+
+
+def test_llamacpp_health_props_models_tokenize(make_sim):
+    sim = make_sim("llamacpp")
+    assert httpx.get(f"{sim.url}/health").json() == {"status": "ok"}
+    props = httpx.get(f"{sim.url}/props").json()
+    assert props["total_slots"] == 2 and props["default_generation_settings"]["n_ctx"] == 8192
+    models = httpx.get(f"{sim.url}/v1/models").json()
+    assert [m["id"] for m in models["data"]] == ["m-a"] and models["data"][0]["owned_by"] == "llamacpp"
+    toks = httpx.post(f"{sim.url}/tokenize", json={"content": "Hello, world!"}).json()["tokens"]
+    assert len(toks) == 4 and all(isinstance(t, int) for t in toks)
+    assert httpx.post(f"{sim.url}/tokenize", json={"content": 3}).status_code == 400
+    nf = httpx.get(f"{sim.url}/nope")
+    assert nf.status_code == 404 and nf.json()["error"]["type"] == "not_found_error"
+
+
+def test_llamacpp_ignores_the_model_field(make_sim):
+    sim = make_sim("llamacpp")
+    for requested in ("m-b", "anything", None):
+        r = chat(sim.url, requested)
+        assert r.status_code == 200 and r.json()["model"] == "m-a"
+        assert "timings" in r.json() and r.json()["timings"]["predicted_n"] == 12
+    assert sim.model_stats("m-a")["served"] == 3 and sim.model_stats("m-b")["served"] == 0
+
+
+def test_llamacpp_slots_show_processing(make_sim):
+    sim = make_sim("llamacpp", speed=1.0, ttft_seconds=0.0, per_token_seconds=0.02, reply_tokens=40)
+    slots = httpx.get(f"{sim.url}/slots").json()
+    assert [s["id"] for s in slots] == [0, 1] and not any(s["is_processing"] for s in slots)
+    with ThreadPoolExecutor(1) as pool:
+        fut = pool.submit(chat, sim.url, "m-a")
+        busy = wait_for(lambda: [s["id"] for s in httpx.get(f"{sim.url}/slots").json() if s["is_processing"]], 5)
+        assert busy == [0]
+        assert fut.result().status_code == 200
+    assert not any(s["is_processing"] for s in httpx.get(f"{sim.url}/slots").json())
+
+
+def test_llamacpp_api_key(make_sim):
+    sim = make_sim("llamacpp", api_token="k")
+    assert httpx.get(f"{sim.url}/health").status_code == 200
+    r = httpx.get(f"{sim.url}/props")
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    assert httpx.get(f"{sim.url}/props", headers={"Authorization": "Bearer k"}).status_code == 200
+
+
+# ------------------------------------------------------------------ llama-server router
+
+
+def _status(url: str) -> dict[str, str]:
+    return {m["id"]: m["status"]["value"] for m in httpx.get(f"{url}/v1/models").json()["data"]}
+
+
+def test_router_load_status_slots_unload(make_sim):
+    sim = make_sim("llamacpp-router", speed=1.0, seconds_per_gb=0.2, load_overhead_seconds=0.0)
+    assert _status(sim.url) == {"m-a": "unloaded", "m-b": "unloaded"}
+    r = httpx.post(f"{sim.url}/models/load", json={"model": "m-b"})
+    assert r.status_code == 200 and r.json() == {"success": True}
+    assert _status(sim.url)["m-b"] == "loading"
+    wait_for(lambda: _status(sim.url)["m-b"] == "loaded", 5)
+    slots = httpx.get(f"{sim.url}/slots", params={"model": "m-b"}).json()
+    assert len(slots) == 3
+    assert httpx.get(f"{sim.url}/slots", params={"model": "m-a"}).status_code == 400
+    assert httpx.get(f"{sim.url}/slots").status_code == 400
+    assert httpx.post(f"{sim.url}/models/unload", json={"model": "m-b"}).json() == {"success": True}
+    assert _status(sim.url)["m-b"] == "unloaded"
+    assert httpx.post(f"{sim.url}/models/unload", json={"model": "m-b"}).status_code == 400
+
+
+def test_router_routes_by_model_and_rejects_unknown_with_400(make_sim):
+    sim = make_sim("llamacpp-router", preloaded=["m-a"])
+    r = chat(sim.url, "m-a")
+    assert r.status_code == 200 and r.json()["model"] == "m-a"
+    r = chat(sim.url, "nope")
+    assert r.status_code == 400 and r.json()["error"]["code"] == 400
+    assert httpx.post(f"{sim.url}/models/load", json={"model": "nope"}).status_code == 400
+    # autoload on chat (router default), and the status follows
+    assert chat(sim.url, "m-b").status_code == 200
+    assert _status(sim.url) == {"m-a": "loaded", "m-b": "loaded"}
+    assert sim.model_stats("m-b")["loads"] == 1
+
+
+def test_router_without_autoload(make_sim):
+    sim = make_sim("llamacpp-router", jit=False)
+    r = chat(sim.url, "m-a")
+    assert r.status_code == 400 and "not loaded" in r.json()["error"]["message"]
+
+
+# ------------------------------------------------------------------ Ollama
+
+
+def test_ollama_version_tags_and_root(make_sim):
+    sim = make_sim("ollama")
+    assert httpx.get(f"{sim.url}/").text == "Ollama is running"
+    assert "version" in httpx.get(f"{sim.url}/api/version").json()
+    tags = httpx.get(f"{sim.url}/api/tags").json()["models"]
+    assert [(t["name"], t["size"]) for t in tags] == [("m-a", 1 * GB), ("m-b", 2 * GB)]
+    assert httpx.get(f"{sim.url}/api/ps").json() == {"models": []}
+    assert httpx.get(f"{sim.url}/nope").status_code == 404
+
+
+def test_ollama_keep_alive_load_and_unload(make_sim):
+    sim = make_sim("ollama")
+    r = httpx.post(f"{sim.url}/api/chat", json={"model": "m-a", "messages": [], "keep_alive": "10m"}, timeout=10)
+    assert r.status_code == 200 and r.json()["done_reason"] == "load" and r.json()["done"] is True
+    ps = httpx.get(f"{sim.url}/api/ps").json()["models"]
+    assert [(p["name"], p["size"]) for p in ps] == [("m-a", 1 * GB)] and ps[0]["expires_at"].endswith("Z")
+    r = httpx.post(f"{sim.url}/api/generate", json={"model": "m-a", "keep_alive": 0})
+    assert r.json()["done_reason"] == "unload"
+    assert httpx.get(f"{sim.url}/api/ps").json() == {"models": []}
+    forever = httpx.post(f"{sim.url}/api/generate", json={"model": "m-b", "keep_alive": -1}).json()
+    assert forever["done_reason"] == "load"
+    assert httpx.get(f"{sim.url}/api/ps").json()["models"][0]["expires_at"].startswith("2318")
+    bad = httpx.post(f"{sim.url}/api/chat", json={"model": "m-a", "messages": [], "keep_alive": "soon"})
+    assert bad.status_code == 400 and "invalid duration" in bad.json()["error"]
+
+
+def test_ollama_chat_streams_ndjson_by_default(make_sim):
+    sim = make_sim("ollama")
+    lines = []
+    with httpx.stream("POST", f"{sim.url}/api/chat",
+                      json={"model": "m-a", "messages": [{"role": "user", "content": "hi"}]}, timeout=10) as r:
+        assert r.headers["content-type"] == "application/x-ndjson"
+        lines = [json.loads(x) for x in r.iter_lines() if x]
+    assert all(not x["done"] for x in lines[:-1]) and lines[-1]["done"] is True
+    assert lines[-1]["eval_count"] == 12 and lines[-1]["done_reason"] == "stop"
+    text = "".join(x["message"]["content"] for x in lines)
+    assert text.startswith("m-a reply")
+    # the request loaded the model, with the default keep-alive
+    assert [p["name"] for p in httpx.get(f"{sim.url}/api/ps").json()["models"]] == ["m-a"]
+
+
+def test_ollama_non_streaming_chat_generate_and_openai_path(make_sim):
+    sim = make_sim("ollama")
+    r = httpx.post(f"{sim.url}/api/chat", json={"model": "m-a:latest", "stream": False, "options": {"num_predict": 4},
+                                                  "messages": [{"role": "user", "content": "hi"}]}, timeout=10)
+    body = r.json()
+    assert r.status_code == 200 and body["done_reason"] == "length" and body["eval_count"] == 4
+    g = httpx.post(f"{sim.url}/api/generate", json={"model": "m-b", "prompt": "why", "stream": False}, timeout=10)
+    assert g.json()["response"].startswith("m-b reply") and g.json()["done"] is True
+    o = chat(sim.url, "m-a")
+    assert o.status_code == 200 and o.json()["choices"][0]["message"]["content"].startswith("m-a reply")
+    missing = httpx.post(f"{sim.url}/api/chat", json={"model": "nope", "messages": []})
+    assert missing.status_code == 404 and "not found" in missing.json()["error"]
+
+
+def test_ollama_evicts_least_recently_used_to_fit(make_sim):
+    models = [ModelSpec("x", 2 * GB), ModelSpec("y", 2 * GB), ModelSpec("z", 5 * GB)]
+    sim = make_sim("ollama", models=models, memory_bytes=4 * GB)
+    for key in ("x", "y"):
+        assert httpx.post(f"{sim.url}/api/generate", json={"model": key}).json()["done_reason"] == "load"
+    assert httpx.post(f"{sim.url}/api/generate", json={"model": "x", "prompt": "hi", "stream": False}).status_code == 200
+    assert httpx.post(f"{sim.url}/api/generate", json={"model": "z"}).status_code == 500   # 5 GB never fits
+    assert sorted(p["name"] for p in httpx.get(f"{sim.url}/api/ps").json()["models"]) == ["x", "y"]  # kept
+    assert httpx.post(f"{sim.url}/api/generate", json={"model": "y", "keep_alive": 0}).status_code == 200
+    assert httpx.post(f"{sim.url}/api/generate", json={"model": "y"}).status_code == 200
+    assert httpx.post(f"{sim.url}/api/generate", json={"model": "z"}).status_code == 500
+    # a third 2 GB model forces out the least recently used one
+    sim2 = make_sim("ollama", models=[*models, ModelSpec("w", 2 * GB)], memory_bytes=4 * GB)
+    for key in ("x", "y", "w"):
+        httpx.post(f"{sim2.url}/api/generate", json={"model": key})
+    assert sorted(p["name"] for p in httpx.get(f"{sim2.url}/api/ps").json()["models"]) == ["w", "y"]
+    assert sim2.stats()["memory"]["evictions"] == 1 and sim2.stats()["memory"]["peak_bytes"] <= 4 * GB
+
+
+def test_ollama_parallel_peak(make_sim):
+    sim = make_sim("ollama", preloaded=["m-b"], speed=1.0, ttft_seconds=0.05, per_token_seconds=0.005)
+    with ThreadPoolExecutor(6) as pool:
+        codes = list(pool.map(lambda i: httpx.post(
+            f"{sim.url}/api/chat", json={"model": "m-b", "stream": False,
+                                         "messages": [{"role": "user", "content": str(i)}]}, timeout=10).status_code,
+            range(6)))
+    assert codes == [200] * 6
+    st = sim.model_stats("m-b")
+    assert st["peak_in_flight"] == 3 and st["served"] == 6
