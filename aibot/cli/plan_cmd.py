@@ -1,0 +1,90 @@
+"""`aibot plan`: per server, the slots the sizing formula gives from live cluster state, and per worker
+host the Dramatiq command that can drive them all."""
+
+from __future__ import annotations
+
+from aibot import cluster, db, sizing
+from aibot.tables import Column, fmt_bytes, render
+
+
+def register(sub) -> None:
+    p = sub.add_parser("plan", help="capacity plan: slots per server (the seed's formula) and the worker command")
+    p.add_argument("--database-url", help="overrides AIBOT_DATABASE_URL")
+    p.add_argument("--config", help="entity config to sync servers from (default: AIBOT_CONFIG)")
+    p.add_argument("--no-refresh", action="store_true",
+                   help="use the state in Postgres as is; do not ask the servers what they hold")
+    p.add_argument("--processes", type=int, default=None,
+                   help="Dramatiq processes per worker host (default: live processes seen, else CPU count)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from aibot.cli import CliError
+    from aibot.cli.status_cmd import open_db
+
+    if args.processes is not None and args.processes < 1:
+        raise CliError(f"--processes must be >= 1, got {args.processes}")
+    url, conn = open_db(args.database_url)
+    with conn:
+        if not args.no_refresh:
+            database = db.Database(url, max_size=2)
+            try:
+                summary = cluster.refresh_all(database, config_path=args.config)
+            finally:
+                database.close()
+            if summary:
+                print(f"refreshed: {summary}\n")
+        p = cluster.plan(conn, processes=args.processes)
+    print(format_plan(p))
+    return 0
+
+
+def format_plan(p: cluster.Plan) -> str:
+    out = []
+    rows = [{
+        "server": s.name, "kind": s.kind, "state": _state(s), "ram": s.memory_bytes, "source": s.memory_source,
+        "models": sum(1 for m in s.models if m.state == "loaded"), "parallel": s.sizing.parallel_total,
+        "bound": s.sizing.memory_bound, "cap": s.sizing.hard_cap, "slots": s.sizing.slots,
+        "limit": s.sizing.limited_by, "rows": sum(m.rows for m in s.models),
+        "inflight": sum(m.held for m in s.models),
+    } for s in p.servers]
+    out.append(render(rows, [
+        "server", "kind", "state", Column("ram", "RAM", fmt_bytes), Column("source", "RAM from"),
+        Column("models", "models"), Column("parallel", "Σ parallel"), Column("bound", "memory bound"),
+        Column("cap", "cap"), Column("slots", "slots"), Column("limit", "limited by"),
+        Column("rows", "slot rows"), Column("inflight", "in flight"),
+    ], title="Servers  (slots = min(Σ parallel, floor((RAM − reserve − models − safety) / per-request), cap))",
+        empty="(no servers; sync them from the config or run without --no-refresh)"))
+    for s in p.servers:
+        if not s.models:
+            continue
+        out.append("")
+        out.append(render([{"model": m.model, "state": m.state, "size": m.size_bytes, "parallel": m.parallel,
+                            "target": m.target, "rows": m.rows, "held": m.held} for m in s.models],
+                          ["model", "state", Column("size", fmt=fmt_bytes), "parallel",
+                           Column("target", "slots"), Column("rows", "slot rows"), Column("held", "in flight")],
+                          title=f"{s.name}: {_arithmetic(s)}"))
+    out.append("")
+    out.append(f"Workers: {p.total_slots} slot(s) on usable servers. Each in-flight generation occupies one "
+               f"worker thread while it waits on HTTP, so every worker host runs processes × threads >= "
+               f"{p.total_slots} (each host alone can fill every slot; losing a host costs no capacity):")
+    out.append(render([{"host": h.host, "live": h.live_processes or None, "command": h.command} for h in p.hosts],
+                      [Column("host", "worker host"), Column("live", "live processes"),
+                       Column("command", max_width=80)]))
+    return "\n".join(out)
+
+
+def _state(s: cluster.ServerPlan) -> str:
+    if not s.enabled:
+        return "disabled"
+    return s.health if s.usable or s.health == "down" else f"{s.health}, backed off/draining"
+
+
+def _arithmetic(s: cluster.ServerPlan) -> str:
+    z = s.sizing
+    if s.memory_bytes is None:
+        return "RAM unknown, no memory bound (set capabilities.maxMemory)"
+    used = z.models_bytes + z.slots * z.per_request_bytes + z.reserve_bytes + z.safety_bytes
+    return (f"models {sizing.gb(z.models_bytes)} + {z.slots} × {sizing.gb(z.per_request_bytes)} requests"
+            f" + system {sizing.gb(z.reserve_bytes)} + safety {sizing.gb(z.safety_bytes)}"
+            f" = {sizing.gb(used)} of {sizing.gb(s.memory_bytes)}")

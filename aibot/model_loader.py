@@ -1,0 +1,379 @@
+"""Single-flight model loading and unloading, cluster-wide.
+
+Twenty workers that all find their model missing must cause one load, not twenty (the seed's
+"multiple try to load same model"): a loader takes a Postgres session advisory lock keyed on
+(server id, hashtext(model)) on its own connection and holds it for the whole HTTP load. Everyone
+else waits on that lock (bounded by lock_timeout) and then finds the model loaded.
+
+The memory budget holds while loading: the decision runs in a short transaction that locks the
+server row (so two loads of different models on one server cannot both pass the check), re-checks
+room with `aibot.placement`, takes the slots of idle models to evict, and inserts the new instance
+in state 'loading' so its memory counts before a single byte is loaded. No transaction is open
+during HTTP; other models keep serving meanwhile.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg import errors
+
+from aibot import cluster, db, health, placement
+from aibot.backends.base import Backend, BackendError, InsufficientResources, LoadedModel
+from aibot.sizing import GB
+
+logger = logging.getLogger("aibot.model_loader")
+
+DEFAULT_MODEL_BYTES = 15 * GB        # the seed's typical f16 model, when a model's size was never seen
+DEFAULT_WAIT_SECONDS = 600.0         # cold loads of big models take minutes
+_MAX_PLACEMENT_TRIES = 5
+
+Progress = Callable[..., None]
+
+
+class LoadError(RuntimeError):
+    """A model could not be (un)loaded; the message says where and why."""
+
+
+class NoRoom(LoadError):
+    """No eligible server has room, even after evicting idle models."""
+
+
+class LoadTimeout(LoadError):
+    """Another loader held the (server, model) lock longer than we were willing to wait."""
+
+
+class ModelBusy(LoadError):
+    """An unload was refused because requests are in flight on the model."""
+
+
+class _Retry(Exception):
+    """The placement decision no longer holds under the server lock; roll back and decide again."""
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    server_id: int
+    server: str
+    model: str
+    loaded_now: bool                 # this call performed the load (False: it was already there)
+    evicted: tuple[str, ...] = ()
+    seconds: float = 0.0
+
+
+def _noop(event: str, **info: Any) -> None:
+    pass
+
+
+def _lock_connection(database) -> psycopg.Connection:
+    """A dedicated autocommit connection: session advisory locks must outlive any transaction."""
+    url = database if isinstance(database, str) else database.url
+    return db.connect(url, autocommit=True)
+
+
+def _acquire(conn: psycopg.Connection, server_id: int, model: str, deadline: float) -> None:
+    """Takes the (server, model) lock, waiting at most until `deadline` for its holder."""
+    if db.one(conn, "cluster_try_lock_model", {"server_id": server_id, "model": model})["locked"]:
+        return
+    remaining_ms = max(1, int((deadline - time.monotonic()) * 1000))
+    try:
+        db.run(conn, "cluster_set_lock_timeout", {"ms": str(remaining_ms)})
+        db.run(conn, "cluster_wait_lock_model", {"server_id": server_id, "model": model})
+    except errors.LockNotAvailable:
+        raise LoadTimeout(f"gave up after waiting for the lock on {model!r} at server id {server_id}") from None
+    finally:
+        db.run(conn, "cluster_reset_lock_timeout")
+
+
+def _wait_for_loader(conn: psycopg.Connection, server_id: int, model: str, deadline: float) -> None:
+    """Blocks until whoever holds (server, model) is done; cleans up after a loader that died."""
+    _acquire(conn, server_id, model, deadline)
+    try:
+        # We hold the lock now: a row still 'loading' belongs to a loader that went away.
+        with conn.transaction():
+            for r in db.all_rows(conn, "cluster_model_residency", {"model": model}):
+                if r["server_id"] != server_id or r["state"] not in ("loading", "unloading"):
+                    continue
+                if r["state"] == "loading":
+                    db.run(conn, "cluster_delete_instance", {"server_id": server_id, "model": model})
+                else:   # an unload that never finished: resident until a refresh says otherwise
+                    db.run(conn, "cluster_set_instance_state", {"server_id": server_id, "model": model,
+                                                                "state": "loaded"})
+                db.run(conn, "cluster_load_abandon", {"server_id": server_id, "model": model})
+                logger.warning("cleaned up after a dead loader: %s on server id %d was %r",
+                               model, server_id, r["state"])
+    finally:
+        db.run(conn, "cluster_unlock_model", {"server_id": server_id, "model": model})
+
+
+def _size_of(conn: psycopg.Connection, model: str, size_bytes: int | None) -> int:
+    if size_bytes:
+        return int(size_bytes)
+    known = db.one(conn, "cluster_catalog_get", {"model": model})
+    return int(known["size_bytes"]) if known else DEFAULT_MODEL_BYTES
+
+
+def ensure_loaded(database, model: str, *, server: str | None = None,
+                  backend_for: Callable[[Mapping[str, Any]], Backend] = cluster.backend_for_row,
+                  worker_id: str | None = None, size_bytes: int | None = None,
+                  min_residency_s: float = placement.DEFAULT_MIN_RESIDENCY_SECONDS,
+                  wait_s: float = DEFAULT_WAIT_SECONDS, progress: Progress = _noop) -> LoadResult:
+    """Makes sure `model` is loaded on a usable server (or on `server`), loading it at most once.
+
+    `database` is an `aibot.db.Database` or a URL; the call uses one dedicated connection of its own.
+    Size for placement: `size_bytes`, else the last size seen (model_catalog), else 15 GB.
+    Raises NoRoom, LoadTimeout or LoadError.
+    """
+    started = time.monotonic()
+    deadline = started + wait_s
+    with _lock_connection(database) as conn:
+        for _ in range(_MAX_PLACEMENT_TRIES * 4):
+            where = [r for r in db.all_rows(conn, "cluster_model_residency", {"model": model})
+                     if server is None or r["name"] == server]
+            ready = [r for r in where if r["state"] == "loaded" and r["usable"]]
+            if ready:
+                progress("ready", server=ready[0]["name"], model=model)
+                return LoadResult(ready[0]["server_id"], ready[0]["name"], model, False,
+                                  seconds=time.monotonic() - started)
+            pending = [r for r in where if r["state"] in ("loading", "unloading")]
+            if pending:
+                progress("waiting", server=pending[0]["name"], model=model, state=pending[0]["state"])
+                _wait_for_loader(conn, pending[0]["server_id"], model, deadline)
+                continue
+            try:
+                choice = _choose(conn, model, server, size_bytes, min_residency_s)
+            except _Retry:
+                continue
+            if not db.one(conn, "cluster_try_lock_model", {"server_id": choice.server_id, "model": model})["locked"]:
+                progress("waiting", server=choice.name, model=model, state="locked")
+                _wait_for_loader(conn, choice.server_id, model, deadline)
+                continue
+            try:
+                result = _load_locked(conn, choice, model, size_bytes=_size_of(conn, model, size_bytes),
+                                      backend_for=backend_for, worker_id=worker_id,
+                                      min_residency_s=min_residency_s, progress=progress, deadline=deadline)
+            finally:
+                db.run(conn, "cluster_unlock_model", {"server_id": choice.server_id, "model": model})
+            if result is not None:
+                return LoadResult(result.server_id, result.server, model, result.loaded_now, result.evicted,
+                                  time.monotonic() - started)
+            # The server changed under us (room gone, or a victim got busy): decide again.
+        raise LoadError(f"could not place {model!r}: the cluster kept changing under the loader")
+
+
+def _choose(conn: psycopg.Connection, model: str, server: str | None, size_bytes: int | None,
+            min_residency_s: float) -> placement.Placement:
+    now = db.one(conn, "cluster_now")["now"]
+    views = cluster.server_views(conn, now)
+    if server is not None:
+        views = [v for v in views if v.name == server]
+        if not views:
+            raise LoadError(f"unknown server {server!r}")
+    demand = cluster.queued_demand(conn)
+    choice = placement.choose_server(views, model, _size_of(conn, model, size_bytes), now=now,
+                                     min_residency_s=min_residency_s, demand=demand)
+    if isinstance(choice, placement.Refusal):
+        # Someone started (or finished) this very model since we looked: go back and wait for it.
+        if any((r := v.holds(model)) is not None and (r.state != "loaded" or v.can_load) for v in views):
+            raise _Retry
+        raise NoRoom(f"no server can load {model!r}: {choice}")
+    return choice
+
+
+def _load_locked(conn: psycopg.Connection, choice: placement.Placement, model: str, *, size_bytes: int,
+                 backend_for, worker_id, min_residency_s, progress: Progress, deadline: float) -> LoadResult | None:
+    """Runs with the (server, model) lock held. Returns None when the decision must be made again.
+
+    Victims are locked too (same single-flight key), so nobody mistakes their 'unloading' rows for
+    debris of a dead loader, and nobody loads or unloads them concurrently.
+    """
+    victim_locks: list[str] = []
+    try:
+        return _load_locked_inner(conn, choice, model, size_bytes, backend_for, worker_id, min_residency_s,
+                                  progress, deadline, victim_locks)
+    finally:
+        for victim in victim_locks:
+            db.run(conn, "cluster_unlock_model", {"server_id": choice.server_id, "model": victim})
+
+
+def _decide(conn, sid, model, size_bytes, worker_id, min_residency_s, victim_locks):
+    """Step 1, in one transaction under the server row lock: re-check room, take the victims' slots,
+    reserve the memory ('loading' row). `_Retry` rolls it all back."""
+    with conn.transaction():
+        srow = db.one(conn, "cluster_server_lock", {"server_id": sid})
+        now = db.one(conn, "cluster_now")["now"]
+        view = next(v for v in cluster.server_views(conn, now) if v.server_id == sid)
+        mine = view.holds(model)
+        if mine is not None and mine.state == "loaded":
+            return srow, None, None
+        if mine is not None:   # a stale row: we hold the lock, so nobody else is loading it
+            view = placement.ServerView(view.server_id, view.name, view.budget,
+                                        tuple(r for r in view.residents if r.model != model), view.can_load)
+        if not view.can_load:
+            raise _Retry
+        evict = placement.room_for(view, size_bytes, now=now, min_residency_s=min_residency_s,
+                                   demand=cluster.queued_demand(conn))
+        if evict is None:
+            raise _Retry
+        victims = []
+        for victim in evict:
+            if not db.one(conn, "cluster_try_lock_model", {"server_id": sid, "model": victim})["locked"]:
+                raise _Retry   # someone is unloading/reloading it right now
+            victim_locks.append(victim)
+            rows = db.all_rows(conn, "cluster_lock_pair_slots", {"server_id": sid, "model": victim})
+            if any(r["job_id"] is not None for r in rows):
+                raise _Retry   # got busy since the snapshot
+            db.run(conn, "cluster_delete_pair_free_slots", {"server_id": sid, "model": victim})
+            if db.one(conn, "cluster_mark_unloading", {"server_id": sid, "model": victim}) is None:
+                raise _Retry
+            vid = db.one(conn, "cluster_load_start", {"server_id": sid, "model": victim, "action": "unload",
+                                                      "reason": f"evicted for {model}", "worker_id": worker_id})["id"]
+            victims.append((victim, vid))
+        if db.one(conn, "cluster_mark_loading", {"server_id": sid, "model": model, "size_bytes": size_bytes,
+                                                 "parallel": 1}) is None:
+            return srow, None, None   # a refresh saw it loaded meanwhile
+        load_id = db.one(conn, "cluster_load_start", {"server_id": sid, "model": model, "action": "load",
+                                                      "reason": None, "worker_id": worker_id})["id"]
+    return srow, victims, load_id
+
+
+def _load_locked_inner(conn, choice, model, size_bytes, backend_for, worker_id, min_residency_s,
+                       progress: Progress, deadline, victim_locks) -> LoadResult | None:
+    sid = choice.server_id
+    try:
+        srow, victims, load_id = _decide(conn, sid, model, size_bytes, worker_id, min_residency_s, victim_locks)
+    except _Retry:
+        return None
+    if victims is None:
+        return LoadResult(sid, srow["name"], model, False)
+
+    backend = backend_for(srow)
+    try:
+        # 2. Evict (HTTP, no transaction open).
+        for victim, vid in victims:
+            progress("evicting", server=srow["name"], model=victim)
+            try:
+                backend.unload(victim)
+            except BackendError as exc:
+                with conn.transaction():
+                    for v, i in victims:
+                        db.run(conn, "cluster_set_instance_state", {"server_id": sid, "model": v, "state": "loaded"})
+                        db.run(conn, "cluster_load_finish", {"id": i, "ok": False, "error": str(exc)[:500]})
+                _abort_load(conn, sid, model, load_id, f"eviction of {victim} failed: {exc}")
+                raise LoadError(f"could not evict {victim!r} from {srow['name']} to make room for {model!r}: "
+                                f"{exc}") from exc
+            with conn.transaction():
+                db.run(conn, "cluster_delete_instance", {"server_id": sid, "model": victim})
+                db.run(conn, "cluster_load_finish", {"id": vid, "ok": True, "error": None})
+            logger.info("evicted %s from %s to make room for %s", victim, srow["name"], model)
+
+        # 3. Load, holding the lock throughout.
+        progress("loading", server=srow["name"], model=model, size_bytes=size_bytes)
+        t0 = time.monotonic()
+        try:
+            loaded = backend.load(model)
+            loaded = _await_loaded(backend, model, loaded, deadline)
+        except BackendError as exc:
+            _abort_load(conn, sid, model, load_id, f"{type(exc).__name__}: {exc}")
+            if exc.server_fault and not isinstance(exc, InsufficientResources):
+                health.record_fault(conn, sid, f"load {model}: {type(exc).__name__}: {exc}")
+            raise LoadError(f"loading {model!r} on {srow['name']} failed: {type(exc).__name__}: {exc}") from exc
+
+        # 4. Loaded: record, then give it slots.
+        size = loaded.size_bytes or size_bytes
+        with conn.transaction():
+            db.run(conn, "cluster_mark_loaded", {"server_id": sid, "model": model, "size_bytes": size,
+                                                 "parallel": max(1, loaded.parallel or 1),
+                                                 "context_length": loaded.context_length})
+            if loaded.size_bytes:
+                db.run(conn, "cluster_catalog_upsert", {"model": model, "size_bytes": loaded.size_bytes,
+                                                        "parallel": loaded.parallel,
+                                                        "context_length": loaded.context_length})
+            db.run(conn, "cluster_load_finish", {"id": load_id, "ok": True, "error": None})
+        cluster.rebalance(conn, server_id=sid)
+        seconds = time.monotonic() - t0
+        logger.info("loaded %s on %s in %.1fs (parallel %d)", model, srow["name"], seconds, loaded.parallel or 1)
+        progress("loaded", server=srow["name"], model=model, seconds=seconds, parallel=loaded.parallel,
+                 size_bytes=size)
+        return LoadResult(sid, srow["name"], model, True, tuple(v for v, _ in victims))
+    finally:
+        backend.close()
+
+
+def _await_loaded(backend: Backend, model: str, loaded: LoadedModel, deadline: float) -> LoadedModel:
+    """Some servers answer the load request before the model is ready: poll their listing until it is."""
+    while loaded.state != "loaded":
+        if time.monotonic() > deadline:
+            raise LoadError(f"{model!r} was still loading at the deadline")
+        time.sleep(0.2)
+        found = [m for m in backend.list_loaded() if m.key == model]
+        if found:
+            loaded = found[0]
+    return loaded
+
+
+def _abort_load(conn: psycopg.Connection, sid: int, model: str, load_id: int, error: str) -> None:
+    with conn.transaction():
+        db.run(conn, "cluster_delete_instance", {"server_id": sid, "model": model})
+        db.run(conn, "cluster_load_finish", {"id": load_id, "ok": False, "error": error[:500]})
+    cluster.rebalance(conn, server_id=sid)
+
+
+def unload(database, server: str, model: str, *,
+           backend_for: Callable[[Mapping[str, Any]], Backend] = cluster.backend_for_row,
+           worker_id: str | None = None, force: bool = False, wait_s: float = 60.0,
+           progress: Progress = _noop) -> bool:
+    """Unloads `model` from `server` under the same single-flight lock as loads.
+
+    Refuses (ModelBusy) while requests are in flight unless `force`, which retires their slots and
+    unloads anyway (their generations will fail and be retried elsewhere). Returns False if the model
+    was not resident.
+    """
+    deadline = time.monotonic() + wait_s
+    with _lock_connection(database) as conn:
+        srow = db.one(conn, "cluster_server_by_name", {"name": server})
+        if srow is None:
+            raise LoadError(f"unknown server {server!r}")
+        sid = srow["id"]
+        _acquire(conn, sid, model, deadline)
+        try:
+            with conn.transaction():
+                held = [r for r in db.all_rows(conn, "cluster_lock_pair_slots", {"server_id": sid, "model": model})
+                        if r["job_id"] is not None]
+                if held and not force:
+                    raise ModelBusy(f"{model!r} on {server} has {len(held)} request(s) in flight; "
+                                    f"wait, drain the server, or force")
+                row = db.one(conn, "cluster_mark_unloading", {"server_id": sid, "model": model})
+                if row is None:
+                    return False
+                db.run(conn, "cluster_delete_pair_free_slots", {"server_id": sid, "model": model})
+                db.run(conn, "cluster_retire_pair_slots", {"server_id": sid, "model": model})
+                load_id = db.one(conn, "cluster_load_start", {"server_id": sid, "model": model, "action": "unload",
+                                                              "reason": "forced" if held else "requested",
+                                                              "worker_id": worker_id})["id"]
+            progress("unloading", server=server, model=model)
+            backend = backend_for(srow)
+            try:
+                backend.unload(model)
+            except BackendError as exc:
+                with conn.transaction():
+                    db.run(conn, "cluster_set_instance_state", {"server_id": sid, "model": model, "state": "loaded"})
+                    db.run(conn, "cluster_load_finish", {"id": load_id, "ok": False, "error": str(exc)[:500]})
+                cluster.rebalance(conn, server_id=sid)
+                raise LoadError(f"unloading {model!r} from {server} failed: {type(exc).__name__}: {exc}") from exc
+            finally:
+                backend.close()
+            with conn.transaction():
+                db.run(conn, "cluster_delete_instance", {"server_id": sid, "model": model})
+                db.run(conn, "cluster_load_finish", {"id": load_id, "ok": True, "error": None})
+            cluster.rebalance(conn, server_id=sid)
+            progress("unloaded", server=server, model=model)
+            logger.info("unloaded %s from %s", model, server)
+            return True
+        finally:
+            db.run(conn, "cluster_unlock_model", {"server_id": sid, "model": model})
