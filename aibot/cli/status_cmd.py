@@ -1,0 +1,153 @@
+"""`aibot status` (one snapshot of the queue, cluster and throughput) and `aibot top` (the same, live)."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import sys
+import time
+
+from aibot import db, inspection
+from aibot.tables import Column, fmt_bytes, fmt_seconds, render
+
+CLEAR = "\x1b[H\x1b[2J"
+
+
+def register(sub) -> None:
+    p = sub.add_parser("status", help="queue depth, in-flight jobs, servers, slots, throughput, dead jobs")
+    p.add_argument("--database-url", help="overrides AIBOT_DATABASE_URL")
+    p.add_argument("--failed", type=_positive_int, default=10, metavar="N", help="dead/rejected jobs to list (10)")
+    p.set_defaults(func=run_status)
+
+    t = sub.add_parser("top", help="aibot status, refreshed every few seconds")
+    t.add_argument("--database-url", help="overrides AIBOT_DATABASE_URL")
+    t.add_argument("--interval", type=_non_negative_float, default=2.0, metavar="SECONDS", help="refresh period (2)")
+    t.add_argument("--iterations", type=_positive_int, default=None, metavar="N", help="stop after N refreshes")
+    t.add_argument("--failed", type=_positive_int, default=5, metavar="N", help="dead/rejected jobs to list (5)")
+    t.set_defaults(func=run_top)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} must not be negative")
+    return value
+
+
+def _secs(v):
+    return fmt_seconds(v)
+
+
+def render_status(snap: dict, database_url: str, now: dt.datetime | None = None) -> str:
+    """The status report as text. Pure: the caller reads the snapshot; the URL is shown redacted."""
+    now = now or dt.datetime.now().astimezone()
+    out = [f"aibot status  {now.strftime('%Y-%m-%d %H:%M:%S')}  database {db.redact_url(database_url)}", ""]
+
+    oldest = snap["oldest"]
+    wait = oldest.get("oldest_wait_seconds")
+    out.append(f"QUEUE  queued {oldest.get('queued', 0)} (runnable {oldest.get('runnable', 0)}), "
+               f"running {len(snap['in_flight'])}, oldest waiting {fmt_seconds(wait) if wait is not None else '-'}")
+    out.append(render(snap["queue_depth"], ["state", "band", "jobs", "runnable"]))
+    out.append("")
+
+    out.append(render(snap["throughput"], [
+        Column("window_minutes", "window (min)"), "replies", "skipped", "dead",
+        Column("replies_per_minute", "replies/min"),
+        Column("p50_wait_seconds", "p50 wait", _secs), Column("p95_wait_seconds", "p95 wait", _secs),
+        Column("p50_latency_seconds", "p50 latency", _secs), Column("p95_latency_seconds", "p95 latency", _secs),
+    ], title="THROUGHPUT"))
+    out.append("")
+
+    out.append(render(snap["in_flight"], [
+        "id", Column("entity_id", "entity"), "model", Column("priority", "pri"), "server",
+        Column("worker_id", "worker", max_width=32), Column("running_seconds", "running", _secs),
+        Column("lease_left_seconds", "lease left", _secs), "attempts",
+    ], title="IN FLIGHT"))
+    out.append("")
+
+    out.append(render(snap["servers"], [
+        "name", "status", "health", Column("failure_count", "failures"), Column("backoff_level", "backoff"),
+        Column("backoff_left_seconds", "backoff left", _secs), Column("slots_used", "used"),
+        Column("slots_total", "slots"), Column("memory_bytes", "memory", fmt_bytes),
+        Column("accounted_bytes", "accounted", fmt_bytes), Column("last_error", "last error", max_width=40),
+    ], title="SERVERS"))
+    out.append("")
+
+    out.append(render(snap["slots"], [
+        "server", "model", Column("instance_state", "state"), Column("size_bytes", "size", fmt_bytes),
+        "parallel", Column("slots_used", "used"), Column("slots_total", "total"), Column("slots_free", "free"),
+    ], title="MODELS AND SLOTS"))
+    out.append("")
+
+    out.append(render(snap["failed"], [
+        "id", "state", Column("entity_id", "entity"), "model", "attempts", Column("reason", max_width=50),
+        Column("last_error", "last error", max_width=40), Column("finished_at", "finished"),
+    ], title="DEAD AND REJECTED (newest first)"))
+    out.append("")
+
+    out.append(render(snap["entities"], [
+        Column("entity_id", "entity"), "queued", "running", "done", "skipped", "dead", "rejected", "cancelled",
+    ], title="ENTITIES"))
+    out.append("")
+
+    out.append(render(snap["workers"], [
+        Column("worker_id", "worker", max_width=40), "role", "host", "pid",
+        Column("heartbeat_age_seconds", "heartbeat", _secs),
+    ], title="PROCESSES"))
+    return "\n".join(out) + "\n"
+
+
+def open_db(database_url: str | None):
+    """A connection for a CLI command; a refused connection is a one-line error, the URL redacted."""
+    import psycopg
+
+    from aibot.cli import CliError
+
+    url = db.database_url(database_url)
+    try:
+        return url, db.connect(url, autocommit=True)
+    except psycopg.OperationalError as exc:
+        detail = (str(exc).strip().splitlines() or ["?"])[-1]
+        raise CliError(f"cannot connect to {db.redact_url(url)}: {detail}") from None
+
+
+def _report(conn, url: str, failed: int) -> str:
+    return render_status(inspection.status_snapshot(conn, failed_limit=failed), url)
+
+
+def run_status(args) -> int:
+    url, conn = open_db(args.database_url)
+    with conn:
+        sys.stdout.write(_report(conn, url, args.failed))
+    return 0
+
+
+def run_top(args) -> int:
+    url, conn = open_db(args.database_url)
+    with conn:
+        return _top_loop(conn, url, args)
+
+
+def _top_loop(conn, url: str, args) -> int:
+    n = 0
+    while True:
+        text = _report(conn, url, args.failed)
+        sys.stdout.write(CLEAR + text + f"\n(refreshing every {args.interval:g}s; Ctrl-C to quit)\n")
+        sys.stdout.flush()
+        n += 1
+        if args.iterations is not None and n >= args.iterations:
+            return 0
+        time.sleep(args.interval)  # the refresh period itself, not synchronisation

@@ -1,0 +1,215 @@
+"""Turns the jobs table's NOTIFY events into the original monitor's WebSocket frames.
+
+One listener thread per `aibot serve` holds a dedicated connection on channel `aibot_events` (the
+triggers of 0005_inspection.sql) and fans frames out to every dashboard. The NOTIFY payload carries ids
+only, so `queued` items are read back in one query per batch. Each subscriber has a bounded outbound
+queue drained by its own writer thread: a slow browser is dropped instead of stalling the others.
+If the listening connection breaks, events may have been missed, so after reconnecting every client
+gets a fresh snapshot.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import psycopg
+
+from aibot import db, inspection
+
+log = logging.getLogger("aibot.web.events")
+
+CHANNEL = "aibot_events"
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def frame(kind: str, data: Any, timestamp: int | None = None) -> dict:
+    """The original monitor's frame shape: {type, data, timestamp (ms)}."""
+    return {"type": kind, "data": data, "timestamp": now_ms() if timestamp is None else timestamp}
+
+
+def parse_events(payloads: Iterable[str]) -> list[dict]:
+    events = []
+    for p in payloads:
+        try:
+            ev = json.loads(p)
+        except ValueError:
+            log.warning("ignoring a malformed %s payload: %.80r", CHANNEL, p)
+            continue
+        if isinstance(ev, dict) and ev.get("type") and isinstance(ev.get("id"), int):
+            events.append(ev)
+    return events
+
+
+def queued_ids(events: Iterable[dict]) -> list[int]:
+    return sorted({e["id"] for e in events if e["type"] == "queued"})
+
+
+def frames_for(events: Iterable[dict], items: dict[int, dict], timestamp: int | None = None) -> list[dict]:
+    """Frames for a batch of events, in order. A `queued` job that no longer exists is left out."""
+    out = []
+    for e in events:
+        kind, job_id = e["type"], e["id"]
+        if kind == "queued":
+            if job_id in items:
+                out.append(frame("queued", {"item": items[job_id]}, timestamp))
+        elif kind == "claimed":
+            out.append(frame("claimed", {"itemId": job_id, "serverId": e.get("server_id"),
+                                         "worker": e.get("worker")}, timestamp))
+        elif kind == "completed":
+            out.append(frame("completed", {"itemId": job_id, "success": bool(e.get("success")),
+                                           "state": e.get("state")}, timestamp))
+        elif kind == "deleted":
+            out.append(frame("deleted", {"itemId": job_id}, timestamp))
+    return out
+
+
+def snapshot_data(conn: psycopg.Connection) -> dict:
+    return {"items": inspection.queue_items(conn), "stats": {**inspection.monitor_stats(conn), "configVersion": None}}
+
+
+class Subscriber:
+    """One WebSocket client: frames go through a bounded queue to a writer thread."""
+
+    def __init__(self, send: Callable[[dict], None], *, max_pending: int = 1000, name: str = "ws"):
+        self._send = send
+        self._q: queue.Queue[dict | None] = queue.Queue(maxsize=max_pending)
+        self.dropped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"aibot-ws-writer-{name}", daemon=True)
+        self._thread.start()
+
+    def offer(self, f: dict) -> bool:
+        if self.dropped.is_set():
+            return False
+        try:
+            self._q.put_nowait(f)
+            return True
+        except queue.Full:
+            log.warning("dropping a WebSocket client that is %d frames behind", self._q.maxsize)
+            self.dropped.set()
+            return False
+
+    def _run(self) -> None:
+        while True:
+            f = self._q.get()
+            if f is None or self.dropped.is_set():
+                return
+            try:
+                self._send(f)
+            except OSError:
+                self.dropped.set()
+                return
+
+    def stop(self) -> None:
+        self.dropped.set()
+        try:
+            self._q.put_nowait(None)
+        except queue.Full:
+            pass
+
+
+class EventHub:
+    """LISTENs on aibot_events, broadcasts frames, and sends `stats` every `stats_interval` seconds."""
+
+    def __init__(self, database_url: str, database: db.Database, *, stats_interval: float = 3.0, poll: float = 0.25):
+        self._url = database_url
+        self._database = database
+        self.stats_interval = stats_interval
+        self.poll = poll
+        self._subs: set[Subscriber] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self.listening = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="aibot-events", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout)
+        with self._lock:
+            subs, self._subs = list(self._subs), set()
+        for s in subs:
+            s.stop()
+
+    def subscribe(self, sub: Subscriber) -> None:
+        with self._lock:
+            self._subs.add(sub)
+
+    def unsubscribe(self, sub: Subscriber) -> None:
+        with self._lock:
+            self._subs.discard(sub)
+        sub.stop()
+
+    @property
+    def subscriber_count(self) -> int:
+        with self._lock:
+            return len(self._subs)
+
+    def broadcast(self, f: dict) -> None:
+        with self._lock:
+            subs = list(self._subs)
+        for s in subs:
+            if not s.offer(f):
+                self.unsubscribe(s)
+
+    def broadcast_snapshot(self) -> None:
+        with self._database.transaction() as conn:
+            data = snapshot_data(conn)
+        self.broadcast(frame("snapshot", data))
+
+    def _run(self) -> None:
+        backoff = 0.5
+        missed = False
+        while not self._stop.is_set():
+            try:
+                with psycopg.connect(self._url, autocommit=True, application_name="aibot-serve-events") as conn:
+                    db.run(conn, "ops_listen")
+                    self.listening.set()
+                    backoff = 0.5
+                    if missed and self.subscriber_count:
+                        self.broadcast_snapshot()
+                    self._loop(conn)
+            except psycopg.Error as exc:
+                self.listening.clear()
+                missed = True
+                log.warning("event listener lost its database connection (%s); retrying in %.1fs",
+                            type(exc).__name__, backoff)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 10.0)
+            except Exception:
+                self.listening.clear()
+                missed = True
+                log.exception("event listener failed; retrying")
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 10.0)
+        self.listening.clear()
+
+    def _loop(self, conn: psycopg.Connection) -> None:
+        next_stats = time.monotonic() + self.stats_interval
+        while not self._stop.is_set():
+            payloads = [n.payload for n in conn.notifies(timeout=self.poll, stop_after=500)]
+            if payloads and self.subscriber_count:
+                events = parse_events(payloads)
+                ids = queued_ids(events)
+                items = {}
+                if ids:
+                    with self._database.transaction() as c:
+                        items = {row["id"]: row for row in inspection.queue_items_by_ids(c, ids)}
+                for f in frames_for(events, items):
+                    self.broadcast(f)
+            if time.monotonic() >= next_stats:
+                next_stats = time.monotonic() + self.stats_interval
+                if self.subscriber_count:
+                    with self._database.transaction() as c:
+                        stats = inspection.monitor_stats(c)
+                    self.broadcast(frame("stats", stats))

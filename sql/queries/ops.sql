@@ -1,0 +1,202 @@
+-- Operator queries: `aibot status/top/jobs/servers`, `aibot serve` (JSON, WebSocket, /metrics).
+-- Most read the views of migrations/0005_inspection.sql so psql users see the same numbers.
+
+-- ops_queue_depth --
+-- Jobs per (state, priority band), critical first
+SELECT state::text, band, jobs, runnable FROM queue_depth
+ORDER BY array_position(enum_range(NULL::job_state), state), priority_band_order(band);
+
+-- ops_queue_oldest --
+-- How long the oldest queued job has waited (one row, NULLs when the queue is empty)
+SELECT * FROM queue_oldest;
+
+-- ops_in_flight --
+-- Running jobs with worker, server, model and lease time left
+SELECT * FROM in_flight;
+
+-- ops_failed_jobs --
+-- The most recent dead and rejected jobs with their reasons
+SELECT id, state::text, entity_id, model, priority, attempts, max_attempts, server_faults, reason,
+       left(last_error, 300) AS last_error, source, source_message_id, created_at, finished_at, server
+FROM failed_jobs
+LIMIT %(limit)s;
+
+-- ops_server_health --
+-- Per server: health, backoff, draining, enabled, memory budget and accounted memory
+SELECT * FROM server_health;
+
+-- ops_slot_usage --
+-- Slots used/total per (server, model), with the model instance's state and size
+SELECT * FROM slot_usage;
+
+-- ops_throughput --
+-- Replies per minute and p50/p95 wait and end-to-end latency over the last 5 and 60 minutes
+SELECT * FROM throughput;
+
+-- ops_entity_counts --
+-- Jobs per entity and state
+SELECT * FROM entity_counts;
+
+-- ops_worker_status --
+-- Registered processes with their heartbeat age
+SELECT * FROM worker_status;
+
+-- ops_jobs_list --
+-- Newest jobs first, optionally of one state and/or one entity
+SELECT j.id, j.state::text, j.entity_id, j.model, j.priority, priority_band(j.priority) AS band,
+       j.attempts, j.max_attempts, j.worker_id, j.server_id, s.name AS server,
+       j.created_at, j.claimed_at, j.finished_at, j.available_at, j.reason, left(j.last_error, 300) AS last_error,
+       left(coalesce(j.payload->>'text', j.payload->>'message', ''), 200) AS message
+FROM jobs j
+LEFT JOIN servers s ON s.id = j.server_id
+WHERE (%(state)s::text IS NULL OR j.state = %(state)s::job_state)
+  AND (%(entity)s::text IS NULL OR j.entity_id = %(entity)s::text)
+ORDER BY j.id DESC
+LIMIT %(limit)s;
+
+-- ops_job_get --
+-- One job with everything an operator may want to read (payload and stored reply included)
+SELECT j.id, j.state::text, j.source, j.source_message_id, j.entity_id, j.model, j.priority,
+       priority_band(j.priority) AS band, j.rank, j.attempts, j.max_attempts, j.server_faults,
+       j.max_server_faults, j.available_at, j.created_at, j.message_at, j.claimed_at, j.worker_id,
+       j.lease_expires_at, j.server_id, s.name AS server, j.started_at, j.generated_at, j.delivered_at,
+       j.finished_at, j.reason, j.last_error, j.payload, j.reply
+FROM jobs j
+LEFT JOIN servers s ON s.id = j.server_id
+WHERE j.id = %(id)s;
+
+-- ops_requeue_job --
+-- Back to queued with a fresh attempt budget; raises for running/done/unknown jobs
+SELECT id, state::text FROM requeue_job(%(id)s);
+
+-- ops_discard_job --
+-- Cancels a job with a reason; raises for running/finished/unknown jobs
+SELECT id, state::text, reason FROM discard_job(%(id)s, %(reason)s);
+
+-- ops_cancel_all_queued --
+-- The dashboard's "clear all": cancels every queued job (running ones finish)
+UPDATE jobs
+   SET state = 'cancelled', reason = %(reason)s, finished_at = now()
+ WHERE state = 'queued'
+RETURNING id;
+
+-- ops_server_drain --
+-- Claims stop taking this server's slots; in-flight work finishes
+UPDATE servers SET draining = true, updated_at = now()
+ WHERE name = %(name)s
+RETURNING id, name, enabled, draining;
+
+-- ops_server_enable --
+-- Ends a drain and re-enables the server
+UPDATE servers SET draining = false, enabled = true, updated_at = now()
+ WHERE name = %(name)s
+RETURNING id, name, enabled, draining;
+
+-- ops_server_names --
+-- Known server names, to say which ones exist when an operator mistypes one
+SELECT name FROM servers ORDER BY name;
+
+-- ops_queue_items --
+-- The live queue (running and queued) in claim order, in the original monitor's item shape
+SELECT j.id, j.priority, j.entity_id AS entity, j.model, j.state::text,
+       left(coalesce(j.payload->>'text', j.payload->>'message', ''), 200) AS message,
+       j.payload->>'sender' AS sender,
+       j.worker_id AS "claimedBy", j.server_id AS "serverId", s.name AS server,
+       (extract(epoch FROM j.created_at) * 1000)::bigint AS timestamp,
+       (extract(epoch FROM j.claimed_at) * 1000)::bigint AS "claimedAt",
+       j.payload->>'routerReason' AS "routerReason",
+       j.attempts, priority_band(j.priority) AS band
+FROM jobs j
+LEFT JOIN servers s ON s.id = j.server_id
+WHERE j.state IN ('queued', 'running')
+ORDER BY (j.state = 'running') DESC, j.rank, j.id
+LIMIT %(limit)s;
+
+-- ops_queue_items_by_ids --
+-- Items for WebSocket `queued` frames (the NOTIFY payload carries ids only)
+SELECT j.id, j.priority, j.entity_id AS entity, j.model, j.state::text,
+       left(coalesce(j.payload->>'text', j.payload->>'message', ''), 200) AS message,
+       j.payload->>'sender' AS sender,
+       j.worker_id AS "claimedBy", j.server_id AS "serverId", s.name AS server,
+       (extract(epoch FROM j.created_at) * 1000)::bigint AS timestamp,
+       (extract(epoch FROM j.claimed_at) * 1000)::bigint AS "claimedAt",
+       j.payload->>'routerReason' AS "routerReason",
+       j.attempts, priority_band(j.priority) AS band
+FROM jobs j
+LEFT JOIN servers s ON s.id = j.server_id
+WHERE j.id = ANY(%(ids)s)
+ORDER BY j.id;
+
+-- ops_monitor_stats --
+-- The original monitor's stats (§3.3): counts, bands, waits in ms, throughput
+WITH live AS (
+    SELECT * FROM jobs WHERE state IN ('queued', 'running')
+)
+SELECT
+    (SELECT count(*) FROM live)                                   AS "totalItems",
+    (SELECT count(*) FROM live WHERE state = 'queued')            AS "unclaimedItems",
+    (SELECT count(*) FROM live WHERE state = 'running')           AS "claimedItems",
+    (SELECT json_build_object(
+        'critical',   count(*) FILTER (WHERE priority <= 10),
+        'high',       count(*) FILTER (WHERE priority BETWEEN 11 AND 30),
+        'medium',     count(*) FILTER (WHERE priority BETWEEN 31 AND 60),
+        'low',        count(*) FILTER (WHERE priority BETWEEN 61 AND 90),
+        'background', count(*) FILTER (WHERE priority > 90)) FROM live) AS "priorityBands",
+    (SELECT coalesce(avg(extract(epoch FROM claimed_at - created_at)) * 1000, 0)::bigint
+       FROM live WHERE state = 'running')                         AS "averageWaitTime",
+    (SELECT count(*) FROM jobs WHERE state IN ('done', 'skipped')
+        AND finished_at >= now() - interval '60 seconds')         AS throughput,
+    (SELECT coalesce(extract(epoch FROM now() - min(created_at)) * 1000, 0)::bigint FROM live) AS "oldestItemAge",
+    (SELECT count(*) FROM live WHERE state = 'running' AND lease_expires_at < now()) AS "staleClaims",
+    (SELECT count(*)::double precision / 60 FROM jobs WHERE state = 'done'
+        AND finished_at >= now() - interval '1 hour')             AS "throughputHour",
+    (SELECT (extract(epoch FROM max(finished_at)) * 1000)::bigint FROM jobs
+      WHERE state = 'done' AND finished_at >= now() - interval '1 day') AS "lastSuccess",
+    (SELECT coalesce(avg(extract(epoch FROM coalesce(claimed_at, started_at) - created_at)) * 1000, 0)::bigint
+       FROM jobs WHERE state IN ('done', 'skipped') AND finished_at >= now() - interval '1 hour') AS "avgWait";
+
+-- ops_health --
+-- Liveness for /health: proves the database answers, with the queue size
+SELECT count(*) AS queue_size FROM jobs WHERE state IN ('queued', 'running');
+
+-- ops_replies_per_minute --
+-- Replies posted in each of the last N minutes (oldest first, zero-filled), for the dashboard chart
+SELECT (extract(epoch FROM m.minute) * 1000)::bigint AS minute, count(j.id) AS replies
+FROM generate_series(date_trunc('minute', now()) - make_interval(mins => %(minutes)s - 1),
+                     date_trunc('minute', now()), interval '1 minute') AS m (minute)
+LEFT JOIN jobs j ON j.state = 'done'
+                AND j.finished_at >= m.minute AND j.finished_at < m.minute + interval '1 minute'
+GROUP BY m.minute
+ORDER BY m.minute;
+
+-- ops_job_durations --
+-- Summary of recent finished jobs for /metrics: run time (claim to finish) and end-to-end latency
+SELECT q.quantile,
+       percentile_cont(q.quantile) WITHIN GROUP (ORDER BY extract(epoch FROM j.finished_at - coalesce(j.claimed_at, j.created_at))) AS run_seconds,
+       percentile_cont(q.quantile) WITHIN GROUP (ORDER BY extract(epoch FROM j.finished_at - coalesce(j.message_at, j.created_at))) AS latency_seconds
+FROM (VALUES (0.5::double precision), (0.9), (0.99)) AS q (quantile)
+LEFT JOIN jobs j ON j.state IN ('done', 'skipped') AND j.finished_at >= now() - make_interval(mins => %(minutes)s)
+GROUP BY q.quantile
+ORDER BY q.quantile;
+
+-- ops_job_durations_totals --
+-- Count and sums for the /metrics summaries over the same window
+SELECT count(*) AS count,
+       coalesce(sum(extract(epoch FROM finished_at - coalesce(claimed_at, created_at))), 0)::double precision AS run_sum,
+       coalesce(sum(extract(epoch FROM finished_at - coalesce(message_at, created_at))), 0)::double precision AS latency_sum
+FROM jobs
+WHERE state IN ('done', 'skipped') AND finished_at >= now() - make_interval(mins => %(minutes)s);
+
+-- ops_model_loads --
+-- Load/unload counts per (server, model, action, outcome) for the /metrics counter
+SELECT s.name AS server, l.model, l.action,
+       CASE WHEN l.ok THEN 'ok' WHEN l.ok IS NULL THEN 'pending' ELSE 'failed' END AS outcome,
+       count(*) AS n
+FROM model_loads l
+JOIN servers s ON s.id = l.server_id
+GROUP BY s.name, l.model, l.action, 4
+ORDER BY 1, 2, 3, 4;
+
+-- ops_listen --
+-- Subscribes the serve process to the job events of 0005's triggers
+LISTEN aibot_events;
