@@ -156,7 +156,8 @@ def ensure_loaded(database, model: str, *, server: str | None = None,
             try:
                 result = _load_locked(conn, choice, model, size_bytes=_size_of(conn, model, size_bytes),
                                       backend_for=backend_for, worker_id=worker_id,
-                                      min_residency_s=min_residency_s, progress=progress, deadline=deadline)
+                                      min_residency_s=min_residency_s, progress=progress, deadline=deadline,
+                                      replica_ok=server is not None)
             finally:
                 db.run(conn, "cluster_unlock_model", {"server_id": choice.server_id, "model": model})
             if result is not None:
@@ -186,7 +187,8 @@ def _choose(conn: psycopg.Connection, model: str, server: str | None, size_bytes
 
 
 def _load_locked(conn: psycopg.Connection, choice: placement.Placement, model: str, *, size_bytes: int,
-                 backend_for, worker_id, min_residency_s, progress: Progress, deadline: float) -> LoadResult | None:
+                 backend_for, worker_id, min_residency_s, progress: Progress, deadline: float,
+                 replica_ok: bool = False) -> LoadResult | None:
     """Runs with the (server, model) lock held. Returns None when the decision must be made again.
 
     Victims are locked too (same single-flight key), so nobody mistakes their 'unloading' rows for
@@ -195,16 +197,27 @@ def _load_locked(conn: psycopg.Connection, choice: placement.Placement, model: s
     victim_locks: list[str] = []
     try:
         return _load_locked_inner(conn, choice, model, size_bytes, backend_for, worker_id, min_residency_s,
-                                  progress, deadline, victim_locks)
+                                  progress, deadline, victim_locks, replica_ok)
     finally:
         for victim in victim_locks:
             db.run(conn, "cluster_unlock_model", {"server_id": choice.server_id, "model": victim})
 
 
-def _decide(conn, sid, model, size_bytes, worker_id, min_residency_s, victim_locks):
+def _decide(conn, sid, model, size_bytes, worker_id, min_residency_s, victim_locks, replica_ok=False):
     """Step 1, in one transaction under the server row lock: re-check room, take the victims' slots,
-    reserve the memory ('loading' row). `_Retry` rolls it all back."""
+    reserve the memory ('loading' row). `_Retry` rolls it all back.
+
+    Placement decisions for one model are serialised cluster-wide (a transaction lock on the model):
+    otherwise two loaders that looked at the cluster at the same moment could each pick a different
+    server (the per-(server, model) lock does not stop that) and load two replicas for one demand.
+    An operator asking for a specific server (`replica_ok`) may add a replica on purpose.
+    """
     with conn.transaction():
+        db.run(conn, "cluster_lock_model_placement", {"model": model})
+        if not replica_ok and any(
+                r["server_id"] != sid and r["usable"] and r["state"] in ("loaded", "loading")
+                for r in db.all_rows(conn, "cluster_model_residency", {"model": model})):
+            raise _Retry  # placed elsewhere since we looked: go back, wait for it or use it
         srow = db.one(conn, "cluster_server_lock", {"server_id": sid})
         now = db.one(conn, "cluster_now")["now"]
         view = next(v for v in cluster.server_views(conn, now) if v.server_id == sid)
@@ -243,10 +256,11 @@ def _decide(conn, sid, model, size_bytes, worker_id, min_residency_s, victim_loc
 
 
 def _load_locked_inner(conn, choice, model, size_bytes, backend_for, worker_id, min_residency_s,
-                       progress: Progress, deadline, victim_locks) -> LoadResult | None:
+                       progress: Progress, deadline, victim_locks, replica_ok=False) -> LoadResult | None:
     sid = choice.server_id
     try:
-        srow, victims, load_id = _decide(conn, sid, model, size_bytes, worker_id, min_residency_s, victim_locks)
+        srow, victims, load_id = _decide(conn, sid, model, size_bytes, worker_id, min_residency_s, victim_locks,
+                                         replica_ok)
     except _Retry:
         return None
     if victims is None:

@@ -97,6 +97,55 @@ class BackendCache:
             self._clients.clear()
 
 
+class DemandLoader:
+    """Loads models that queued work needs and no usable server holds, off the actor threads.
+
+    An idle claim kicks it; at most one pass runs per process at a time and passes are at least
+    `min_interval` apart. The loader itself is single-flight cluster-wide (advisory lock per server and
+    model), so many workers kicking at once still cause one load per model.
+    """
+
+    def __init__(self, runtime: "Runtime", min_interval: float = 1.0) -> None:
+        self.runtime = runtime
+        self.min_interval = min_interval
+        self._lock = threading.Lock()
+        self._running = False
+        self._last = 0.0
+
+    def kick(self) -> None:
+        with self._lock:
+            if self._running or time.monotonic() - self._last < self.min_interval:
+                return
+            self._running = True
+            self._last = time.monotonic()
+        threading.Thread(target=self._pass, name="aibot-demand-loader", daemon=True).start()
+
+    def _pass(self) -> None:
+        from aibot import model_loader
+
+        try:
+            with self.runtime.database.transaction() as conn:
+                wanted = db.all_rows(conn, "cluster_unplaced_demand")
+            for row in wanted:
+                if self.runtime.stopping.is_set():
+                    return
+                with log.context(model=row["model"]):
+                    try:
+                        res = model_loader.ensure_loaded(self.runtime.database, row["model"], worker_id=self.runtime.worker_id)
+                    except model_loader.LoadError as exc:
+                        logger.warning("cannot load for %d queued job(s): %s", row["queued"], exc)
+                        continue
+                    if res.loaded_now:
+                        logger.info("loaded on %s for %d queued job(s) in %.1fs", res.server, row["queued"], res.seconds)
+                    with self.runtime.database.transaction() as conn:
+                        doorbell.ring(conn)
+        except Exception:
+            logger.exception("demand loading failed")
+        finally:
+            with self._lock:
+                self._running = False
+
+
 class Runtime:
     def __init__(self, settings: Settings | None = None, *, role: str = "worker") -> None:
         self.settings = settings or get_settings()
@@ -114,7 +163,7 @@ class Runtime:
         self._servers: dict[int, tuple[float, dict]] = {}
         self._servers_lock = threading.Lock()
         self._faulted: dict[int, float] = {}  # server id -> monotonic time of our last fault there
-        self._loader = None
+        self._loader = DemandLoader(self)
 
     # --- one actor invocation -------------------------------------------------------------------
 
@@ -283,8 +332,7 @@ class Runtime:
 
     def _on_idle(self) -> None:
         """Nothing claimable: if queued work waits for a model no server holds, start a load."""
-        if self._loader is not None:
-            self._loader.kick()
+        self._loader.kick()
 
     # --- process lifecycle ----------------------------------------------------------------------
 

@@ -367,3 +367,32 @@ def test_waiting_for_a_stuck_loader_times_out(conn, db_url):
         assert sim.model_stats("c")["load_requests"] == 0
     finally:
         sim.stop()
+
+
+def test_concurrent_callers_with_two_equal_servers_load_one_replica(conn, db_url):
+    """The (server, model) lock alone would let two callers pick two different servers."""
+    sims = {"mac1": start_sim(load_overhead_seconds=0.3), "mac2": start_sim(load_overhead_seconds=0.3)}
+    try:
+        setup_cluster(conn, sims)
+        n = 12
+        barrier = threading.Barrier(n)
+        results, errors = [], []
+
+        def caller(i):
+            barrier.wait()
+            try:
+                results.append(model_loader.ensure_loaded(db_url, "c", worker_id=f"w{i}"))
+            except Exception as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=caller, args=(i,)) for i in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert errors == []
+        assert sum(s.model_stats("c")["load_requests"] for s in sims.values()) == 1
+        assert len({r.server for r in results}) == 1
+    finally:
+        for s in sims.values():
+            s.stop()

@@ -206,6 +206,11 @@ SELECT pg_try_advisory_lock(%(server_id)s, hashtext(%(model)s)) AS locked;
 -- Waits (bounded by lock_timeout) for whoever loads (server, model) to finish
 SELECT pg_advisory_lock(%(server_id)s, hashtext(%(model)s));
 
+-- cluster_lock_model_placement --
+-- Serialises placement decisions for one model cluster-wide (to the end of the transaction), so two
+-- loaders cannot pick two different servers for the same demand
+SELECT pg_advisory_xact_lock(hashtextextended('aibot.place:' || %(model)s, 0));
+
 -- cluster_unlock_model --
 -- Releases the single-flight lock
 SELECT pg_advisory_unlock(%(server_id)s, hashtext(%(model)s)) AS unlocked;
