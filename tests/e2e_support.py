@@ -58,8 +58,9 @@ def entities(n: int = 6, **kw) -> list[dict]:
 @contextlib.contextmanager
 def deployment(db_url: str, tmp_path: Path, *, ents: list[dict] | None = None, speed: float = 0.02,
                parallel=(1, 4), preload=None, env: dict | None = None, sim_kwargs: dict | None = None,
-               memory_gb: float = 128) -> Iterator[Deployment]:
-    spec = seed_spec(speed=speed, parallel=parallel, preload=preload, memory_gb=memory_gb, **(sim_kwargs or {}))
+               memory_gb: float = 128, servers: int = 2) -> Iterator[Deployment]:
+    spec = seed_spec(speed=speed, parallel=parallel, preload=preload, memory_gb=memory_gb, servers=servers,
+                     **(sim_kwargs or {}))
     with SimCluster(spec) as sims, FakeChatServer() as chat:
         servers = [{"name": s.name, "url": s.url, "kind": "lmstudio", "enabled": True,
                     "capabilities": {"maxMemory": memory_gb}} for s in sims.servers]
