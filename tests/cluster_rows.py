@@ -23,3 +23,23 @@ def slots(conn, server_id: int, model: str, n: int = 1, *, parallel: int | None 
 
 def job(mid: str, model: str = "m1", priority: int = 50, **kw) -> jobs.NewJob:
     return jobs.NewJob(source="chat", source_message_id=mid, entity_id="e1", model=model, priority=priority, **kw)
+
+
+def register_sims(conn, sims: dict, memory_gb: float = 128) -> dict[str, dict]:
+    """Registers running simulators as servers (by name), refreshes what they hold and sizes the slots,
+    the way the scheduler would; returns the server rows by name."""
+    from aibot import cluster, db
+    from aibot.config import ServerConfig
+
+    cluster.sync_servers(conn, [ServerConfig.model_validate({"name": n, "url": s.url,
+                                                             "capabilities": {"maxMemory": memory_gb}})
+                                for n, s in sims.items()])
+    rows = {r["name"]: r for r in db.all_rows(conn, "cluster_servers")}
+    for r in rows.values():
+        backend = cluster.backend_for_row(r)
+        try:
+            assert cluster.refresh_server(conn, r, backend).ok
+        finally:
+            backend.close()
+    cluster.rebalance(conn, {})
+    return {r["name"]: r for r in db.all_rows(conn, "cluster_servers")}

@@ -8,10 +8,10 @@ from collections import Counter
 
 import pytest
 
-from aibot import cluster, db, jobs
-from aibot.config import ServerConfig
+from aibot import jobs
 from aibot.sim import GB, ModelSpec, SimConfig, SimServer
 from tests import dispatch_worker
+from tests.cluster_rows import register_sims
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -27,15 +27,7 @@ def test_in_flight_never_exceeds_slots_with_64_racing_claimers(conn, db_url):
                                  speed=1.0, ttft_seconds=0.002, per_token_seconds=0.001, reply_tokens=8)).start(),
     }
     try:
-        cluster.sync_servers(conn, [ServerConfig.model_validate({"name": n, "url": s.url, "capabilities": {"maxMemory": 64}})
-                                    for n, s in sims.items()])
-        for row in db.all_rows(conn, "cluster_servers"):
-            backend = cluster.backend_for_row(row)
-            try:
-                assert cluster.refresh_server(conn, row, backend).ok
-            finally:
-                backend.close()
-        cluster.rebalance(conn, {})
+        register_sims(conn, sims, memory_gb=64)
         slots = Counter((r["name"], r["model"]) for r in conn.execute(
             "SELECT s.name, sl.model FROM aibot.slots sl JOIN aibot.servers s ON s.id = sl.server_id"))
         assert slots == {("a", "m1"): 2, ("a", "m2"): 1, ("b", "m1"): 3}

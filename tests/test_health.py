@@ -15,6 +15,7 @@ from aibot.sim import SimServer
 from aibot.sim.catalog import ModelSpec
 from aibot.sim.config import SimConfig
 from aibot.sizing import GB
+from tests.cluster_rows import register_sims
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.timeout(120)
@@ -130,18 +131,7 @@ def two_sims():
 
 def test_outage_backs_off_one_server_claims_go_to_the_other_then_probe_recovers(conn, database, two_sims):
     sim1, sim2 = two_sims
-    cluster.sync_servers(conn, [
-        ServerConfig.model_validate({"name": "one", "url": sim1.url, "capabilities": {"maxMemory": 64}}),
-        ServerConfig.model_validate({"name": "two", "url": sim2.url, "capabilities": {"maxMemory": 64}}),
-    ])
-    rows = {r["name"]: r for r in db.all_rows(conn, "cluster_servers")}
-    for r in rows.values():
-        backend = cluster.backend_for_row(r)
-        try:
-            assert cluster.refresh_server(conn, r, backend).ok
-        finally:
-            backend.close()
-    cluster.rebalance(conn, {})
+    rows = register_sims(conn, {"one": sim1, "two": sim2}, memory_gb=64)
     one, two = rows["one"]["id"], rows["two"]["id"]
 
     sim1.begin_outage(mode="refuse")

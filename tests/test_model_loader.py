@@ -8,11 +8,11 @@ import pytest
 
 from aibot import cluster, db, jobs, model_loader
 from aibot.backends import ChatRequest, make_backend
-from aibot.config import ServerConfig
 from aibot.sim import SimServer
 from aibot.sim.catalog import ModelSpec
 from aibot.sim.config import SimConfig
 from aibot.sizing import GB, Budget, Instance, fits
+from tests.cluster_rows import register_sims
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.timeout(120)
@@ -29,19 +29,25 @@ def start_sim(**kw) -> SimServer:
     return SimServer(SimConfig(**base)).start()
 
 
-def setup_cluster(conn, sims: dict[str, SimServer], memory_gb: int = 128) -> dict[str, dict]:
-    cluster.sync_servers(conn, [ServerConfig.model_validate({"name": n, "url": s.url,
-                                                             "capabilities": {"maxMemory": memory_gb}})
-                                for n, s in sims.items()])
-    rows = {r["name"]: r for r in db.all_rows(conn, "cluster_servers")}
-    for r in rows.values():
-        backend = cluster.backend_for_row(r)
+setup_cluster = register_sims
+
+
+def start_callers(db_url: str, model: str, n: int):
+    """`n` threads calling ensure_loaded(model) at the same instant; join the threads, then read the lists."""
+    barrier = threading.Barrier(n)
+    results, errors = [], []
+
+    def caller(i):
+        barrier.wait()
         try:
-            assert cluster.refresh_server(conn, r, backend).ok
-        finally:
-            backend.close()
-    cluster.rebalance(conn, {})
-    return {r["name"]: r for r in db.all_rows(conn, "cluster_servers")}
+            results.append(model_loader.ensure_loaded(db_url, model, worker_id=f"w{i}"))
+        except Exception as exc:  # noqa: BLE001 - reported by the test
+            errors.append(exc)
+
+    threads = [threading.Thread(target=caller, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    return threads, results, errors
 
 
 def states(conn, server_id: int) -> dict[str, str]:
@@ -57,19 +63,7 @@ def test_twenty_concurrent_callers_cause_one_load_and_others_keep_serving(conn, 
     try:
         rows = setup_cluster(conn, {"mac": sim})
         n = 20
-        barrier = threading.Barrier(n)
-        results, errors = [], []
-
-        def caller(i):
-            barrier.wait()
-            try:
-                results.append(model_loader.ensure_loaded(db_url, "c", worker_id=f"w{i}"))
-            except Exception as exc:  # noqa: BLE001 - reported below
-                errors.append(exc)
-
-        threads = [threading.Thread(target=caller, args=(i,)) for i in range(n)]
-        for t in threads:
-            t.start()
+        threads, results, errors = start_callers(db_url, "c", n)
 
         # While "c" loads (1.5 s), model "a" keeps answering.
         wait_for(lambda: sim.model_stats("c")["loading_instances"] == 1, timeout=10, message="load started")
@@ -374,20 +368,7 @@ def test_concurrent_callers_with_two_equal_servers_load_one_replica(conn, db_url
     sims = {"mac1": start_sim(load_overhead_seconds=0.3), "mac2": start_sim(load_overhead_seconds=0.3)}
     try:
         setup_cluster(conn, sims)
-        n = 12
-        barrier = threading.Barrier(n)
-        results, errors = [], []
-
-        def caller(i):
-            barrier.wait()
-            try:
-                results.append(model_loader.ensure_loaded(db_url, "c", worker_id=f"w{i}"))
-            except Exception as exc:  # noqa: BLE001 - reported below
-                errors.append(exc)
-
-        threads = [threading.Thread(target=caller, args=(i,)) for i in range(n)]
-        for t in threads:
-            t.start()
+        threads, results, errors = start_callers(db_url, "c", 12)
         for t in threads:
             t.join(30)
         assert errors == []

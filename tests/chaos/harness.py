@@ -1,0 +1,483 @@
+"""A chaos run: real `aibot bot`/`aibot scheduler`/`dramatiq aibot.actors` processes, simulated LLM
+servers and the fake chat server, hurt on a seeded schedule while messages flow.
+
+Shape of a run (the short CI variant and `bench/chaos.py` share it; only the sizes differ):
+- two bots (one with the in-process scheduler) and a separate `aibot scheduler`: two of each;
+- two Dramatiq masters, "a" and "b", each with two worker processes; a supervisor loop restarts a
+  master that exited (as systemd's Restart=always would);
+- LLM servers answering 5xx, HTML error pages, malformed JSON, empty choices, truncated bodies and
+  answers slower than the worker's read timeout; the chat sink failing posts before and after storing;
+- on the schedule (`tests.chaos.schedule.make_schedule`): kill -9 of worker processes mid-generation
+  and of a whole master, SIGTERM of a master with work in flight, pg_terminate_backend of every
+  session, a PostgreSQL restart (local cluster only) and a server outage.
+Then the faults stop, the run waits until every job has ended, and `verdict` checks the promises.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import threading
+import time
+import traceback
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import psycopg
+
+from aibot import db
+from aibot.sim import SimCluster
+from aibot.sim.chat import FakeChatServer
+from aibot.sim.cluster import seed_spec
+from aibot.sim.faults import FaultConfig
+from aibot.stack import FAST_SCHEDULES, Proc, Stack, entity, write_config
+from tests.chaos.schedule import (KILL_MASTER, KILL_WORKER, MASTERS, RESTART_POSTGRES, SERVER_OUTAGE,
+                                  TERM_MASTER, TERMINATE_BACKENDS, Event, Observed, make_schedule, verdict)
+
+PG_CLUSTER = ("15", "main")
+
+
+def local_cluster_restartable(db_url: str) -> bool:
+    """Restarting PostgreSQL is only done to the machine's own cluster, never to a remote server or a
+    container the test did not start: the URL must point at 127.0.0.1:5432 and pg_ctlcluster must exist.
+    `AIBOT_CHAOS_PG_RESTART=0` opts out (other people's tests share that cluster)."""
+    if os.environ.get("AIBOT_CHAOS_PG_RESTART", "1").strip().lower() in ("0", "no", "false", "off"):
+        return False
+    parts = urlsplit(db_url)
+    if parts.hostname not in ("127.0.0.1", "localhost") or (parts.port or 5432) != 5432:
+        return False
+    return shutil.which("pg_ctlcluster") is not None and Path(f"/etc/postgresql/{PG_CLUSTER[0]}/{PG_CLUSTER[1]}").is_dir()
+
+
+@dataclass
+class ChaosConfig:
+    messages: int = 150
+    seed: int = 1
+    feed_seconds: float = 40.0          # messages are posted over this long; the schedule spans it
+    outage_seconds: float = 8.0
+    speed: float = 0.1                  # simulator time scale: ~3 s per cold load
+    per_token_seconds: float = 0.1      # with speed 0.1 and 110 tokens: ~1.1 s per reply, so kills land mid-generation
+    lease_seconds: int = 6
+    read_timeout: float = 1.5           # worker's backend read timeout; slow answers take longer
+    error_rate: float = 0.10            # HTTP 5xx
+    html_rate: float = 0.02
+    malformed_rate: float = 0.02
+    empty_choices_rate: float = 0.01
+    truncated_rate: float = 0.02
+    slow_rate: float = 0.02
+    post_failure_rate: float = 0.20    # chat sink answers 500 before storing
+    post_ack_loss_rate: float = 0.05   # ... and after storing (the reply is there, the ack is lost)
+    bad_message_rate: float = 0.04     # messages the bot must reject (unknown entity, huge text, bad ais)
+    worker_kills: int = 3
+    master_kills: int = 1
+    terms: int = 1
+    backend_kills: int = 1
+    pg_restart: bool | None = None      # None: when local_cluster_restartable()
+    quiesce_timeout: float = 150.0
+    threads: int = 4
+
+    @property
+    def lease_margin(self) -> float:
+        """How long past its lease a running job may be seen: the reclaim tick (1 s) plus a database
+        restart and a slow tick."""
+        return 10.0
+
+
+@dataclass
+class ChaosResult:
+    config: dict
+    schedule: list[dict]
+    events: list[dict]
+    counts: dict
+    violations: list[str]
+    faults: dict
+    chat: dict
+    loads: dict
+    peaks: list
+    max_lease_overdue: float
+    timings: dict
+    job_states: dict
+    errors: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        c = self.counts
+        lines = [
+            f"messages {c.get('messages', 0)}: answered once {c.get('answered_once', 0)}, "
+            f"rejected {c.get('rejected', 0)}, dead {c.get('dead', 0)}, skipped {c.get('skipped', 0)}; "
+            f"replies at chat {c.get('replies', 0)}",
+            f"job states: {self.job_states}",
+            f"faults injected at the LLM servers: {self.faults}",
+            f"chat: {self.chat}",
+            f"model loads: {self.loads}",
+            f"max lease overdue seen: {self.max_lease_overdue:.1f}s; timings: {self.timings}",
+        ]
+        lines += [f"event {e['at']:>6.1f}s {e['kind']} {e.get('target', '')}: {e.get('detail', '')}" for e in self.events]
+        lines += [f"VIOLATION: {v}" for v in self.violations] + [f"ERROR: {e}" for e in self.errors]
+        return "\n".join(lines)
+
+
+class Master:
+    """One `dramatiq aibot.actors` master under a name ("a"/"b"); each restart is a new generation with
+    its own worker name, so the jobs a dead generation held can be told apart from its successor's."""
+
+    def __init__(self, run: ChaosRun, name: str):
+        self.run, self.name = run, name
+        self.generation = 0
+        self.proc: Proc | None = None
+        self.expected_exit = threading.Event()
+        self.lock = threading.Lock()
+
+    @property
+    def worker_name(self) -> str:
+        return f"chaos-{self.name}{self.generation}"
+
+    def start(self) -> None:
+        with self.lock:
+            self.generation += 1
+            self.proc = self.run.stack.start_workers(
+                self.worker_name, processes=2, threads=self.run.cfg.threads, shutdown_timeout_ms=15_000)
+            self.expected_exit.clear()
+
+    def worker_pids(self) -> list[int]:
+        rows = self.run.query("SELECT pid FROM aibot.workers WHERE worker_id LIKE %s", (self.worker_name + ":%",))
+        return [r["pid"] for r in rows]
+
+    def running_jobs(self) -> list[dict]:
+        return self.run.query(
+            "SELECT id, worker_id, reply IS NOT NULL AS has_reply FROM aibot.jobs "
+            "WHERE state = 'running' AND worker_id LIKE %s", (self.worker_name + ":%",))
+
+
+class ChaosRun:
+    def __init__(self, db_url: str, workdir: Path, cfg: ChaosConfig | None = None, *, log=print):
+        self.db_url = db_url
+        self.workdir = Path(workdir)
+        self.cfg = cfg or ChaosConfig()
+        self.log = log
+        self.rng = random.Random(self.cfg.seed)
+        self.pg_restart = local_cluster_restartable(db_url) if self.cfg.pg_restart is None else self.cfg.pg_restart
+        self.events: list[dict] = []
+        self.errors: list[str] = []
+        self.posted: list[dict] = []
+        self.left_running_after_term: list[dict] = []
+        self.max_overdue = 0.0
+        self.peak_sessions = 0
+        self._stop = threading.Event()
+        self._t0 = 0.0
+
+    # --- database helpers (tolerate the database being away) ---------------------------------------
+
+    def query(self, sql: str, params=None, *, retry_for: float = 30.0) -> list[dict]:
+        deadline = time.monotonic() + retry_for
+        while True:
+            try:
+                with db.connect(self.db_url, autocommit=True, connect_timeout=3) as conn:
+                    return conn.execute(sql, params or ()).fetchall()
+            except psycopg.OperationalError:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.2)
+
+    def scalar(self, sql: str, params=None):
+        rows = self.query(sql, params)
+        return next(iter(rows[0].values())) if rows else None
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self._t0
+
+    def note(self, kind: str, target: str = "", **detail) -> None:
+        entry = {"at": round(self.elapsed(), 2), "kind": kind, "target": target, "detail": detail}
+        self.events.append(entry)
+        self.log(f"[chaos {entry['at']:6.1f}s] {kind} {target} {detail}")
+
+    # --- the run -------------------------------------------------------------------------------------
+
+    def run(self) -> ChaosResult:
+        cfg = self.cfg
+        spec = seed_spec(speed=cfg.speed, parallel=(1, 4), memory_gb=128, seed=cfg.seed,
+                         per_token_seconds=cfg.per_token_seconds)
+        timings: dict[str, float] = {}
+        started = time.monotonic()
+        with SimCluster(spec) as sims, FakeChatServer(seed=cfg.seed) as chat:
+            self.sims, self.chat = sims, chat
+            servers = [{"name": s.name, "url": s.url, "kind": "lmstudio", "enabled": True,
+                        "capabilities": {"maxMemory": 128}} for s in sims.servers]
+            ents = [entity(f"e{i}", f"sim/model-{i}", maxTokens=200) for i in range(1, 7)]
+            config_path = write_config(self.workdir / "config.json", servers=servers, entities=ents)
+            self.stack = Stack(self.db_url, config_path, workdir=self.workdir / "logs", env={
+                **FAST_SCHEDULES,
+                "AIBOT_CHAT_API_URL": chat.url,
+                "AIBOT_SINK": "chat",
+                "AIBOT_LEASE_SECONDS": str(cfg.lease_seconds),
+                "AIBOT_SHUTDOWN_TIMEOUT": "5",
+                "AIBOT_BACKEND_READ_TIMEOUT": str(cfg.read_timeout),
+                "AIBOT_INVOCATION_BUDGET_SECONDS": "10",
+                "AIBOT_WORKER_POOL": "6",
+            })
+            self.masters = {name: Master(self, name) for name in MASTERS}
+            schedule = make_schedule(cfg.seed, duration=cfg.feed_seconds, servers=[s.name for s in sims.servers],
+                                     outage_seconds=cfg.outage_seconds, worker_kills=cfg.worker_kills,
+                                     master_kills=cfg.master_kills, terms=cfg.terms,
+                                     backend_kills=cfg.backend_kills, pg_restarts=1 if self.pg_restart else 0)
+            try:
+                self._set_faults(on=True)
+                self.stack.start_bot("bot-1")
+                self.stack.start_bot("bot-2", args=("--no-scheduler",))
+                self.stack.start_scheduler("scheduler-2")
+                for m in self.masters.values():
+                    m.start()
+                self._t0 = time.monotonic()
+                threads = [threading.Thread(target=self._guard(self._feed), name="chaos-feed", daemon=True),
+                           threading.Thread(target=self._guard(self._monitor), name="chaos-monitor", daemon=True),
+                           threading.Thread(target=self._guard(self._supervise), name="chaos-supervisor", daemon=True)]
+                for t in threads:
+                    t.start()
+                self._play(schedule)
+                threads[0].join(cfg.feed_seconds + 60)
+                timings["chaos_s"] = round(self.elapsed(), 1)
+                self._set_faults(on=False)
+                self.note("faults_cleared")
+                self._wait_quiet()
+                timings["quiet_s"] = round(self.elapsed(), 1)
+                self._stop.set()
+                for t in threads[1:]:
+                    t.join(10)
+                result = self._collect(schedule, timings)
+            finally:
+                self._stop.set()
+                self.stack.stop(timeout=30)
+                self.stack_logs = self.stack.logs()
+        result.timings["total_s"] = round(time.monotonic() - started, 1)
+        result.errors.extend(self._leftover_processes())
+        return result
+
+    def _guard(self, fn):
+        def wrapped():
+            try:
+                fn()
+            except Exception:
+                self.errors.append(f"{fn.__name__}: {traceback.format_exc(limit=5)}")
+        return wrapped
+
+    def _set_faults(self, *, on: bool) -> None:
+        cfg = self.cfg
+        for s in self.sims.servers:
+            if on:
+                s.set_faults(FaultConfig(error_rate=cfg.error_rate, html_rate=cfg.html_rate,
+                                         malformed_rate=cfg.malformed_rate, empty_choices_rate=cfg.empty_choices_rate,
+                                         truncated_rate=cfg.truncated_rate, slow_rate=cfg.slow_rate,
+                                         slow_seconds=cfg.read_timeout + 1.5))
+            else:
+                s.clear_faults()
+        self.chat.set_faults(post_failure_rate=cfg.post_failure_rate if on else 0.0,
+                             post_ack_loss_rate=cfg.post_ack_loss_rate if on else 0.0)
+
+    # --- traffic -------------------------------------------------------------------------------------
+
+    def _feed(self) -> None:
+        """Posts the messages at a steady seeded pace; a few are bad input the bot must reject."""
+        cfg, rng = self.cfg, random.Random(self.cfg.seed + 7)
+        interval = cfg.feed_seconds / max(1, cfg.messages)
+        for i in range(cfg.messages):
+            due = self._t0 + i * interval
+            if self._stop.wait(max(0.0, due - time.monotonic())):
+                return
+            ent = f"e{rng.randrange(1, 7)}"
+            if rng.random() < cfg.bad_message_rate:
+                bad = rng.choice(("unknown_entity", "huge_text", "bad_ais"))
+                if bad == "unknown_entity":
+                    msg = self.chat.post_human(f"who is there {i}", entity="nobody-here")
+                elif bad == "huge_text":
+                    msg = self.chat.post_human("x" * 20_000, entity=ent)
+                else:
+                    msg = self.chat.post_human(f"hi {i}", entity=ent, ais="Name:999999999")
+                self.posted.append({"id": msg["id"], "expect": "reject", "bad": bad})
+                continue
+            # Hostile-looking but valid text, out-of-range priorities (ignored, still answered) and unicode.
+            text = rng.choice([f"hello {i}", f"'); DROP TABLE aibot.jobs; -- {i}", f"héllo wörld ✓ {i} 🤖",
+                               f"question {i}?"])
+            priority = rng.choice([0, 5, 50, 99, 500, -3, "7", None])
+            msg = self.chat.post_human(text, entity=ent, priority=priority, username=f"user{i % 17}")
+            self.posted.append({"id": msg["id"], "expect": "answer"})
+
+    # --- watching --------------------------------------------------------------------------------
+
+    def _monitor(self) -> None:
+        """Samples how far past its lease any running job is; the reclaim tick should keep this small."""
+        while not self._stop.wait(0.5):
+            try:
+                with db.connect(self.db_url, autocommit=True, connect_timeout=2) as conn:
+                    row = conn.execute(
+                        "SELECT coalesce(max(extract(epoch FROM now() - lease_expires_at)), 0)::float AS overdue "
+                        "FROM aibot.jobs WHERE state = 'running'").fetchone()
+                    sessions = conn.execute("SELECT count(*) AS n FROM pg_stat_activity "
+                                            "WHERE datname = current_database()").fetchone()["n"]
+                self.max_overdue = max(self.max_overdue, row["overdue"])
+                self.peak_sessions = max(self.peak_sessions, sessions)
+            except psycopg.OperationalError:
+                continue   # the database is restarting: that is the point
+
+    def _supervise(self) -> None:
+        """Restarts a master that exited on its own (a killed worker process takes its master down)."""
+        while not self._stop.wait(0.3):
+            for m in self.masters.values():
+                with m.lock:
+                    dead = m.proc is not None and not m.proc.alive() and not m.expected_exit.is_set()
+                    rc = m.proc.popen.returncode if dead else None
+                if dead:
+                    self.note("master_exited", m.name, generation=m.generation, returncode=rc, restarted=True)
+                    m.start()
+
+    # --- events ------------------------------------------------------------------------------------
+
+    def _play(self, schedule: list[Event]) -> None:
+        for ev in schedule:
+            wait = self._t0 + ev.at - time.monotonic()
+            if wait > 0 and self._stop.wait(wait):
+                return
+            try:
+                getattr(self, f"_do_{ev.kind}")(ev)
+            except Exception:
+                self.errors.append(f"event {ev}: {traceback.format_exc(limit=5)}")
+
+    def _wait_busy(self, m: Master, timeout: float = 4.0) -> list[dict]:
+        """Waits (briefly) for the master to hold jobs still generating, so a kill lands mid-generation."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            jobs = [j for j in m.running_jobs() if not j["has_reply"]]
+            if jobs:
+                return jobs
+            time.sleep(0.05)
+        return []
+
+    def _do_kill_worker(self, ev: Event) -> None:
+        m = self.masters[ev.target]
+        busy = self._wait_busy(m)
+        pids = sorted({int(j["worker_id"].rsplit(":", 1)[1]) for j in busy}) or m.worker_pids()
+        if not pids:
+            self.note(KILL_WORKER, m.name, skipped="no worker process registered")
+            return
+        pid = pids[0]
+        held = [j["id"] for j in busy if j["worker_id"].endswith(f":{pid}")]
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            self.note(KILL_WORKER, m.name, skipped=f"pid {pid} already gone")
+            return
+        self.note(KILL_WORKER, m.name, pid=pid, generation=m.generation, jobs_in_flight=held)
+
+    def _do_kill_master(self, ev: Event) -> None:
+        m = self.masters[ev.target]
+        busy = self._wait_busy(m)
+        with m.lock:
+            m.expected_exit.set()
+            proc = m.proc
+        proc.kill()   # SIGKILL to the whole process group: master and its workers at once
+        self.note(KILL_MASTER, m.name, pid=proc.pid, generation=m.generation, jobs_in_flight=len(busy))
+        m.start()
+
+    def _do_term_master(self, ev: Event) -> None:
+        m = self.masters[ev.target]
+        busy = self._wait_busy(m)
+        with m.lock:
+            m.expected_exit.set()
+            proc, name = m.proc, m.worker_name
+        outstanding = self.scalar("SELECT count(*) FROM dramatiq.queue WHERE state = 'consumed'")
+        t = time.monotonic()
+        proc.popen.send_signal(signal.SIGTERM)
+        try:
+            rc = proc.popen.wait(40)
+        except subprocess.TimeoutExpired:
+            rc = None
+            self.errors.append(f"master {name} did not exit within 40 s of SIGTERM")
+            proc.kill()
+        took = time.monotonic() - t
+        left = self.query("SELECT id, worker_id, state FROM aibot.jobs WHERE state = 'running' AND worker_id LIKE %s",
+                          (name + ":%",))
+        self.left_running_after_term.extend(left)
+        self.note(TERM_MASTER, m.name, generation=m.generation, jobs_in_flight=len(busy),
+                  consumed_doorbells=outstanding, returncode=rc, exit_seconds=round(took, 1),
+                  left_running=len(left))
+        m.start()
+
+    def _do_terminate_backends(self, ev: Event) -> None:
+        rows = self.query("SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) AS n FROM pg_stat_activity "
+                          "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+        self.note(TERMINATE_BACKENDS, "", terminated=rows[0]["n"])
+
+    def _do_restart_postgres(self, ev: Event) -> None:
+        t = time.monotonic()
+        proc = subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", *PG_CLUSTER, "restart"],
+                              capture_output=True, text=True, timeout=120)
+        if proc.returncode != 0:
+            self.errors.append(f"pg_ctlcluster restart failed: {proc.stderr.strip()}")
+        self.query("SELECT 1", retry_for=60)
+        self.note(RESTART_POSTGRES, "", seconds=round(time.monotonic() - t, 1), returncode=proc.returncode)
+
+    def _do_server_outage(self, ev: Event) -> None:
+        self.sims[ev.target].begin_outage(seconds=ev.seconds, mode="refuse")
+        self.note(SERVER_OUTAGE, ev.target, seconds=ev.seconds)
+
+    # --- the end -----------------------------------------------------------------------------------
+
+    def _wait_quiet(self) -> None:
+        """Until every posted message has a job and every job has ended (or the timeout)."""
+        deadline = time.monotonic() + self.cfg.quiesce_timeout
+        n = len(self.posted)
+        while time.monotonic() < deadline:
+            row = self.query("SELECT count(*) AS jobs, count(*) FILTER (WHERE state IN ('queued', 'running')) AS open "
+                             "FROM aibot.jobs")[0]
+            if row["jobs"] >= n and row["open"] == 0:
+                self.note("quiet", jobs=row["jobs"])
+                return
+            time.sleep(0.5)
+        states = self.query("SELECT state, count(*) FROM aibot.jobs GROUP BY 1")
+        self.errors.append(f"not quiet after {self.cfg.quiesce_timeout}s: {states}")
+
+    def _collect(self, schedule: list[Event], timings: dict) -> ChaosResult:
+        jobs = self.query("SELECT id, source_message_id, state, reason, last_error, attempts, server_faults "
+                          "FROM aibot.jobs")
+        loads = self.query("SELECT server_id, model, started_at, finished_at, ok, worker_id FROM aibot.model_loads "
+                           "WHERE action = 'load'")
+        peaks, instances, faults, queued_peaks = [], [], Counter(), {}
+        for server in self.sims.servers:
+            st = server.stats()
+            parallel = {mm.key: server.config.parallel_for(mm) for mm in server.config.models}
+            for model, ms in st["models"].items():
+                peaks.append((server.name, model, ms["peak_in_flight"], parallel[model]))
+                instances.append((server.name, model, ms["loaded_instances"]))
+                queued_peaks[f"{server.name}/{model}"] = ms["peak_queued"]
+            faults.update(server.faults.injected)
+        obs = Observed(messages=self.posted, replies_by_reply_to=self.chat.replies_by_reply_to(), jobs=jobs,
+                       max_lease_overdue=self.max_overdue, lease_margin=self.cfg.lease_margin, peaks=peaks,
+                       loaded_instances=instances, loads=loads, left_running_after_term=self.left_running_after_term)
+        counts, violations = verdict(obs, datetime.now(timezone.utc))
+        chat_stats = self.chat.stats()
+        return ChaosResult(
+            config={**asdict(self.cfg), "pg_restart": self.pg_restart},
+            schedule=[e.to_dict() for e in schedule], events=self.events, counts=counts, violations=violations,
+            faults=dict(faults), chat={k: chat_stats[k] for k in ("posts", "stored", "duplicates", "faults", "ack_lost")},
+            loads={"ok": sum(1 for r in loads if r["ok"]), "failed": sum(1 for r in loads if r["ok"] is False),
+                   "unfinished": sum(1 for r in loads if r["ok"] is None)},
+            peaks=[list(p) for p in peaks] + [["peak_queued", queued_peaks]],
+            max_lease_overdue=round(self.max_overdue, 2), timings={**timings, "peak_db_sessions": self.peak_sessions},
+            job_states=dict(Counter(j["state"] for j in jobs)), errors=list(self.errors),
+        )
+
+    def _leftover_processes(self) -> list[str]:
+        return [f"{p.name} (pid {p.pid}) still alive after stop" for p in self.stack.procs if p.alive()]
+
+
+def write_result(result: ChaosResult, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result.to_dict(), indent=2, default=str) + "\n")
