@@ -1,0 +1,1 @@
+"""`aibot demo`: the product doing its job on one machine, with a report (docs/demo.md)."""
