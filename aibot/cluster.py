@@ -32,6 +32,9 @@ LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", "0.0.0.0"}
 # Servers from config
 # ---------------------------------------------------------------------------------------------------
 
+MAX_PARALLEL_LOADS = 4   # model loads one scheduler tick or worker starts at once
+
+
 def is_local_url(url: str) -> bool:
     """Whether the server runs on this machine, so psutil's RAM is its RAM."""
     host = (urlsplit(url).hostname or "").lower()
@@ -267,7 +270,8 @@ def server_views(conn: psycopg.Connection, now) -> list[ServerView]:
             r["model"], int(r["size_bytes"]), int(r["parallel"]), r["state"], int(r["held"]),
             r["loaded_at"], r["last_used_at"]))
     return [ServerView(s["id"], s["name"], Budget.from_row(s), tuple(residents.get(s["id"], ())),
-                       can_load=usable(s, now) and s["kind"] != "openai")
+                       can_load=usable(s, now) and s["kind"] != "openai",
+                       default_parallel=int(s.get("default_parallel") or 1))
             for s in servers]
 
 
@@ -421,22 +425,45 @@ def refresh_all(database: db.Database, backend_for: Callable[[Mapping[str, Any]]
     return "; ".join(parts)
 
 
-def rebalance_and_load(database: db.Database,
-                       backend_for: Callable[[Mapping[str, Any]], Backend] = backend_for_row) -> str | None:
-    """Resizes slots, then loads models that queued work needs and no usable server holds."""
+def load_for_demand(database: db.Database, *, worker_id: str,
+                    backend_for: Callable[[Mapping[str, Any]], Backend] = backend_for_row) -> tuple[list[str], list[str]]:
+    """Loads every model that queued work needs and no usable server holds, several at once.
+
+    Loads go in parallel (a cold start of six 15 GB models should not take six load times); the loader
+    stays single-flight per model cluster-wide and checks memory under each server's row lock, so
+    parallel loads can neither duplicate a model nor overcommit a server. The most-wanted models go
+    first, so they get the servers with the most capacity.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
     from aibot import model_loader
 
     with database.transaction() as conn:
-        deltas = rebalance(conn)
         wanted = db.all_rows(conn, "cluster_unplaced_demand")
-    loaded, failed = [], []
-    for w in wanted:
+    if not wanted:
+        return [], []
+
+    def load(w):
         try:
-            res = model_loader.ensure_loaded(database, w["model"], backend_for=backend_for, worker_id="scheduler")
-            loaded.append(f"{w['model']}@{res.server}")
+            res = model_loader.ensure_loaded(database, w["model"], backend_for=backend_for, worker_id=worker_id)
+            return f"{w['model']}@{res.server}", None
         except model_loader.LoadError as exc:
-            failed.append(f"{w['model']} ({exc})")
             logger.warning("cannot load %s for %d queued job(s): %s", w["model"], w["queued"], exc)
+            return None, f"{w['model']} ({exc})"
+
+    loaded, failed = [], []
+    with ThreadPoolExecutor(max_workers=min(len(wanted), MAX_PARALLEL_LOADS), thread_name_prefix="aibot-load") as pool:
+        for ok, err in pool.map(load, wanted):
+            (loaded if ok else failed).append(ok or err)
+    return loaded, failed
+
+
+def rebalance_and_load(database: db.Database,
+                       backend_for: Callable[[Mapping[str, Any]], Backend] = backend_for_row) -> str | None:
+    """Resizes slots, then loads models that queued work needs and no usable server holds."""
+    with database.transaction() as conn:
+        deltas = rebalance(conn)
+    loaded, failed = load_for_demand(database, worker_id="scheduler", backend_for=backend_for)
     if not (deltas or loaded or failed):
         return None
     parts = [f"{len(deltas)} slot pair(s) resized"]

@@ -156,6 +156,15 @@ class ServerView:
     budget: Budget
     residents: tuple[Resident, ...] = ()
     can_load: bool = True             # enabled, not draining, healthy, and its API can load models
+    default_parallel: int = 1         # what a new instance is assumed to serve when nothing says more
+
+    @property
+    def expected_parallel(self) -> int:
+        """Parallel slots a newly loaded model will likely get here: servers load models with one
+        setting (LM Studio's "Max Concurrent Predictions", llama.cpp's --parallel), so the residents
+        tell us; with none loaded yet, the configured default."""
+        loaded = [r.parallel for r in self.residents if r.state == "loaded"]
+        return max(loaded) if loaded else max(1, self.default_parallel)
 
     def holds(self, model: str) -> Resident | None:
         return next((r for r in self.residents if r.model == model), None)
@@ -233,11 +242,22 @@ def room_for(server: ServerView, size_bytes: int, *, now: datetime,
         evict.append(victims.pop(0).model)
 
 
+def slots_gained(server: ServerView, size_bytes: int, evict: Iterable[str]) -> int:
+    """How many slots the server's sizing gains if `evict` go and the model arrives (at the server's
+    expected parallel): the capacity this placement buys."""
+    gone = set(evict)
+    before = [r.instance() for r in server.residents]
+    after = [r.instance() for r in server.residents if r.model not in gone]
+    after.append(Instance("(new)", size_bytes, server.expected_parallel, "loaded"))
+    return server_slots(server.budget, after).slots - server_slots(server.budget, before).slots
+
+
 def choose_server(servers: Iterable[ServerView], model: str, size_bytes: int, *, now: datetime,
                   min_residency_s: float = DEFAULT_MIN_RESIDENCY_SECONDS,
                   demand: Mapping[str, int] | None = None) -> Placement | Refusal:
-    """The server to load `model` on: one with room and the most free memory; else the one needing
-    the fewest evictions of idle models. Unknown-RAM servers rank below any server with known room.
+    """The server to load `model` on: fewest evictions of idle models first, then the most slots
+    gained (a parallel-4 server serves a hot model four times as fast as a parallel-1 one), then the
+    most free memory. Unknown-RAM servers rank below any server with known room.
     """
     fitting: list[tuple[tuple, Placement]] = []
     refusal = Refusal()
@@ -253,7 +273,7 @@ def choose_server(servers: Iterable[ServerView], model: str, size_bytes: int, *,
             refusal.reasons[server.name] = "not enough memory even after evicting idle models"
             continue
         free = _free_after(server, size_bytes, evict)
-        rank = (len(evict), free is None, -(free or 0), server.name)
+        rank = (len(evict), -slots_gained(server, size_bytes, evict), free is None, -(free or 0), server.name)
         fitting.append((rank, Placement(server.server_id, server.name, evict, free)))
     if not fitting:
         return refusal

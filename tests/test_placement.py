@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aibot.placement import (
+    slots_gained,
     ModelShare,
     Placement,
     Refusal,
@@ -221,3 +222,29 @@ def test_property_server_rows_never_exceed_total_unless_held(total, targets, cou
     assert rows_after <= max(total, rows_before)       # never grows past the total
     if any(c.add for c in changes.values()):
         assert rows_after <= total                     # rows are added only into real room
+
+
+def test_placement_prefers_the_server_where_the_model_gets_more_slots():
+    budget = Budget(memory_bytes=128 * GB)
+    serial = ServerView(1, "serial", budget, (res("a", 15, parallel=1),))
+    batched = ServerView(2, "batched", budget, (res("b", 15, parallel=4), res("c", 15, parallel=4)))
+    assert (serial.expected_parallel, batched.expected_parallel) == (1, 4)
+    # `serial` has more free memory, but the model would get 4 slots on `batched` and 1 on `serial`.
+    choice = choose_server([serial, batched], "new", 15 * GB, now=NOW)
+    assert choice.name == "batched"
+    assert slots_gained(batched, 15 * GB, ()) == 4 and slots_gained(serial, 15 * GB, ()) == 1
+
+
+def test_a_full_server_gains_nothing_so_the_model_goes_elsewhere():
+    budget = Budget(memory_bytes=128 * GB, hard_cap=12)
+    full = ServerView(1, "full", budget, tuple(res(m, 15, parallel=4) for m in "abc"))   # 12 slots: at the cap
+    other = ServerView(2, "other", budget, (res("d", 15, parallel=1),))
+    assert slots_gained(full, 15 * GB, ()) == 0
+    assert choose_server([full, other], "new", 15 * GB, now=NOW).name == "other"
+
+
+def test_empty_servers_fall_back_to_their_configured_parallel():
+    budget = Budget(memory_bytes=128 * GB)
+    one = ServerView(1, "one", budget, default_parallel=1)
+    four = ServerView(2, "four", budget, default_parallel=4)
+    assert choose_server([one, four], "new", 15 * GB, now=NOW).name == "four"

@@ -134,7 +134,7 @@ WHERE j.state = 'queued' AND j.model IS NOT NULL AND j.available_at <= now() AND
         AND s.enabled AND NOT s.draining AND s.health <> 'down'
         AND (s.backoff_until IS NULL OR s.backoff_until <= now()))
 GROUP BY j.model
-ORDER BY min(j.rank);
+ORDER BY count(*) DESC, min(j.rank);
 
 -- cluster_rebalance_lock --
 -- One rebalancer per server at a time (scheduler and loaders may both rebalance)
