@@ -22,13 +22,39 @@ from types import SimpleNamespace
 
 from aibot import db, doorbell, health, jobs, log, postprocess, prompt
 from aibot.backends.base import Backend, BackendError, ModelNotLoaded
-from aibot.backends.factory import make_backend
+from aibot.backends.factory import Timeouts, make_backend
 from aibot.bot import ratelimit
 from aibot.config import ConfigStore
 from aibot.settings import Settings, get_settings, server_token
 from aibot.sinks import SinkError, make_sink
 
 logger = logging.getLogger("aibot.worker")
+
+#: Backend timeouts a deployment (or a chaos test) may override: AIBOT_BACKEND_<FIELD>_TIMEOUT seconds.
+TIMEOUT_ENV = {name: f"AIBOT_BACKEND_{name.upper()}_TIMEOUT" for name in ("connect", "read", "write", "total", "load")}
+
+
+def timeouts_from_env(environ) -> Timeouts | None:
+    """The worker's backend timeouts from the environment, or None for the backends' defaults.
+
+    The default read timeout (120 s) suits a real cold model load; a chaos run or a cluster of fast
+    servers wants a hung server to cost seconds, so the worker lets the environment lower it.
+    Errors name the variable.
+    """
+    values = {}
+    for name, var in TIMEOUT_ENV.items():
+        raw = environ.get(var)
+        if raw is None or not raw.strip():
+            continue
+        try:
+            values[name] = float(raw)
+        except ValueError:
+            raise ValueError(f"{var}: expected a number of seconds, got {raw!r}") from None
+        if not values[name] > 0:
+            raise ValueError(f"{var}: must be a positive number of seconds, got {raw!r}")
+    if not values:
+        return None
+    return Timeouts(**values)
 
 
 @dataclass
@@ -129,7 +155,7 @@ class DemandLoader:
             for row in wanted:
                 if self.runtime.stopping.is_set():
                     return
-                with log.context(model=row["model"]):
+                with log.context(worker=self.runtime.worker_id, model=row["model"]):
                     try:
                         res = model_loader.ensure_loaded(self.runtime.database, row["model"], worker_id=self.runtime.worker_id)
                     except model_loader.LoadError as exc:
@@ -155,7 +181,7 @@ class Runtime:
         self.database = db.Database(self.settings.database_url, max_size=int(os.environ.get("AIBOT_WORKER_POOL", "16")))
         self.config = ConfigStore(self.settings.config_path)
         self.sink = make_sink(self.settings)
-        self.backends = BackendCache()
+        self.backends = BackendCache(timeouts_from_env(os.environ))
         self.inflight = InFlightRegistry()
         self.stopping = threading.Event()
         self.lease_seconds = float(self.settings.lease_seconds)
@@ -194,7 +220,7 @@ class Runtime:
         server = self._server(claim.server_id) if claim.server_id is not None else None
         item = self.inflight.add(claim.job_id, claim.token)
         try:
-            with log.context(job=claim.job_id, entity=claim.entity_id, model=claim.model,
+            with log.context(worker=self.worker_id, job=claim.job_id, entity=claim.entity_id, model=claim.model,
                              server=server["name"] if server else None):
                 self._process(claim, server)
         except Exception:

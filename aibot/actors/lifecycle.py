@@ -56,6 +56,7 @@ class Lifecycle(dramatiq.Middleware):
         logger.info("worker ready (lease %.0fs, invocation budget %.0fs)", rt.lease_seconds, rt.budget_seconds)
 
     def _beat(self, rt) -> None:
+        log.bind(worker=rt.worker_id)   # a new thread starts with an empty log context
         interval = max(0.5, rt.lease_seconds / 3)
         while not self._stop_heartbeat.wait(interval):
             try:

@@ -145,9 +145,14 @@ class LMStudioBackend(OpenAICompatBackend):
         its default (4); the instance's real value is read back from the listing. Before 0.4 there is
         no REST load, so a one-token chat completion makes LM Studio JIT-load the model.
         """
-        level, _ = self._models()
+        level, models = self._models()
         if level != "v1":
             return self._jit_load(model)
+        # The REST load of a model that is already loaded adds a second instance (`model:2`). A loader
+        # killed mid-load leaves the server finishing that load, so the next one must adopt it.
+        for m in self._loaded_v1(models):
+            if m.key == model:
+                return m
         body: dict[str, Any] = {"model": model, "echo_load_config": True}
         if context_length is not None:
             body["context_length"] = context_length

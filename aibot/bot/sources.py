@@ -158,14 +158,17 @@ class ChatSource:
         fresh, new_ts, ids = plan_chat_page(items, ts, seen)
         full = len(items) >= self.limit
         more = full and bool(fresh)
-        if full and not fresh:
-            # A whole page of already-read messages sharing one timestamp: widen the page or we stall.
+        # A full page that cannot move the cursor (already-read messages sharing one timestamp, or items
+        # with no usable timestamp) would be fetched again and again: widen the page or we stall.
+        if full and (not fresh or (new_ts, ids) == (ts, seen)):
             if self.limit < self.MAX_LIMIT:
                 self.limit = min(self.limit * 2, self.MAX_LIMIT)
                 more = True
-                log.warning("chat page full of already-read messages at ts=%d; limit raised to %d", ts, self.limit)
+                log.warning("chat page at ts=%d cannot move the cursor; limit raised to %d", ts, self.limit)
             else:
-                log.error("chat: more than %d messages share ts=%d; cannot page past them", self.limit, ts)
+                more = False
+                log.error("chat: more than %d messages at ts=%d cannot move the cursor; cannot page past them",
+                          self.limit, ts)
         elif fresh:
             self.limit = self.base_limit
         changed = position is None or (new_ts, ids) != (ts, seen)

