@@ -15,6 +15,7 @@ during HTTP; other models keep serving meanwhile.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -34,6 +35,12 @@ DEFAULT_WAIT_SECONDS = 600.0         # cold loads of big models take minutes
 _MAX_PLACEMENT_TRIES = 5
 
 Progress = Callable[..., None]
+
+
+# A loader whose database session died may still have its HTTP load running at the server; the next
+# loader watches the server this long (from the orphaned load's start) before loading again.
+ORPHAN_GRACE_SECONDS = float(os.environ.get("AIBOT_ORPHAN_LOAD_GRACE_SECONDS", "300"))
+ORPHAN_POLL_SECONDS = 0.25
 
 
 class LoadError(RuntimeError):
@@ -90,11 +97,18 @@ def _acquire(conn: psycopg.Connection, server_id: int, model: str, deadline: flo
         db.run(conn, "cluster_reset_lock_timeout")
 
 
-def _wait_for_loader(conn: psycopg.Connection, server_id: int, model: str, deadline: float) -> None:
+def _wait_for_loader(conn: psycopg.Connection, server_id: int, model: str, deadline: float,
+                     backend_for: Callable[[Mapping[str, Any]], Backend] = cluster.backend_for_row) -> None:
     """Blocks until whoever holds (server, model) is done; cleans up after a loader that died."""
     _acquire(conn, server_id, model, deadline)
     try:
-        # We hold the lock now: a row still 'loading' belongs to a loader that went away.
+        # We hold the lock now: a row still 'loading' belongs to a loader that went away. Its HTTP load
+        # may still be running at the server (only its database session died), so give the server the
+        # chance to finish it before concluding it failed; loading again would load a duplicate.
+        stale = [r for r in db.all_rows(conn, "cluster_model_residency", {"model": model})
+                 if r["server_id"] == server_id and r["state"] == "loading"]
+        if stale and _adopt_orphan_load(conn, server_id, model, backend_for, deadline):
+            return
         with conn.transaction():
             for r in db.all_rows(conn, "cluster_model_residency", {"model": model}):
                 if r["server_id"] != server_id or r["state"] not in ("loading", "unloading"):
@@ -109,6 +123,39 @@ def _wait_for_loader(conn: psycopg.Connection, server_id: int, model: str, deadl
                                model, server_id, r["state"])
     finally:
         db.run(conn, "cluster_unlock_model", {"server_id": server_id, "model": model})
+
+
+def _adopt_orphan_load(conn: psycopg.Connection, server_id: int, model: str, backend_for, deadline: float) -> bool:
+    """Watches the server for up to ORPHAN_GRACE_SECONDS after the orphaned load began; if the model
+    shows up, records it as loaded (and the orphaned history row as done) and returns True."""
+    row = db.one(conn, "cluster_orphan_load", {"server_id": server_id, "model": model})
+    if row is None:
+        return False
+    until = min(deadline, time.monotonic() + max(0.0, ORPHAN_GRACE_SECONDS - float(row["age_seconds"])))
+    backend = backend_for(row)
+    try:
+        while True:
+            try:
+                listed = {m.key: m for m in backend.list_loaded()}
+            except BackendError as exc:
+                logger.warning("cannot list %s while waiting for an orphaned load of %s: %s", row["name"], model, exc)
+                listed = {}
+            found = listed.get(model)
+            if found is not None and found.state == "loaded":
+                with conn.transaction():
+                    db.run(conn, "cluster_upsert_instance", {
+                        "server_id": server_id, "model": model, "state": "loaded",
+                        "size_bytes": found.size_bytes, "parallel": max(1, found.parallel or 1),
+                        "context_length": found.context_length})
+                    db.run(conn, "cluster_orphan_load_done", {"server_id": server_id, "model": model})
+                    cluster.rebalance(conn, server_id=server_id)
+                logger.info("adopted %s on %s: a loader went away but the server finished its load", model, row["name"])
+                return True
+            if time.monotonic() >= until:
+                return False
+            time.sleep(ORPHAN_POLL_SECONDS)
+    finally:
+        backend.close()
 
 
 def _size_of(conn: psycopg.Connection, model: str, size_bytes: int | None) -> int:
@@ -143,7 +190,7 @@ def ensure_loaded(database, model: str, *, server: str | None = None,
             pending = [r for r in where if r["state"] in ("loading", "unloading")]
             if pending:
                 progress("waiting", server=pending[0]["name"], model=model, state=pending[0]["state"])
-                _wait_for_loader(conn, pending[0]["server_id"], model, deadline)
+                _wait_for_loader(conn, pending[0]["server_id"], model, deadline, backend_for)
                 continue
             try:
                 choice = _choose(conn, model, server, size_bytes, min_residency_s)
@@ -151,7 +198,7 @@ def ensure_loaded(database, model: str, *, server: str | None = None,
                 continue
             if not db.one(conn, "cluster_try_lock_model", {"server_id": choice.server_id, "model": model})["locked"]:
                 progress("waiting", server=choice.name, model=model, state="locked")
-                _wait_for_loader(conn, choice.server_id, model, deadline)
+                _wait_for_loader(conn, choice.server_id, model, deadline, backend_for)
                 continue
             try:
                 result = _load_locked(conn, choice, model, size_bytes=_size_of(conn, model, size_bytes),

@@ -256,6 +256,17 @@ RETURNING id;
 -- Outcome of a load/unload
 UPDATE model_loads SET finished_at = now(), ok = %(ok)s, error = %(error)s WHERE id = %(id)s;
 
+-- cluster_orphan_load --
+-- A 'loading' row whose loader went away: the server to ask, and how long ago that load began
+SELECT s.*, extract(epoch FROM now() - mi.loaded_at) AS age_seconds
+FROM model_instances mi JOIN servers s ON s.id = mi.server_id
+WHERE mi.server_id = %(server_id)s AND mi.model = %(model)s AND mi.state = 'loading';
+
+-- cluster_orphan_load_done --
+-- The orphaned load finished at the server after all: close its history row as a success
+UPDATE model_loads SET finished_at = now(), ok = true, error = 'finished after its loader went away'
+WHERE server_id = %(server_id)s AND model = %(model)s AND action = 'load' AND finished_at IS NULL;
+
 -- cluster_load_abandon --
 -- Loads left open by a loader that died (we now hold their lock): close them as failed
 UPDATE model_loads SET finished_at = now(), ok = false, error = 'abandoned: the loader went away'

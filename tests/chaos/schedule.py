@@ -92,7 +92,7 @@ class Observed:
     left_running_after_term: list[dict] = field(default_factory=list)  # jobs a SIGTERMed master left running
 
 
-#: Violations of the single-flight loading promise start with this; see `known_bug_only`.
+#: Violations of the single-flight loading promise start with this.
 LOAD = "load: "
 
 
@@ -170,10 +170,3 @@ def verdict(obs: Observed) -> tuple[dict[str, int], list[str]]:
     counts["messages"] = len(posted)
     counts["replies"] = sum(int(n) for n in obs.replies_by_reply_to.values())
     return dict(counts), violations
-
-
-def known_bug_only(violations: Sequence[str]) -> bool:
-    """True when every violation is the known single-flight loading bug (a loader's HTTP load outlives
-    its advisory lock; tests/chaos/test_loader_lock_loss.py). The chaos test then xfails, loudly,
-    instead of failing; any other broken promise still fails it."""
-    return bool(violations) and all(v.startswith(LOAD) for v in violations)

@@ -4,6 +4,7 @@ Found by the chaos suite: a PostgreSQL restart or pg_terminate_backend ends the 
 the (server, model) advisory lock, but the loader's HTTP load goes on. The next caller gets the
 lock, takes the 'loading' row for debris of a dead loader, and loads the model again: LM Studio adds
 a second instance (`model:2`), doubling the memory and the parallel slots the cluster believes in.
+The fix: the next loader watches the server for the orphaned load to finish before loading again.
 """
 
 from __future__ import annotations
@@ -31,8 +32,6 @@ def _terminate_lock_holders(conn) -> int:
     return sum(1 for r in rows if r["ok"])
 
 
-@pytest.mark.xfail(strict=True, reason="model_loader: the advisory lock dies with its connection while the "
-                                       "HTTP load goes on; the next loader loads a duplicate (docs/reliability.md)")
 def test_losing_the_lock_connection_mid_load_does_not_load_twice(conn, db_url):
     sim = SimServer(SimConfig(api="lmstudio", models=[ModelSpec("m", 15 * GB, parallel=2)], speed=1.0,
                               seconds_per_gb=0.0, load_overhead_seconds=2.0, load_duplicates=True)).start()
