@@ -94,16 +94,21 @@ def sync_servers(conn: psycopg.Connection, servers: Iterable[Any]) -> SyncResult
     return result
 
 
-def backend_for_row(row: Mapping[str, Any]) -> Backend:
-    """The backend for a `servers` row; its token comes from the variable named in `token_env`."""
+def backend_for_row(row: Mapping[str, Any], timeouts=None) -> Backend:
+    """The backend for a `servers` row; its token comes from the variable named in `token_env` (or the
+    file named by `<token_env>_FILE`)."""
+    from types import SimpleNamespace
+
     from aibot.backends import make_backend
+    from aibot.settings import server_token
 
     token = None
     if row.get("token_env"):
-        token = os.environ.get(row["token_env"])
+        token = server_token(SimpleNamespace(token_env=row["token_env"]))
         if not token:
             raise ValueError(f"server {row['name']!r}: token_env {row['token_env']!r} is not set in the environment")
-    return make_backend(row["kind"], row["url"], token=token, default_parallel=row.get("default_parallel") or 1)
+    return make_backend(row["kind"], row["url"], token=token, timeouts=timeouts,
+                        default_parallel=row.get("default_parallel") or 1)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -197,7 +197,7 @@ def mark_started(conn: psycopg.Connection, job_id: int, token: uuid.UUID) -> boo
 
 
 def store_reply(conn: psycopg.Connection, job_id: int, token: uuid.UUID, reply: Mapping[str, Any]) -> bool:
-    """Keeps the reply before delivery, so a crash between generating and posting costs no regeneration."""
+    """Keeps a reply whose delivery failed, so the retry delivers it instead of generating again."""
     if not isinstance(reply, Mapping):
         raise ValueError(f"reply must be a mapping, got {type(reply).__name__}")
     return _token_call(conn, "jobs_store_reply", {"job_id": job_id, "token": token, "reply": Jsonb(dict(reply))}) is not None
@@ -213,6 +213,14 @@ def complete(conn: psycopg.Connection, job_id: int, token: uuid.UUID, *, state: 
     _check_complete_state(state)
     return _token_call(conn, "jobs_complete",
                        {"job_id": job_id, "token": token, "state": state, "reason": reason}) is not None
+
+
+def finish_delivered(conn: psycopg.Connection, job_id: int, token: uuid.UUID, reply: Mapping[str, Any], *,
+                     started_at: datetime | None, generated_at: datetime | None) -> bool:
+    """Done: the sink accepted `reply`. Stores it with the timings in the completing UPDATE."""
+    return _token_call(conn, "jobs_finish_delivered", {
+        "job_id": job_id, "token": token, "reply": Jsonb(dict(reply)),
+        "started_at": started_at, "generated_at": generated_at}) is not None
 
 
 def complete_many(conn: psycopg.Connection, claims: Sequence[Claim], *, state: str = "done",

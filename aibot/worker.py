@@ -1,4 +1,8 @@
-"""The claim actor's work: claim a job and a slot, generate, store, deliver, complete.
+"""The claim actor's work: claim a job and a slot, generate, deliver, complete.
+
+The happy path is two short transactions per job: the claim, and one UPDATE that completes the job
+with its reply. A reply is stored ahead of completion only when delivery fails, so the retry
+delivers it without generating again.
 
 One `Runtime` per worker process holds what every invocation shares: the database pool, the hot-
 reloaded entity config, HTTP clients per server, the sink, and the set of claims in flight (which a
@@ -12,20 +16,23 @@ makes the rare double delivery (lease lost *during* the POST) a no-op at the cha
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from types import SimpleNamespace
 
-from aibot import db, doorbell, health, jobs, log, postprocess, prompt
-from aibot.backends.base import Backend, BackendError, ModelNotLoaded
-from aibot.backends.factory import Timeouts, make_backend
+import psycopg
+
+from aibot import cluster, db, doorbell, health, jobs, log, postprocess, prompt
+from aibot.backends.base import Backend, BackendError, ModelNotLoaded, ServerFault
+from aibot.backends.factory import Timeouts
 from aibot.bot import ratelimit
 from aibot.config import ConfigStore
-from aibot.settings import Settings, get_settings, server_token
+from aibot.settings import Settings, get_settings
 from aibot.sinks import SinkError, make_sink
 
 logger = logging.getLogger("aibot.worker")
@@ -55,6 +62,10 @@ def timeouts_from_env(environ) -> Timeouts | None:
     if not values:
         return None
     return Timeouts(**values)
+
+
+class GenerationAborted(Exception):
+    """The job was handed back (shutdown) while its reply was still streaming in."""
 
 
 @dataclass
@@ -106,10 +117,7 @@ class BackendCache:
                 return cached[1]
             if cached:
                 cached[1].close()
-            kwargs = {"token": server_token(SimpleNamespace(token_env=server.get("token_env"))), "default_parallel": server.get("default_parallel") or 1}
-            if self._timeouts is not None:
-                kwargs["timeouts"] = self._timeouts
-            backend = make_backend(server["kind"], server["url"], **kwargs)
+            backend = cluster.backend_for_row(server, timeouts=self._timeouts)
             self._clients[server["id"]] = (key, backend)
             return backend
 
@@ -147,23 +155,12 @@ class DemandLoader:
         threading.Thread(target=self._pass, name="aibot-demand-loader", daemon=True).start()
 
     def _pass(self) -> None:
-        from aibot import model_loader
-
         try:
-            with self.runtime.database.transaction() as conn:
-                wanted = db.all_rows(conn, "cluster_unplaced_demand")
-            for row in wanted:
-                if self.runtime.stopping.is_set():
-                    return
-                with log.context(worker=self.runtime.worker_id, model=row["model"]):
-                    try:
-                        res = model_loader.ensure_loaded(self.runtime.database, row["model"], worker_id=self.runtime.worker_id)
-                    except model_loader.LoadError as exc:
-                        logger.warning("cannot load for %d queued job(s): %s", row["queued"], exc)
-                        continue
-                    if res.loaded_now:
-                        logger.info("loaded on %s for %d queued job(s) in %.1fs", res.server, row["queued"], res.seconds)
-                    with self.runtime.database.transaction() as conn:
+            with log.context(worker=self.runtime.worker_id):
+                loaded, failed = cluster.load_for_demand(self.runtime.database, worker_id=self.runtime.worker_id)
+                if loaded:
+                    logger.info("loaded for queued work: %s", ", ".join(loaded))
+                    with self.runtime.transaction() as conn:
                         doorbell.ring(conn)
         except Exception:
             logger.exception("demand loading failed")
@@ -190,20 +187,33 @@ class Runtime:
         self._servers_lock = threading.Lock()
         self._faulted: dict[int, float] = {}  # server id -> monotonic time of our last fault there
         self._loader = DemandLoader(self)
+        self.stream = os.environ.get("AIBOT_STREAM", "1") not in ("0", "false", "no")
+        self.async_commit = os.environ.get("AIBOT_WORKER_SYNC_COMMIT", "0") not in ("1", "true", "yes")
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[psycopg.Connection]:
+        """A worker transaction. Unless AIBOT_WORKER_SYNC_COMMIT=1, it commits asynchronously: a crash
+        of Postgres itself may then forget the last fraction of a second of claims and completions,
+        which leases and the sink's job-derived reply ids absorb (the job runs again, its repeat post
+        is a no-op), and in return no worker waits for a WAL flush per job."""
+        with self.database.transaction() as conn:
+            if self.async_commit:
+                db.run(conn, "worker_async_commit")
+            yield conn
 
     # --- one actor invocation -------------------------------------------------------------------
 
     def run_invocation(self) -> int:
         """Claims and processes jobs until none is claimable or the time budget is spent.
 
-        Going straight on to the next claim keeps the per-job overhead to a few short transactions
-        instead of a broker round trip per job; the budget keeps one invocation from hogging a
-        thread forever, and the doorbell it rings on leaving hands the work to a fresh one.
+        Going straight on to the next claim keeps the per-job overhead to two short transactions
+        instead of a broker round trip per job; the budget keeps one invocation from hogging a thread
+        forever, and the doorbell it rings on leaving hands the work to a fresh one.
         """
         deadline = time.monotonic() + self.budget_seconds
         done = 0
         while not self.stopping.is_set():
-            with self.database.transaction() as conn:
+            with self.transaction() as conn:
                 claim = jobs.claim(conn, self.worker_id, lease_seconds=self.lease_seconds, use_slots=True)
             if claim is None:
                 self._on_idle()
@@ -211,7 +221,7 @@ class Runtime:
             self.process(claim)
             done += 1
             if time.monotonic() >= deadline:
-                with self.database.transaction() as conn:
+                with self.transaction() as conn:
                     doorbell.ring(conn)
                 return done
         return done
@@ -222,32 +232,31 @@ class Runtime:
         try:
             with log.context(worker=self.worker_id, job=claim.job_id, entity=claim.entity_id, model=claim.model,
                              server=server["name"] if server else None):
-                self._process(claim, server)
+                self._process(claim, server, item)
         except Exception:
             logger.exception("unexpected error; the job's lease will expire and it will be retried")
         finally:
             self.inflight.remove(claim.job_id)
-            del item
 
-    def _process(self, claim: jobs.Claim, server: dict | None) -> None:
+    def _process(self, claim: jobs.Claim, server: dict | None, item: InFlight) -> None:
         if claim.reply is not None:
             logger.info("delivering a stored reply (earlier delivery failed)")
-            self._deliver(claim, claim.reply)
+            self._deliver(claim, claim.reply, started_at=None)
             return
         cfg = self.config.get()
         entity = cfg.entity(claim.entity_id)
         if entity is None or not entity.enabled:
             why = "unknown entity" if entity is None else "entity disabled"
-            with self.database.transaction() as conn:
+            with self.transaction() as conn:
                 jobs.reject(conn, claim.job_id, claim.token, f"{why}: {claim.entity_id!r}")
             logger.warning("rejected: %s", why)
             return
         if server is None:  # a slot-less claim without a stored reply cannot generate
-            with self.database.transaction() as conn:
+            with self.transaction() as conn:
                 jobs.release(conn, claim.job_id, claim.token)
             return
         if entity.rate_limits is not None:
-            with self.database.transaction() as conn:
+            with self.transaction() as conn:
                 retry_at = ratelimit.reserve(conn, entity, claim.job_id)
                 if retry_at is not None:
                     jobs.release(conn, claim.job_id, claim.token, available_at=retry_at)
@@ -269,24 +278,27 @@ class Runtime:
                 ai_name=ais.get("name"),
             )
         except ValueError as exc:  # a payload no prompt can be built from: the job's own fault, for good
-            with self.database.transaction() as conn:
+            with self.transaction() as conn:
                 jobs.reject(conn, claim.job_id, claim.token, f"cannot build the request: {exc}")
                 ratelimit.cancel(conn, claim.job_id)
             logger.warning("rejected: cannot build the request: %s", exc)
             return
-        backend = self.backends.get(server)
         started = time.monotonic()
+        started_at = _now()
         try:
-            result = backend.chat(request)
+            raw = self._generate(self._backend(server), request, item)
         except BackendError as exc:
-            self._generation_failed(claim, server, exc)
+            self._generation_failed(claim, server, exc, item)
+            return
+        except GenerationAborted:
+            logger.info("generation stopped at shutdown; the job is back in the queue")
             return
         self._server_ok(server)
-        text = postprocess.clean_reply(result.text, entity, cfg.global_settings)
+        text = postprocess.clean_reply(raw, entity, cfg.global_settings)
         if text is None:
-            with self.database.transaction() as conn:
+            with self.transaction() as conn:
                 jobs.complete(conn, claim.job_id, claim.token, state="skipped",
-                              reason="model answered [SKIP]" if "[SKIP]" in result.text else "empty reply after post-processing")
+                              reason="model answered [SKIP]" if "[SKIP]" in raw else "empty reply after post-processing")
                 ratelimit.cancel(conn, claim.job_id)
             logger.info("no reply to post (%.2fs)", time.monotonic() - started)
             return
@@ -297,36 +309,66 @@ class Runtime:
             "entity": entity.id,
             "model": claim.model,
             "server": server["name"],
-            "generated_at": datetime.now(timezone.utc).isoformat(),
+            "generated_at": _now().isoformat(),
         }
-        with self.database.transaction() as conn:
-            if not jobs.store_reply(conn, claim.job_id, claim.token, reply):
-                logger.warning("lease lost while generating; another worker owns the job now")
-                return
         logger.info("generated %d chars in %.2fs", len(text), time.monotonic() - started)
-        self._deliver(claim, reply)
+        if item.released.is_set():
+            logger.warning("not delivering: the job was handed back at shutdown and will run again")
+            return
+        self._deliver(claim, reply, started_at=started_at)
 
-    def _deliver(self, claim: jobs.Claim, reply: dict) -> None:
+    def _deliver(self, claim: jobs.Claim, reply: dict, *, started_at: datetime | None) -> None:
         try:
             reply_id = self.sink.deliver(claim.job_id, claim.payload, reply)
         except SinkError as exc:
-            # An outage of the sink is not the job's fault (retry without burning attempts); a sink that
-            # rejects the reply outright (4xx) is, and then the normal attempt budget applies.
-            with self.database.transaction() as conn:
+            # Keep the reply so the retry only delivers it. An outage of the sink is not the job's
+            # fault (no attempt burnt); a sink that rejects the reply outright (4xx) is.
+            with self.transaction() as conn:
+                jobs.store_reply(conn, claim.job_id, claim.token, reply)
                 state = jobs.fail(conn, claim.job_id, claim.token, f"delivery failed: {exc}",
                                   server_fault=getattr(exc, "retryable", True))
             logger.warning("delivery failed (%s); job is %s, the stored reply will be re-sent", exc, state)
             return
-        with self.database.transaction() as conn:
-            if jobs.complete(conn, claim.job_id, claim.token):
-                logger.info("delivered as %s", reply_id)
-            else:
-                logger.warning("delivered as %s but the lease was lost; the sink's reply id makes a repeat a no-op", reply_id)
+        generated_at = datetime.fromisoformat(reply["generated_at"]) if reply.get("generated_at") else None
+        with self.transaction() as conn:
+            ok = jobs.finish_delivered(conn, claim.job_id, claim.token, reply,
+                                       started_at=started_at, generated_at=generated_at)
+        if ok:
+            logger.info("delivered as %s", reply_id)
+        else:
+            logger.warning("delivered as %s but the lease was lost; the sink's reply id makes a repeat a no-op", reply_id)
 
-    def _generation_failed(self, claim: jobs.Claim, server: dict, exc: BackendError) -> None:
+    def _generate(self, backend: Backend, request, item: InFlight) -> str:
+        """The reply text. Streamed (unless AIBOT_STREAM=0) so that a shutdown past its timeout stops
+        the generation between tokens; closing the stream tells the server the client is gone (LM
+        Studio then stops generating) and frees its slot at once."""
+        if not self.stream:
+            return backend.chat(request).text
+        parts: list[str] = []
+        deltas = backend.chat_stream(request)
+        try:
+            for delta in deltas:
+                if item.released.is_set():
+                    raise GenerationAborted()
+                parts.append(delta)
+        finally:
+            deltas.close()
+        return "".join(parts)
+
+    def _backend(self, server: dict) -> Backend:
+        try:
+            return self.backends.get(server)
+        except ValueError as exc:  # e.g. its token variable is unset: the server is unusable, not the job
+            raise ServerFault(str(exc)) from None
+
+    def _generation_failed(self, claim: jobs.Claim, server: dict, exc: BackendError, item: InFlight) -> None:
+        if item.released.is_set():
+            # Shutdown handed the job back and closed our HTTP clients: not the server's fault.
+            logger.info("generation aborted at shutdown; the job is back in the queue")
+            return
         # A model the server does not hold is our stale view of the cluster, not the job's fault.
         server_fault = exc.server_fault or isinstance(exc, ModelNotLoaded)
-        with self.database.transaction() as conn:
+        with self.transaction() as conn:
             if server_fault:
                 self._faulted[server["id"]] = time.monotonic()
                 health.record_fault(conn, server["id"], f"{type(exc).__name__}: {exc}")
@@ -338,7 +380,7 @@ class Runtime:
         """Resets the server's shared failure count, but only if this process saw it fail recently:
         an UPDATE per reply on the shared server row would be a hot spot."""
         if server["id"] in self._faulted:
-            with self.database.transaction() as conn:
+            with self.transaction() as conn:
                 health.record_ok(conn, server["id"])
             self._faulted.pop(server["id"], None)
 
@@ -388,3 +430,7 @@ class Runtime:
     def close(self) -> None:
         self.backends.close_all()
         self.database.close()
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)

@@ -103,8 +103,12 @@ def test_every_worker_log_line_names_worker_job_entity_server_and_model(db_url, 
         d.stack.start_bot()
         workers = d.stack.start_workers(threads=4)
         d.wait_replies(6)
-        lines = [line for line in workers.log().splitlines() if "aibot.worker" in line and "delivered" in line]
-        assert len(lines) == 6, workers.log()[-3000:]
+
+        def delivered_lines():  # the worker logs "delivered" just after the chat server got the reply
+            return [line for line in workers.log().splitlines() if "aibot.worker" in line and "delivered" in line]
+
+        wait_for(lambda: len(delivered_lines()) == 6, timeout=10, message="6 'delivered' log lines")
+        lines = delivered_lines()
         pattern = re.compile(r"worker=workers:\d+ job=\d+ entity=e[12] server=mac-studio-[12] model=sim/model-[12] \|")
         for line in lines:
             assert pattern.search(line), line

@@ -88,7 +88,13 @@ def parse_completion(body: Any, where: str) -> ChatResult:
 
 
 def stream_deltas(events: Iterator[Any], where: str) -> Iterator[str]:
-    """Text deltas from OpenAI-style chunks (`choices[0].delta.content`)."""
+    """Text deltas from OpenAI-style chunks (`choices[0].delta.content`).
+
+    A stream that ends without any choice saying why it finished is as broken as a non-streamed answer
+    without `choices` (a model that says nothing still ends with a `finish_reason`), so it raises
+    BadResponse rather than passing for an empty reply.
+    """
+    finished = False
     for event in events:
         err = embedded_error(event, where)
         if err is not None:
@@ -101,12 +107,15 @@ def stream_deltas(events: Iterator[Any], where: str) -> Iterator[str]:
         if not choices:
             continue  # usage-only chunk
         first = choices[0] if isinstance(choices[0], dict) else {}
+        finished = finished or bool(first.get("finish_reason"))
         delta = first.get("delta") or first.get("message") or {}
         text = delta.get("content") if isinstance(delta, dict) else None
         if text:
             if not isinstance(text, str):
                 raise BadResponse(f"{where}: delta content is not text")
             yield text
+    if not finished:
+        raise BadResponse(f"{where}: the stream ended without a finish_reason")
 
 
 def _int_or_none(value: Any) -> int | None:

@@ -58,7 +58,7 @@ WHERE id = %(job_id)s AND claim_token = %(token)s AND state = 'running'
 RETURNING id;
 
 -- jobs_store_reply --
--- Keeps the generated reply on the job so a re-claim after a crash delivers it instead of regenerating
+-- Keeps a reply whose delivery failed on the job, so the re-claim delivers it instead of regenerating
 UPDATE jobs
 SET reply = %(reply)s::jsonb, generated_at = now()
 WHERE id = %(job_id)s AND claim_token = %(token)s AND state = 'running'
@@ -71,6 +71,20 @@ SET state = %(state)s::job_state,
     reason = %(reason)s,
     finished_at = now(),
     delivered_at = CASE WHEN %(state)s::job_state = 'done' THEN now() ELSE delivered_at END,
+    lease_expires_at = NULL
+WHERE id = %(job_id)s AND claim_token = %(token)s AND state = 'running'
+RETURNING id;
+
+-- jobs_finish_delivered --
+-- Finishes a job the sink accepted, storing its reply and timings in the same UPDATE: the worker's
+-- happy path is one claim and this one statement
+UPDATE jobs
+SET state = 'done',
+    reply = %(reply)s::jsonb,
+    started_at = %(started_at)s,
+    generated_at = %(generated_at)s,
+    finished_at = now(),
+    delivered_at = now(),
     lease_expires_at = NULL
 WHERE id = %(job_id)s AND claim_token = %(token)s AND state = 'running'
 RETURNING id;
