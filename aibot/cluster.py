@@ -436,8 +436,8 @@ def load_for_demand(database: db.Database, *, worker_id: str,
 
     Loads go in parallel (a cold start of six 15 GB models should not take six load times); the loader
     stays single-flight per model cluster-wide and checks memory under each server's row lock, so
-    parallel loads can neither duplicate a model nor overcommit a server. The most-wanted models go
-    first, so they get the servers with the most capacity.
+    parallel loads can neither duplicate a model nor overcommit a server. Models go in the order of
+    their best-ranked job, so aging decides which model waits when memory is short.
     """
     from concurrent.futures import ThreadPoolExecutor
 

@@ -123,7 +123,9 @@ WHERE state = 'queued' AND model IS NOT NULL
 GROUP BY model;
 
 -- cluster_unplaced_demand --
--- Runnable models that no usable server holds or is loading: what the loader should bring in
+-- Runnable models that no usable server holds or is loading: what the loader should bring in, in the
+-- order of their best-ranked job, so aging reaches a rarely used model too (a most-wanted-first order
+-- starved it in bench/swap_thrash.py)
 SELECT j.model, count(*)::integer AS queued
 FROM jobs j
 WHERE j.state = 'queued' AND j.model IS NOT NULL AND j.available_at <= now() AND j.reply IS NULL
@@ -134,7 +136,7 @@ WHERE j.state = 'queued' AND j.model IS NOT NULL AND j.available_at <= now() AND
         AND s.enabled AND NOT s.draining AND s.health <> 'down'
         AND (s.backoff_until IS NULL OR s.backoff_until <= now()))
 GROUP BY j.model
-ORDER BY count(*) DESC, min(j.rank);
+ORDER BY min(j.rank);
 
 -- cluster_rebalance_lock --
 -- One rebalancer per server at a time (scheduler and loaders may both rebalance)
