@@ -266,6 +266,10 @@ def _decide(conn, sid, model, size_bytes, worker_id, min_residency_s, victim_loc
                 for r in db.all_rows(conn, "cluster_model_residency", {"model": model})):
             raise _Retry  # placed elsewhere since we looked: go back, wait for it or use it
         srow = db.one(conn, "cluster_server_lock", {"server_id": sid})
+        # Freeze the server's slots: claims skip locked rows, so the requests in flight that the room
+        # check counts cannot grow under it, and free slots the new model's memory no longer covers
+        # are deleted below before any claim can take them.
+        db.run(conn, "cluster_lock_server_slots", {"server_id": sid})
         now = db.one(conn, "cluster_now")["now"]
         view = next(v for v in cluster.server_views(conn, now) if v.server_id == sid)
         mine = view.holds(model)
@@ -299,6 +303,9 @@ def _decide(conn, sid, model, size_bytes, worker_id, min_residency_s, victim_loc
             return srow, None, None   # a refresh saw it loaded meanwhile
         load_id = db.one(conn, "cluster_load_start", {"server_id": sid, "model": model, "action": "load",
                                                       "reason": None, "worker_id": worker_id})["id"]
+        # The loading model's memory counts from now: shrink the slots to what is left, in this
+        # transaction, so accounted memory (models + every slot's buffer) never exceeds the budget.
+        cluster.rebalance(conn, server_id=sid)
     return srow, victims, load_id
 
 

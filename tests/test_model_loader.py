@@ -377,3 +377,28 @@ def test_concurrent_callers_with_two_equal_servers_load_one_replica(conn, db_url
     finally:
         for s in sims.values():
             s.stop()
+
+
+def test_slots_shrink_in_the_same_transaction_that_reserves_a_loading_models_memory(conn, db_url):
+    """Accounted memory counts every slot's buffer: free slots the new model's memory no longer covers
+    must be gone before any claim can take them, not at the next rebalance tick."""
+    sim = start_sim(preloaded=["c"], load_overhead_seconds=1.0)
+    try:
+        rows = register_sims(conn, {"mac": sim}, memory_gb=48)
+        sid = rows["mac"]["id"]
+
+        def slot_rows():
+            return conn.execute("SELECT count(*) AS n FROM aibot.slots WHERE server_id = %s AND NOT retired",
+                                (sid,)).fetchone()["n"]
+
+        # 48 GB − 8 reserve − 15 model − 4 safety = 21 GB = 7 buffers; c's parallel 4 allows 4.
+        assert slot_rows() == 4
+        t = threading.Thread(target=model_loader.ensure_loaded, args=(db_url, "a"), kwargs={"worker_id": "w"})
+        t.start()
+        wait_for(lambda: sim.model_stats("a")["loading_instances"] == 1, timeout=10, message="load started")
+        # During the load: 48 − 8 − 30 − 4 = 6 GB = 2 buffers.
+        assert slot_rows() <= 2
+        t.join(20)
+        assert slot_rows() == 2
+    finally:
+        sim.stop()
