@@ -39,7 +39,11 @@ def ring(conn: psycopg.Connection, n: int | None = None) -> int:
         return 0
     want = matchable(conn)
     if want <= 0:
-        return 0
+        # Nothing claimable, but work may wait for a model no server holds: one wake-up makes a
+        # worker come up empty and start its demand loader now rather than at the next rebalance tick.
+        if not db.one(conn, "doorbell_unplaced_demand")["waiting"]:
+            return 0
+        want = 1
     if _broker_is_postgres():
         outstanding = db.one(conn, "doorbell_outstanding", {"queue": QUEUE})["n"]
         count = want - outstanding

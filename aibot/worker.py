@@ -64,6 +64,9 @@ def timeouts_from_env(environ) -> Timeouts | None:
     return Timeouts(**values)
 
 
+EMPTY_CLAIM_RETRIES = 2
+
+
 class GenerationAborted(Exception):
     """The job was handed back (shutdown) while its reply was still streaming in."""
 
@@ -213,8 +216,7 @@ class Runtime:
         deadline = time.monotonic() + self.budget_seconds
         done = 0
         while not self.stopping.is_set():
-            with self.transaction() as conn:
-                claim = jobs.claim(conn, self.worker_id, lease_seconds=self.lease_seconds, use_slots=True)
+            claim = self._claim()
             if claim is None:
                 self._on_idle()
                 return done
@@ -225,6 +227,18 @@ class Runtime:
                     doorbell.ring(conn)
                 return done
         return done
+
+    def _claim(self) -> jobs.Claim | None:
+        """A claim, retried briefly when it came back empty although claimable work exists: rows
+        locked by other claimers or by a rebalance are skipped (SKIP LOCKED), and giving up then would
+        leave a free slot idle until the next doorbell."""
+        for attempt in range(EMPTY_CLAIM_RETRIES + 1):
+            with self.transaction() as conn:
+                claim = jobs.claim(conn, self.worker_id, lease_seconds=self.lease_seconds, use_slots=True)
+                if claim is not None or attempt == EMPTY_CLAIM_RETRIES or doorbell.matchable(conn) <= 0:
+                    return claim
+            time.sleep(0.005 * (attempt + 1))
+        return None
 
     def process(self, claim: jobs.Claim) -> None:
         server = self._server(claim.server_id) if claim.server_id is not None else None

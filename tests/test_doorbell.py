@@ -59,3 +59,16 @@ def test_message_is_what_dramatiq_postgres_consumes(conn, monkeypatch):
     (raw,) = conn.execute("SELECT message::text AS m FROM dramatiq.queue").fetchone().values()
     msg = Message.decode(raw.encode())
     assert (msg.queue_name, msg.actor_name, msg.args) == ("aibot", "claim", ())
+
+
+def test_work_for_a_model_loaded_nowhere_rings_once_to_start_a_loader(conn, monkeypatch):
+    monkeypatch.setenv("AIBOT_BROKER_URL", "postgresql://unused")
+    sid = server(conn, "s1")
+    jobs.enqueue_many(conn, [job(f"c{i}", model="cold") for i in range(50)])
+    assert doorbell.matchable(conn) == 0
+    assert doorbell.ring(conn, 50) == 1, "one worker must come up empty and kick its demand loader"
+    assert doorbell.ring(conn, 1) == 0, "one waiting wake-up is enough"
+    slots(conn, sid, "other", 2)
+    conn.execute("DELETE FROM dramatiq.queue")
+    conn.execute("INSERT INTO aibot.model_instances (server_id, model, state) VALUES (%s, 'cold', 'loading')", (sid,))
+    assert doorbell.ring(conn, 1) == 0, "a load in progress needs no wake-up"

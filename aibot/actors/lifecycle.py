@@ -43,6 +43,13 @@ class Lifecycle(dramatiq.Middleware):
         self._stop_heartbeat = threading.Event()
         self._heartbeat: threading.Thread | None = None
 
+    def before_worker_boot(self, broker, worker) -> None:
+        # Dramatiq prefetches twice the thread count by default; a doorbell held in one process's
+        # buffer while another process has idle threads leaves a slot unused. One per thread is
+        # enough: an invocation keeps claiming by itself. `dramatiq_queue_prefetch` still overrides.
+        if not os.environ.get("dramatiq_queue_prefetch"):
+            worker.queue_prefetch = worker.worker_threads
+
     def after_worker_boot(self, broker, worker) -> None:
         rt = runtime()
         log.bind(worker=rt.worker_id)

@@ -19,6 +19,16 @@ SELECT coalesce((SELECT sum(least(f.n, d.n)) FROM free f JOIN demand d USING (mo
      + (SELECT count(*) FROM jobs WHERE state = 'queued' AND available_at <= now() AND reply IS NOT NULL)::int
        AS matchable;
 
+-- doorbell_unplaced_demand --
+-- Whether runnable work waits for a model that no usable server holds or is loading
+SELECT EXISTS (
+    SELECT 1 FROM jobs j
+    WHERE j.state = 'queued' AND j.model IS NOT NULL AND j.available_at <= now() AND j.reply IS NULL
+      AND NOT EXISTS (
+          SELECT 1 FROM model_instances mi JOIN usable_servers u ON u.id = mi.server_id
+          WHERE mi.model = j.model AND mi.state IN ('loaded', 'loading'))
+) AS waiting;
+
 -- doorbell_outstanding --
 -- Wake-ups already waiting in dramatiq-postgres' queue table for the claim actor's queue
 SELECT count(*)::int AS n FROM dramatiq.queue WHERE queue_name = %(queue)s AND "state" = 'queued';
