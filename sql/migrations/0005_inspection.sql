@@ -178,10 +178,9 @@ SELECT worker_id, host, pid, role, started_at, heartbeat_at,
 FROM aibot.workers
 ORDER BY role, worker_id;
 
--- Puts a finished job back in the queue with a fresh attempt budget, runnable now. It keeps its rank
--- (so an operator's retry of an old job runs promptly) and any stored reply (so a job that died while
--- delivering is delivered, not generated again). A running job belongs to its worker: refuse.
-CREATE FUNCTION aibot.requeue_job(p_id bigint) RETURNS aibot.jobs
+-- The shared preamble of the operator functions: lock the job, refuse a missing one or a running one
+-- (a running job belongs to its worker until it finishes or its lease expires).
+CREATE FUNCTION aibot.lock_job_for_operator(p_id bigint, p_action text) RETURNS aibot.jobs
 LANGUAGE plpgsql AS $$
 DECLARE
     j aibot.jobs;
@@ -191,10 +190,23 @@ BEGIN
         RAISE EXCEPTION 'job % does not exist', p_id USING ERRCODE = 'no_data_found';
     END IF;
     IF j.state = 'running' THEN
-        RAISE EXCEPTION 'job % is running (worker %, lease until %): it cannot be requeued until it finishes or its lease expires',
-            p_id, coalesce(j.worker_id, '?'), coalesce(j.lease_expires_at::text, '?')
+        RAISE EXCEPTION 'job % is running (worker %, lease until %): it cannot be % until it finishes or its lease expires',
+            p_id, coalesce(j.worker_id, '?'), coalesce(j.lease_expires_at::text, '?'), p_action
             USING ERRCODE = 'object_in_use';
     END IF;
+    RETURN j;
+END
+$$;
+
+-- Puts a finished job back in the queue with a fresh attempt budget, runnable now. It keeps its rank
+-- (so an operator's retry of an old job runs promptly) and any stored reply (so a job that died while
+-- delivering is delivered, not generated again). A running job belongs to its worker: refuse.
+CREATE FUNCTION aibot.requeue_job(p_id bigint) RETURNS aibot.jobs
+LANGUAGE plpgsql AS $$
+DECLARE
+    j aibot.jobs;
+BEGIN
+    j := aibot.lock_job_for_operator(p_id, 'requeued');
     IF j.state = 'done' THEN
         RAISE EXCEPTION 'job % is done (its reply was delivered): requeueing it would answer the message twice', p_id
             USING ERRCODE = 'object_in_use';
@@ -220,15 +232,7 @@ LANGUAGE plpgsql AS $$
 DECLARE
     j aibot.jobs;
 BEGIN
-    SELECT * INTO j FROM aibot.jobs WHERE id = p_id FOR UPDATE;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'job % does not exist', p_id USING ERRCODE = 'no_data_found';
-    END IF;
-    IF j.state = 'running' THEN
-        RAISE EXCEPTION 'job % is running (worker %, lease until %): it cannot be cancelled until it finishes or its lease expires',
-            p_id, coalesce(j.worker_id, '?'), coalesce(j.lease_expires_at::text, '?')
-            USING ERRCODE = 'object_in_use';
-    END IF;
+    j := aibot.lock_job_for_operator(p_id, 'cancelled');
     IF j.state IN ('done', 'skipped') THEN
         RAISE EXCEPTION 'job % already finished (%): there is nothing to cancel', p_id, j.state
             USING ERRCODE = 'object_in_use';
