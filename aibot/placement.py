@@ -222,18 +222,20 @@ def room_for(server: ServerView, size_bytes: int, *, now: datetime,
              demand: Mapping[str, int] | None = None) -> tuple[str, ...] | None:
     """The evictions that make room for a model of `size_bytes` on `server` (() = fits as is; None = never).
 
-    "Room" means: after the load, the memory bound still covers every request in flight plus one
-    for the new model, so loading never pushes accounted memory over RAM. A server with unknown RAM
-    has no memory bound and always has room.
+    "Room" means: after the load, the memory bound still covers every request in flight, and at
+    least one request for every model that stays resident plus the new one, so loading never pushes
+    accounted memory over RAM and never leaves a resident model without a slot (a model in memory that
+    can serve nothing only starves the others). A server with unknown RAM always has room.
     """
     budget = server.budget
     if budget.memory_bytes is None:
         return ()
-    need = server.held + 1
     evict: list[str] = []
     victims = evictable(server, now=now, min_residency_s=min_residency_s, demand=demand)
     while True:
-        models = sum(r.size_bytes for r in server.residents if r.model not in evict) + size_bytes
+        staying = [r for r in server.residents if r.model not in evict]
+        need = max(server.held + 1, len(staying) + 1)
+        models = sum(r.size_bytes for r in staying) + size_bytes
         bound = memory_bound(budget, models)
         if bound is not None and bound >= need:
             return tuple(evict)

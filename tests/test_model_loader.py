@@ -171,7 +171,9 @@ def test_failed_load_leaves_no_instance_and_is_recorded(conn, db_url):
         sim.stop()
 
 
-def test_stale_loading_row_of_a_dead_loader_is_taken_over(conn, db_url):
+def test_stale_loading_row_of_a_dead_loader_is_taken_over(conn, db_url, monkeypatch):
+    # The dead loader's load never reaches the server; after the (shortened) grace the row is taken over.
+    monkeypatch.setattr(model_loader, "ORPHAN_GRACE_SECONDS", 0.3)
     sim = start_sim()
     try:
         rows = setup_cluster(conn, {"mac": sim})

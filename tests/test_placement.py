@@ -248,3 +248,13 @@ def test_empty_servers_fall_back_to_their_configured_parallel():
     one = ServerView(1, "one", budget, default_parallel=1)
     four = ServerView(2, "four", budget, default_parallel=4)
     assert choose_server([one, four], "new", 15 * GB, now=NOW).name == "four"
+
+
+def test_loading_never_leaves_a_resident_model_without_a_slot():
+    # 128 GB, 8 GB reserve, 12 GB safety: six 15 GB models leave 18 GB = 6 buffers, one per model.
+    budget = Budget(memory_bytes=128 * GB)
+    six = ServerView(1, "s", budget, tuple(res(f"m{i}", 15) for i in range(6)))
+    assert room_for(six, 15 * GB, now=NOW) is not None, "a 7th would leave 1 buffer for 7 models: evict"
+    assert room_for(six, 15 * GB, now=NOW) != ()
+    five = ServerView(1, "s", budget, tuple(res(f"m{i}", 15) for i in range(5)))
+    assert room_for(five, 15 * GB, now=NOW) == (), "a 6th still leaves one buffer per model"
