@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import psycopg
 from dramatiq import Message
 
@@ -66,6 +67,9 @@ def _message() -> dict:
 
 
 def _broker_is_postgres() -> bool:
+    """The default broker is dramatiq-postgres on the jobs' own database (the caller's connection);
+    only an explicit AIBOT_BROKER_URL selects another."""
     from aibot.actors.broker import broker_kind
 
-    return broker_kind() == "postgres"
+    url = os.environ.get("AIBOT_BROKER_URL")
+    return not url or broker_kind(url) == "postgres"
