@@ -84,19 +84,12 @@ class Probe:
 
 
 def metrics(client: httpx.Client, url: str) -> dict[str, float]:
+    from tests.real_llm import parse_metrics
+
     try:
-        text = client.get(f"{url}/metrics").text
+        return parse_metrics(client.get(f"{url}/metrics").text)
     except httpx.HTTPError:
         return {}
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            try:
-                out[name.strip()] = float(value)
-            except ValueError:
-                pass
-    return out
 
 
 def tokens_predicted(urls) -> int:

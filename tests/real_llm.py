@@ -161,3 +161,16 @@ if __name__ == "__main__":
     if len(a) != 5:
         sys.exit("usage: python -m tests.real_llm MODEL_PATH PORT1 NAME1 PORT2 NAME2")
     _serve(a[0], int(a[1]), a[2], int(a[3]), a[4])
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text format, unlabelled samples only (what llama.cpp's /metrics exposes)."""
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            try:
+                out[name.strip()] = float(value)
+            except ValueError:
+                pass
+    return out

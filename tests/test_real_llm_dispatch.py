@@ -24,7 +24,7 @@ from aibot import cluster, db
 from aibot.bot.ingest import ingest
 from aibot.config import load_config
 from aibot.stack import Stack, entity, write_config
-from tests.real_llm import real_llm_servers  # noqa: F401  (fixture)
+from tests.real_llm import parse_metrics, real_llm_servers  # noqa: F401  (fixture)
 from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.real_llm, pytest.mark.timeout(300)]
@@ -67,19 +67,6 @@ class SlotProbe:
         self._stop.set()
         self._thread.join()
         self._client.close()
-
-
-def parse_metrics(text: str) -> dict[str, float]:
-    """Prometheus text format, unlabelled samples only (what llama.cpp exposes)."""
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            try:
-                out[name.strip()] = float(value)
-            except ValueError:
-                pass
-    return out
 
 
 def test_parse_metrics_reads_gauges_and_skips_comments():
