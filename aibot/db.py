@@ -75,13 +75,22 @@ def _check_if_idle(conn: psycopg.Connection) -> None:
         ConnectionPool.check_connection(conn)
 
 
-def make_pool(url: str | None = None, *, min_size: int = 1, max_size: int = 8, name: str = "aibot") -> ConnectionPool:
+def _configure_async_commit(conn: psycopg.Connection) -> None:
+    conn.execute(f"SET search_path = {SCHEMA}, public")
+    conn.execute(query("session_async_commit"))
+    conn.commit()
+
+
+def make_pool(url: str | None = None, *, min_size: int = 1, max_size: int = 8, name: str = "aibot",
+              async_commit: bool = False) -> ConnectionPool:
+    """`async_commit`: the pool's sessions do not wait for the WAL flush at commit (set once per
+    connection, not per transaction); for callers whose writes are safe to lose on a Postgres crash."""
     pool = ConnectionPool(
         database_url(url),
         min_size=min_size,
         max_size=max_size,
         kwargs={"row_factory": dict_row, "application_name": APP_NAME},
-        configure=_configure,
+        configure=_configure_async_commit if async_commit else _configure,
         check=_check_if_idle,
         reset=_mark_returned,
         name=name,
@@ -111,9 +120,10 @@ class Database:
     opened at import time; `pool` opens it on first use in the process that uses it.
     """
 
-    def __init__(self, url: str | None = None, *, max_size: int = 8):
+    def __init__(self, url: str | None = None, *, max_size: int = 8, async_commit: bool = False):
         self._url = url
         self._max_size = max_size
+        self._async_commit = async_commit
         self._pool: ConnectionPool | None = None
         self._pid: int | None = None
         self._lock = threading.Lock()
@@ -126,7 +136,7 @@ class Database:
     def pool(self) -> ConnectionPool:
         with self._lock:
             if self._pool is None or self._pid != os.getpid():
-                self._pool = make_pool(self._url, max_size=self._max_size)
+                self._pool = make_pool(self._url, max_size=self._max_size, async_commit=self._async_commit)
                 self._pid = os.getpid()
             return self._pool
 

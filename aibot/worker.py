@@ -178,7 +178,9 @@ class Runtime:
         # Several processes of one host share the environment, so the pid keeps names unique.
         name = os.environ.get("AIBOT_WORKER_NAME")
         self.worker_id = f"{name}:{os.getpid()}" if name else log.default_worker_name(role)
-        self.database = db.Database(self.settings.database_url, max_size=int(os.environ.get("AIBOT_WORKER_POOL", "16")))
+        self.async_commit = os.environ.get("AIBOT_WORKER_SYNC_COMMIT", "0") not in ("1", "true", "yes")
+        self.database = db.Database(self.settings.database_url, max_size=int(os.environ.get("AIBOT_WORKER_POOL", "16")),
+                                    async_commit=self.async_commit)
         self.config = ConfigStore(self.settings.config_path)
         self.sink = make_sink(self.settings)
         self.backends = BackendCache(timeouts_from_env(os.environ))
@@ -191,17 +193,20 @@ class Runtime:
         self._faulted: dict[int, float] = {}  # server id -> monotonic time of our last fault there
         self._loader = DemandLoader(self)
         self.stream = os.environ.get("AIBOT_STREAM", "1") not in ("0", "false", "no")
-        self.async_commit = os.environ.get("AIBOT_WORKER_SYNC_COMMIT", "0") not in ("1", "true", "yes")
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[psycopg.Connection]:
-        """A worker transaction. Unless AIBOT_WORKER_SYNC_COMMIT=1, it commits asynchronously: a crash
-        of Postgres itself may then forget the last fraction of a second of claims and completions,
-        which leases and the sink's job-derived reply ids absorb (the job runs again, its repeat post
-        is a no-op), and in return no worker waits for a WAL flush per job."""
-        with self.database.transaction() as conn:
-            if self.async_commit:
-                db.run(conn, "worker_async_commit")
+        """A worker transaction. Unless AIBOT_WORKER_SYNC_COMMIT=1 the worker's sessions commit
+        asynchronously (set once per connection): a crash of Postgres itself may then forget the last
+        fraction of a second of claims and completions, which leases and the sink's job-derived reply
+        ids absorb (the job runs again, its repeat post is a no-op), and in return no worker waits for a
+        WAL flush per job.
+
+        The block is one transaction, so several changes (a failure, its server fault, the cancelled
+        rate reservation) commit together; the two single-statement steps of the happy path (claim,
+        completion) use `database.transaction()` directly and skip the savepoint round trips.
+        """
+        with self.database.transaction() as conn, conn.transaction():
             yield conn
 
     # --- one actor invocation -------------------------------------------------------------------
@@ -233,7 +238,7 @@ class Runtime:
         locked by other claimers or by a rebalance are skipped (SKIP LOCKED), and giving up then would
         leave a free slot idle until the next doorbell."""
         for attempt in range(EMPTY_CLAIM_RETRIES + 1):
-            with self.transaction() as conn:
+            with self.database.transaction() as conn:
                 claim = jobs.claim(conn, self.worker_id, lease_seconds=self.lease_seconds, use_slots=True)
                 if claim is not None or attempt == EMPTY_CLAIM_RETRIES or doorbell.matchable(conn) <= 0:
                     return claim
@@ -344,7 +349,7 @@ class Runtime:
             logger.warning("delivery failed (%s); job is %s, the stored reply will be re-sent", exc, state)
             return
         generated_at = datetime.fromisoformat(reply["generated_at"]) if reply.get("generated_at") else None
-        with self.transaction() as conn:
+        with self.database.transaction() as conn:
             ok = jobs.finish_delivered(conn, claim.job_id, claim.token, reply,
                                        started_at=started_at, generated_at=generated_at)
         if ok:

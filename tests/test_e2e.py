@@ -86,9 +86,12 @@ def test_two_worker_hosts_never_overcommit_slots(db_url, tmp_path):
     with deployment(db_url, tmp_path, preload="all") as d:
         for i in range(150):
             d.chat.post_human(f"hi {i}", entity=f"e{i % 6 + 1}")
-        d.stack.start_bot()
         d.stack.start_workers("host-a", threads=8)
         d.stack.start_workers("host-b", threads=8)
+        # Both hosts are consuming before the first wake-up, so both race for the work.
+        wait_for(lambda: d.scalar("SELECT count(DISTINCT split_part(worker_id, ':', 1)) FROM aibot.workers") == 2,
+                 timeout=30, message="both worker hosts registered")
+        d.stack.start_bot()
         d.wait_replies(150)
         assert set(d.chat.replies_by_reply_to().values()) == {1}
         for server, model, peak, parallel in d.peak_vs_parallel():

@@ -44,9 +44,9 @@ FROM jsonb_array_elements(%(messages)s::jsonb) AS m;
 -- Wakes idle dramatiq-postgres consumers at commit (NOTIFY is transactional)
 SELECT pg_notify('dramatiq.' || %(queue)s || '.enqueue', '');
 
--- worker_async_commit --
--- The worker's own transactions do not wait for the WAL flush (see Runtime.transaction for why that is safe)
-SET LOCAL synchronous_commit = off;
+-- session_async_commit --
+-- A worker session's commits do not wait for the WAL flush (see aibot.worker.Runtime for why that is safe)
+SET synchronous_commit = off;
 
 -- worker_register --
 -- Makes every process visible (the original bot twice had a stray second process nobody could see)
