@@ -192,10 +192,6 @@ def renew(conn: psycopg.Connection, job_id: int, token: uuid.UUID, lease_seconds
     return _token_call(conn, "jobs_renew", {"job_id": job_id, "token": token, "lease_seconds": lease}) is not None
 
 
-def mark_started(conn: psycopg.Connection, job_id: int, token: uuid.UUID) -> bool:
-    return _token_call(conn, "jobs_mark_started", {"job_id": job_id, "token": token}) is not None
-
-
 def store_reply(conn: psycopg.Connection, job_id: int, token: uuid.UUID, reply: Mapping[str, Any]) -> bool:
     """Keeps a reply whose delivery failed, so the retry delivers it instead of generating again."""
     if not isinstance(reply, Mapping):

@@ -129,7 +129,7 @@ def test_token_calls_need_the_current_token(conn):
     c = claim(conn)
     wrong = uuid.uuid4()
     assert not jobs.renew(conn, c.job_id, wrong, 60)
-    assert not jobs.mark_started(conn, c.job_id, wrong)
+    assert not jobs.finish_delivered(conn, c.job_id, wrong, {"text": "x"}, started_at=None, generated_at=None)
     assert not jobs.store_reply(conn, c.job_id, wrong, {"text": "x"})
     assert not jobs.complete(conn, c.job_id, wrong)
     assert jobs.fail(conn, c.job_id, wrong, "x") is None
@@ -147,10 +147,10 @@ def test_renew_extends_the_lease(conn):
         jobs.renew(conn, c.job_id, c.token, -1)
 
 
-def test_mark_started_store_reply_and_complete(conn):
+def test_store_reply_and_complete(conn):
     jobs.enqueue_many(conn, [job("a")])
     c = claim(conn)
-    assert jobs.mark_started(conn, c.job_id, c.token)
+    conn.execute("UPDATE aibot.jobs SET started_at = now() WHERE id = %s", (c.job_id,))
     assert jobs.store_reply(conn, c.job_id, c.token, {"text": "hello"})
     assert jobs.complete(conn, c.job_id, c.token)
     r = row(conn, c.job_id)
@@ -325,3 +325,16 @@ def test_calls_join_the_callers_transaction(db_url, conn):
                 jobs.enqueue_many(tx_conn, [job("b")])
                 raise RuntimeError("caller rolls back")
     assert jobs.counts(conn) == {"queued": 1}
+
+
+def test_finish_delivered_stores_reply_and_timings_in_one_update(conn):
+    from datetime import datetime, timezone
+
+    jobs.enqueue_many(conn, [job("a")])
+    c = claim(conn)
+    t0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    assert jobs.finish_delivered(conn, c.job_id, c.token, {"text": "hi"}, started_at=t0, generated_at=t0)
+    r = row(conn, c.job_id)
+    assert (r["state"], r["reply"], r["started_at"]) == ("done", {"text": "hi"}, t0)
+    assert r["delivered_at"] and r["finished_at"] and r["lease_expires_at"] is None
+    assert not jobs.finish_delivered(conn, c.job_id, c.token, {"text": "again"}, started_at=t0, generated_at=t0)

@@ -88,7 +88,7 @@ def test_fenced_out_worker_changes_nothing(db_url, conn):
 
         assert not jobs.renew(a_conn, jid, a.token, 600)
         assert not jobs.store_reply(a_conn, jid, a.token, {"text": "from A"})
-        assert not jobs.mark_started(a_conn, jid, a.token)
+        assert not jobs.finish_delivered(a_conn, jid, a.token, {"text": "from A"}, started_at=None, generated_at=None)
         assert not jobs.complete(a_conn, jid, a.token)
         assert jobs.fail(a_conn, jid, a.token, "A gives up") is None
         assert not jobs.release(a_conn, jid, a.token)

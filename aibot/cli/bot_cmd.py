@@ -84,11 +84,8 @@ def make_source(args, settings):
 
 
 def _start_scheduler(settings):
-    try:
-        from aibot.scheduler import start_in_background
-    except ImportError as exc:
-        log.warning("scheduler not available in this build (%s); run `aibot scheduler` separately", exc)
-        return None
+    from aibot.scheduler import start_in_background
+
     return start_in_background(settings)
 
 

@@ -50,13 +50,6 @@ SET lease_expires_at = now() + make_interval(secs => %(lease_seconds)s::double p
 WHERE id = %(job_id)s AND claim_token = %(token)s AND state = 'running'
 RETURNING lease_expires_at;
 
--- jobs_mark_started --
--- Records when the request went to the LLM server, for latency metrics of the current attempt
-UPDATE jobs
-SET started_at = now()
-WHERE id = %(job_id)s AND claim_token = %(token)s AND state = 'running'
-RETURNING id;
-
 -- jobs_store_reply --
 -- Keeps a reply whose delivery failed on the job, so the re-claim delivers it instead of regenerating
 UPDATE jobs
