@@ -134,11 +134,19 @@ def get_job(conn: psycopg.Connection, job_id: int) -> dict:
 
 
 def queue_items(conn: psycopg.Connection, limit: int = 500) -> list[dict]:
-    return db.all_rows(conn, "ops_queue_items", {"limit": validate_limit(limit)})
+    return _items(conn, None, validate_limit(limit))
 
 
 def queue_items_by_ids(conn: psycopg.Connection, ids: list[int]) -> list[dict]:
-    return db.all_rows(conn, "ops_queue_items_by_ids", {"ids": list(ids)}) if ids else []
+    return _items(conn, [int(i) for i in ids], len(ids)) if ids else []
+
+
+def _items(conn: psycopg.Connection, ids: list[int] | None, limit: int) -> list[dict]:
+    """One query serves the live queue and the WebSocket frames for given ids; `rank` only orders it."""
+    rows = db.all_rows(conn, "ops_queue_items", {"ids": ids, "limit": limit})
+    for r in rows:
+        r.pop("rank", None)
+    return rows
 
 
 def monitor_stats(conn: psycopg.Connection) -> dict[str, Any]:

@@ -98,34 +98,21 @@ SELECT name FROM servers ORDER BY name;
 
 -- ops_queue_items --
 -- The live queue (running and queued) in claim order, in the original monitor's item shape
-SELECT j.id, j.priority, j.entity_id AS entity, j.model, j.state::text,
+SELECT * FROM (SELECT j.id, j.priority, j.entity_id AS entity, j.model, j.state::text,
        left(coalesce(j.payload->>'text', j.payload->>'message', ''), 200) AS message,
        j.payload->>'sender' AS sender,
        j.worker_id AS "claimedBy", j.server_id AS "serverId", s.name AS server,
        (extract(epoch FROM j.created_at) * 1000)::bigint AS timestamp,
        (extract(epoch FROM j.claimed_at) * 1000)::bigint AS "claimedAt",
        j.payload->>'routerReason' AS "routerReason",
-       j.attempts, priority_band(j.priority) AS band
+       j.attempts, priority_band(j.priority) AS band,
+       j.rank
 FROM jobs j
 LEFT JOIN servers s ON s.id = j.server_id
-WHERE j.state IN ('queued', 'running')
-ORDER BY (j.state = 'running') DESC, j.rank, j.id
+WHERE CASE WHEN %(ids)s::bigint[] IS NULL THEN j.state IN ('queued', 'running') ELSE j.id = ANY(%(ids)s) END
+) items
+ORDER BY (state = 'running') DESC, rank, id
 LIMIT %(limit)s;
-
--- ops_queue_items_by_ids --
--- Items for WebSocket `queued` frames (the NOTIFY payload carries ids only)
-SELECT j.id, j.priority, j.entity_id AS entity, j.model, j.state::text,
-       left(coalesce(j.payload->>'text', j.payload->>'message', ''), 200) AS message,
-       j.payload->>'sender' AS sender,
-       j.worker_id AS "claimedBy", j.server_id AS "serverId", s.name AS server,
-       (extract(epoch FROM j.created_at) * 1000)::bigint AS timestamp,
-       (extract(epoch FROM j.claimed_at) * 1000)::bigint AS "claimedAt",
-       j.payload->>'routerReason' AS "routerReason",
-       j.attempts, priority_band(j.priority) AS band
-FROM jobs j
-LEFT JOIN servers s ON s.id = j.server_id
-WHERE j.id = ANY(%(ids)s)
-ORDER BY j.id;
 
 -- ops_monitor_stats --
 -- The original monitor's stats (§3.3): counts, bands, waits in ms, throughput
