@@ -17,14 +17,21 @@ def running(d) -> int:
     return d.scalar("SELECT count(*) FROM aibot.jobs WHERE state = 'running'")
 
 
+def generating(d, n: int):
+    """Posts `n` messages to `n` entities, starts the bot and a worker master, and returns the master
+    once all `n` generations are in flight."""
+    for i in range(n):
+        d.chat.post_human(f"msg {i}", entity=f"e{i + 1}")
+    d.stack.start_bot()
+    workers = d.stack.start_workers(threads=8)
+    wait_for(lambda: running(d) == n, timeout=30, message=f"{n} generations in flight")
+    return workers
+
+
 def test_sigterm_lets_generations_in_flight_finish(db_url, tmp_path):
     # Replies take ~1.5 s; the shutdown timeout (30 s) is ample.
     with deployment(db_url, tmp_path, speed=0.5, preload="all", env={"AIBOT_SHUTDOWN_TIMEOUT": "30"}) as d:
-        for i in range(4):
-            d.chat.post_human(f"msg {i}", entity=f"e{i + 1}")
-        d.stack.start_bot()
-        workers = d.stack.start_workers(threads=8)
-        wait_for(lambda: running(d) == 4, timeout=30, message="4 generations in flight")
+        workers = generating(d, 4)
         workers.signal(signal.SIGTERM)
         assert workers.popen.wait(60) == 0
         assert len(d.chat.replies()) == 4
@@ -35,11 +42,7 @@ def test_sigterm_lets_generations_in_flight_finish(db_url, tmp_path):
 def test_sigterm_past_the_timeout_releases_jobs_with_their_attempt_refunded(db_url, tmp_path):
     # Replies take ~30 s; the shutdown timeout is 1 s: the jobs go back to the queue.
     with deployment(db_url, tmp_path, speed=10.0, preload="all", env={"AIBOT_SHUTDOWN_TIMEOUT": "1"}) as d:
-        for i in range(3):
-            d.chat.post_human(f"msg {i}", entity=f"e{i + 1}")
-        d.stack.start_bot()
-        workers = d.stack.start_workers(threads=8)
-        wait_for(lambda: running(d) == 3, timeout=30, message="3 generations in flight")
+        workers = generating(d, 3)
         workers.signal(signal.SIGTERM)
         workers.popen.wait(60)
         rows = d.query("SELECT state, attempts FROM aibot.jobs")
@@ -50,11 +53,7 @@ def test_sigterm_past_the_timeout_releases_jobs_with_their_attempt_refunded(db_u
 def test_second_sigterm_stops_at_once_and_leases_recover(db_url, tmp_path):
     with deployment(db_url, tmp_path, speed=10.0, preload="all",
                     env={"AIBOT_SHUTDOWN_TIMEOUT": "60", "AIBOT_LEASE_SECONDS": "3"}) as d:
-        for i in range(2):
-            d.chat.post_human(f"msg {i}", entity=f"e{i + 1}")
-        d.stack.start_bot()
-        workers = d.stack.start_workers(threads=8)
-        wait_for(lambda: running(d) == 2, timeout=30, message="2 generations in flight")
+        workers = generating(d, 2)
         workers.signal(signal.SIGTERM)
         wait_for(lambda: "shutting down" in workers.log(), timeout=10)
         workers.signal(signal.SIGTERM)
