@@ -11,26 +11,14 @@ import pytest
 
 from aibot.sim import GB, FaultConfig, ModelSpec, SimConfig, SimServer
 from tests.waiting import wait_for
+from tests.sim_support import sim_factory
 
 MODELS = [ModelSpec("pub/m", 1 * GB, parallel=4)]
 
 
 @pytest.fixture
 def make_sim():
-    servers: list[SimServer] = []
-
-    def make(**kw) -> SimServer:
-        kw.setdefault("models", MODELS)
-        kw.setdefault("preloaded", ["pub/m"])
-        kw.setdefault("speed", 0.001)
-        kw.setdefault("reply_tokens", 10)
-        s = SimServer(SimConfig(**kw)).start()
-        servers.append(s)
-        return s
-
-    yield make
-    for s in servers:
-        s.stop()
+    yield from sim_factory(models=MODELS, preloaded=["pub/m"], speed=0.001, reply_tokens=10)
 
 
 BODY = {"model": "pub/m", "messages": [{"role": "user", "content": "hi"}]}

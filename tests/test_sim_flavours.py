@@ -10,25 +10,17 @@ import pytest
 
 from aibot.sim import GB, ModelSpec, SimConfig, SimServer
 from tests.waiting import wait_for
+from tests.sim_support import sim_factory
 
 MODELS = [ModelSpec("m-a", 1 * GB, parallel=2, context_length=8192), ModelSpec("m-b", 2 * GB, parallel=3)]
 
 
 @pytest.fixture
 def make_sim():
-    servers: list[SimServer] = []
-
-    def make(api: str, **kw) -> SimServer:
-        kw.setdefault("models", MODELS)
-        kw.setdefault("speed", 0.001)
-        kw.setdefault("reply_tokens", 12)
-        s = SimServer(SimConfig(api=api, **kw)).start()
-        servers.append(s)
-        return s
-
-    yield make
-    for s in servers:
-        s.stop()
+    factory = sim_factory(models=MODELS, speed=0.001, reply_tokens=12)
+    make = next(factory)
+    yield lambda api, **kw: make(api=api, **kw)
+    next(factory, None)
 
 
 def chat(url: str, model: str | None, path: str = "/v1/chat/completions", **extra) -> httpx.Response:

@@ -11,6 +11,7 @@ import pytest
 
 from aibot.sim import GB, ModelSpec, SimConfig, SimServer
 from tests.waiting import wait_for
+from tests.sim_support import sim_factory
 
 TINY = [ModelSpec("pub/small", 1 * GB, parallel=4), ModelSpec("pub/big", 4 * GB, parallel=4),
         ModelSpec("pub/huge", 15 * GB, parallel=1)]
@@ -18,19 +19,7 @@ TINY = [ModelSpec("pub/small", 1 * GB, parallel=4), ModelSpec("pub/big", 4 * GB,
 
 @pytest.fixture
 def make_sim():
-    servers: list[SimServer] = []
-
-    def make(**kw) -> SimServer:
-        kw.setdefault("models", TINY)
-        kw.setdefault("speed", 0.001)
-        kw.setdefault("reply_tokens", 20)
-        s = SimServer(SimConfig(**kw)).start()
-        servers.append(s)
-        return s
-
-    yield make
-    for s in servers:
-        s.stop()
+    yield from sim_factory(models=TINY, speed=0.001, reply_tokens=20)
 
 
 def chat(url: str, model: str, text: str = "hello there", **extra) -> httpx.Response:
