@@ -146,6 +146,10 @@ class Catalogue:
 
     models: tuple[Offered, ...]
     complete: bool = True
+    #: How many models the server keeps loaded before it evicts the least recently used one by itself
+    #: (llama.cpp router `--models-max`, Ollama `OLLAMA_MAX_LOADED_MODELS`, LM Studio's JIT Auto-Evict = 1),
+    #: when the server says; None = it does not evict on its own, or does not say.
+    max_loaded: int | None = None
 
     def names(self) -> list[str]:
         return sorted({n for m in self.models for n in m.all_names()})
