@@ -19,7 +19,8 @@ from urllib.parse import urlsplit
 import psycopg
 
 from aibot import db, health
-from aibot.backends.base import Backend, BackendError, LoadedModel
+from aibot.backends import identity
+from aibot.backends.base import Backend, BackendError, LoadedModel, Offered, unknown_model
 from aibot.placement import Resident, ServerView, SlotChange, server_slot_changes, server_targets
 from aibot.sizing import Budget, Instance, SizingResult, choose_memory, server_slots, worker_command
 
@@ -86,6 +87,7 @@ def sync_servers(conn: psycopg.Connection, servers: Iterable[Any]) -> SyncResult
                 "system_reserve_bytes": int(cfg.system_reserve_bytes), "safety_fraction": float(cfg.safety_fraction),
                 "per_request_bytes": int(cfg.per_request_bytes), "hard_cap": int(cfg.hard_cap),
                 "default_parallel": int(cfg.default_parallel), "token_env": cfg.token_env,
+                "configured_max_loaded": getattr(cfg, "max_loaded_models", None),
             })
             (result.added if row["inserted"] else result.updated).append(cfg.name)
         result.disabled = [r["name"] for r in db.all_rows(conn, "cluster_disable_missing_servers", {"names": names})]
@@ -122,21 +124,49 @@ class RefreshResult:
     models: list[str] = field(default_factory=list)
     added: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)     # configured names this server does not offer
     memory_bytes: int | None = None
     memory_source: str | None = None
     error: str | None = None
 
 
-def refresh_server(conn: psycopg.Connection, server_row: Mapping[str, Any], backend: Backend) -> RefreshResult:
-    """Lists the server's loaded models into `model_instances` and records its RAM.
+def _resident_state(listed: str, origin: str) -> str:
+    """Our row state for an instance the server lists as `listed`.
+
+    A server that loads a model by itself (llama.cpp autoload on a chat request, LM Studio JIT) serves
+    requests for it as soon as it is ready and holds them meanwhile, so its model keeps its slots
+    ('loaded'); only our own loader's load is 'loading' (zero slots) until the loader says it is done.
+    A sleeping router model wakes on the next request: resident, serving.
+    """
+    if listed == "loading" and origin == "aibot":
+        return "loading"
+    return "loaded" if listed in ("loaded", "loading", "sleeping") else listed
+
+
+def _pick_primary(instances: list[LoadedModel]) -> LoadedModel:
+    """The instance requests go to: a loaded one before a sleeping or loading one, then the first listed."""
+    order = {"loaded": 0, "sleeping": 1, "loading": 2}
+    return min(instances, key=lambda i: order.get(i.state, 3))
+
+
+def refresh_server(conn: psycopg.Connection, server_row: Mapping[str, Any], backend: Backend,
+                   wanted: Iterable[str] = (), *, config_fingerprint: str | None = None) -> RefreshResult:
+    """Lists the server's catalogue into `model_instances` and records its RAM.
+
+    Every model aibot knows (the configured names in `wanted`, and those it already records here) is
+    looked up in the catalogue with the server kind's identity rules (`aibot.backends.identity`), and
+    its loaded instances are recorded under the configured name with the server's instance id, so a
+    naming difference never forgets a model. Instances no known name matches still take memory, so
+    they are recorded under the server's name (origin 'server'). A configured name the server does not
+    offer (on a catalogue that lists everything) is refused for this server with the names it offers.
 
     HTTP first, then one short transaction. Vanished models are forgotten, except a row in state
-    'loading' whose loader is alive (it holds the (server, model) lock): the server may not list a
-    model until its load finishes. A failing listing counts as a server fault.
+    'loading' whose loader is alive (it holds the (server, model) lock). A failing listing counts as a
+    server fault; a failing per-model detail only degrades that model's entry (the backend's job).
     """
     name = server_row["name"]
     try:
-        listed = backend.list_loaded()
+        catalogue = identity.catalogue_of(backend)
     except BackendError as exc:
         error = f"refresh: {type(exc).__name__}: {exc}"
         health.record_fault(conn, server_row["id"], error)
@@ -147,31 +177,72 @@ def refresh_server(conn: psycopg.Connection, server_row: Mapping[str, Any], back
     except BackendError:
         reported = None
     memory, source = _memory_for(server_row["url"], reported, server_row.get("configured_memory_bytes"))
-
     result = RefreshResult(name, True, memory_bytes=memory, memory_source=source)
-    by_key: dict[str, LoadedModel] = {}
-    for lm in listed:
-        by_key.setdefault(lm.key, lm)
+    sid = server_row["id"]
+
     with conn.transaction():
-        for lm in by_key.values():
-            size = lm.size_bytes
+        # The catalogue first: refusals made under an older model list are retried, and new ones are
+        # recorded under this one.
+        fingerprint = catalogue.fingerprint()
+        db.run(conn, "cluster_set_catalogue", {"server_id": sid, "fingerprint": fingerprint,
+                                               "max_loaded": catalogue.max_loaded})
+        retried = db.all_rows(conn, "health_clear_stale_refusals", {"server_id": sid, "fingerprint": fingerprint})
+        if retried:
+            logger.info("server %s: its model list changed; will try again: %s", name,
+                        ", ".join(r["model"] for r in retried))
+        known = {r["model"]: r for r in db.all_rows(conn, "cluster_server_models", {"server_id": sid})}
+        wanted = set(wanted)
+        found: dict[str, tuple[Offered, list[LoadedModel]]] = {}
+        entries: dict[str, Offered] = {}
+        claimed: set[str] = set()
+        for model in sorted(wanted | set(known)):
+            offered = identity.identify(backend, model, catalogue)
+            if offered is not None:
+                entries[model] = offered
+            else:
+                if model in wanted and catalogue.complete:
+                    reason = str(unknown_model(model, catalogue, f"server {name}"))
+                    if health.mark_unavailable(conn, sid, model, reason, config_fingerprint):
+                        logger.warning("%s", reason)
+                    result.refused.append(model)
+                continue
+            live = [i for i in offered.instances if i.state in ("loaded", "loading", "sleeping")
+                    and i.key not in claimed]
+            if live:
+                found[model] = (offered, live)
+                claimed.update(i.key for i in live)
+        for inst in catalogue.instances():   # loaded by someone else, under a name no config uses
+            if inst.key not in claimed and inst.state in ("loaded", "loading", "sleeping"):
+                found.setdefault(inst.key, (Offered(inst.key, size_bytes=inst.size_bytes or None), [inst]))
+                claimed.add(inst.key)
+
+        # Sizes the server reports (loaded or not), so placement never has to assume one.
+        for model, offered in {**{m: o for m, (o, _) in found.items()}, **entries}.items():
+            each = offered.size_bytes or next((i.size_bytes for i in found.get(model, (None, []))[1]
+                                               if i.size_bytes), 0)
+            if each:
+                db.run(conn, "cluster_catalog_upsert", {
+                    "model": model, "size_bytes": each, "parallel": None,
+                    "context_length": offered.max_context_length, "size_source": f"server {name}"})
+
+        for model, (offered, live) in found.items():
+            primary = _pick_primary(live)
+            origin = known[model]["origin"] if model in known else "server"
+            size = sum(i.size_bytes for i in live) or (offered.size_bytes or 0) * len(live)
             if size <= 0:
-                known = db.one(conn, "cluster_catalog_get", {"model": lm.key})
-                size = known["size_bytes"] if known else 0
+                cat = db.one(conn, "cluster_catalog_get", {"model": model})
+                size = int(cat["size_bytes"]) * len(live) if cat else 0
             row = db.one(conn, "cluster_upsert_instance", {
-                "server_id": server_row["id"], "model": lm.key, "state": lm.state if lm.state == "loading" else "loaded",
-                "size_bytes": size, "parallel": max(1, lm.parallel or 1), "context_length": lm.context_length})
+                "server_id": sid, "model": model, "state": _resident_state(primary.state, origin),
+                "size_bytes": size, "parallel": max(1, primary.parallel or 1),
+                "context_length": primary.context_length, "instance_id": primary.key, "instances": len(live),
+                "origin": origin, "ttl_seconds": primary.ttl_seconds})
             if row["inserted"]:
-                result.added.append(lm.key)
-            if lm.size_bytes > 0:
-                db.run(conn, "cluster_catalog_upsert", {"model": lm.key, "size_bytes": lm.size_bytes,
-                                                        "parallel": lm.parallel, "context_length": lm.context_length})
-        gone = db.all_rows(conn, "cluster_delete_vanished_instances",
-                           {"server_id": server_row["id"], "models": list(by_key)})
+                result.added.append(model)
+        gone = db.all_rows(conn, "cluster_delete_vanished_instances", {"server_id": sid, "models": list(found)})
         result.removed = [g["model"] for g in gone]
-        db.run(conn, "cluster_set_memory", {"server_id": server_row["id"], "memory_bytes": memory,
-                                            "memory_source": source})
-    result.models = sorted(by_key)
+        db.run(conn, "cluster_set_memory", {"server_id": sid, "memory_bytes": memory, "memory_source": source})
+    result.models = sorted(found)
     if result.added or result.removed:
         logger.info("server %s: +%s -%s", name, result.added, result.removed)
     return result
@@ -266,17 +337,37 @@ def usable(server: Mapping[str, Any], now) -> bool:
                 and (server["backoff_until"] is None or server["backoff_until"] <= now))
 
 
+def can_load(kind: str) -> bool:
+    """Whether aibot can load models on this kind of server (the backend class says)."""
+    from aibot.backends import BACKENDS
+
+    cls = BACKENDS.get(kind)
+    return bool(getattr(cls, "can_load", kind not in ("openai", "llamacpp")))
+
+
+def _blocked_reason(row: Mapping[str, Any]) -> str:
+    if row["unavailable_reason"]:
+        return f"refused: {row['unavailable_reason']}"
+    return f"backed off until {row['backoff_until']:%H:%M:%S} after: {row['last_error']}"
+
+
 def server_views(conn: psycopg.Connection, now) -> list[ServerView]:
-    """Every server as `aibot.placement` sees it (residents with requests in flight)."""
+    """Every server as `aibot.placement` sees it (residents with requests in flight, the models it
+    refused or backed off, its own eviction bound)."""
     servers = db.all_rows(conn, "cluster_servers")
     residents: dict[int, list[Resident]] = {}
     for r in db.all_rows(conn, "cluster_instances", {"server_id": None}):
         residents.setdefault(r["server_id"], []).append(Resident(
             r["model"], int(r["size_bytes"]), int(r["parallel"]), r["state"], int(r["held"]),
             r["loaded_at"], r["last_used_at"]))
+    blocked: dict[int, dict[str, str]] = {}
+    for (sid, model), row in health.blocked_pairs(conn).items():
+        blocked.setdefault(sid, {})[model] = _blocked_reason(row)
     return [ServerView(s["id"], s["name"], Budget.from_row(s), tuple(residents.get(s["id"], ())),
-                       can_load=usable(s, now) and s["kind"] != "openai",
-                       default_parallel=int(s.get("default_parallel") or 1))
+                       can_load=usable(s, now) and can_load(s["kind"]),
+                       default_parallel=int(s.get("default_parallel") or 1),
+                       blocked=blocked.get(s["id"], {}), max_models=s.get("max_loaded"),
+                       memory_source=s.get("memory_source"))
             for s in servers]
 
 
@@ -368,8 +459,19 @@ def plan(conn: psycopg.Connection, *, processes: int | None = None, live_seconds
 _stores: dict[str, Any] = {}
 
 
-def configured_servers(config_path: str | None = None) -> list[Any] | None:
-    """The servers of the (hot-reloaded) entity config, or None when there is no usable config.
+@dataclass(frozen=True)
+class Configured:
+    """What the cluster takes from the entity configuration: its servers, the model names its
+    entities resolve to (refresh looks each up on every server) and the configuration's fingerprint."""
+
+    servers: list[Any]
+    models: frozenset[str]
+    fingerprint: str | None
+    config: Any = None
+
+
+def configured(config_path: str | None = None) -> Configured | None:
+    """The (hot-reloaded) entity configuration, or None when there is no usable one.
 
     None means "do not sync": a missing or broken config must not disable every server.
     """
@@ -384,24 +486,48 @@ def configured_servers(config_path: str | None = None) -> list[Any] | None:
         store = _stores.get(path)
         if store is None:
             store = _stores[path] = ConfigStore(path)
-        return list(store.get().servers)
+        config = store.get()
+        return Configured(list(config.servers), frozenset(config_models(config)), store.fingerprint, config)
     except Exception as exc:  # noqa: BLE001 - a bad config is logged by the store and must not stop refreshes
         logger.error("cannot read servers from the config: %s", exc)
         return None
+
+
+def config_models(config: Any) -> set[str]:
+    """The model ids the enabled entities resolve to, named as the bot names them in jobs."""
+    from aibot.bot.ingest import backend_kind_of
+    from aibot.config import UnresolvableModel, resolve_model_id
+
+    kind = backend_kind_of(config)
+    out = set()
+    for entity in config.entities:
+        if entity.enabled:
+            try:
+                out.add(resolve_model_id(entity, kind))
+            except UnresolvableModel:
+                continue
+    return out
 
 
 def refresh_all(database: db.Database, backend_for: Callable[[Mapping[str, Any]], Backend] = backend_for_row, *,
                 sync: bool = True, config_path: str | None = None) -> str | None:
     """Syncs servers from the config (when there is one), refreshes every enabled server that is not
     backed off, then rebalances slots to match."""
-    servers_cfg = configured_servers(config_path) if sync else None
-    if servers_cfg is not None:
+    found = configured(config_path) if sync else None
+    if found is not None:
         with database.transaction() as conn:
-            sync_servers(conn, servers_cfg)
+            sync_servers(conn, found.servers)
+            retried = db.all_rows(conn, "health_clear_config_refusals", {"config": found.fingerprint})
+        if retried:
+            logger.info("the configuration changed; will try again: %s",
+                        ", ".join(sorted({r["model"] for r in retried})))
     with database.transaction() as conn:
         now = db.one(conn, "cluster_now")["now"]
         servers = [s for s in db.all_rows(conn, "cluster_servers")
                    if s["enabled"] and (s["backoff_until"] is None or s["backoff_until"] <= now)]
+        wanted = {r["model"] for r in db.all_rows(conn, "cluster_wanted_models")}
+    if found is not None:
+        wanted |= found.models
     results = []
     for s in servers:
         try:
@@ -411,7 +537,8 @@ def refresh_all(database: db.Database, backend_for: Callable[[Mapping[str, Any]]
             continue
         try:
             with database.transaction() as conn:
-                results.append(refresh_server(conn, s, backend))
+                results.append(refresh_server(conn, s, backend, wanted,
+                                              config_fingerprint=found.fingerprint if found else None))
         finally:
             backend.close()
     with database.transaction() as conn:
@@ -428,6 +555,9 @@ def refresh_all(database: db.Database, backend_for: Callable[[Mapping[str, Any]]
     if deltas:
         parts.append(f"{len(deltas)} slot pair(s) resized")
     return "; ".join(parts)
+
+
+_not_loadable: dict[str, str] = {}   # model -> the last reason logged, so a refusal is logged once
 
 
 def load_for_demand(database: db.Database, *, worker_id: str,
@@ -451,9 +581,17 @@ def load_for_demand(database: db.Database, *, worker_id: str,
     def load(w):
         try:
             res = model_loader.ensure_loaded(database, w["model"], backend_for=backend_for, worker_id=worker_id)
+            _not_loadable.pop(w["model"], None)
             return f"{w['model']}@{res.server}", None
         except model_loader.LoadError as exc:
-            logger.warning("cannot load %s for %d queued job(s): %s", w["model"], w["queued"], exc)
+            reason = f"waiting: {exc}"
+            with database.transaction() as conn:
+                from aibot import jobs
+
+                jobs.note_waiting(conn, w["model"], reason)
+            if _not_loadable.get(w["model"]) != reason:   # once per new reason, not at every pass
+                _not_loadable[w["model"]] = reason
+                logger.warning("cannot load %s for %d queued job(s): %s", w["model"], w["queued"], exc)
             return None, f"{w['model']} ({exc})"
 
     loaded, failed = [], []

@@ -1,10 +1,17 @@
-"""Shared per-server health and backoff, kept in Postgres so every worker on every host sees it at once.
+"""Shared health and backoff, kept in Postgres so every worker on every host sees it at once, at two
+scopes: a server (connection-level faults: nothing there can be reached) and a (server, model) pair
+(a failed load, a model's cut streams: the server's other models are fine).
 
 One worker seeing a server fail says little; three consecutive faults from anyone mean the server is
 in trouble, and then *all* workers must stop sending it work together (the seed's "error backoff
 coordination"), otherwise each process discovers the outage on its own and hammers the server.
 The count is bumped atomically (one UPDATE ... RETURNING); the claim SQL skips servers that are
-'down' or whose `backoff_until` lies ahead, and a probe brings them back.
+'down' or whose `backoff_until` lies ahead, and pairs in `blocked_pairs`.
+
+Recovery: a down server is probed every PROBE_EVERY_SECONDS whatever its backoff, and serves again as
+soon as a probe answers, so an outage costs seconds after it ends, not a backoff period. The backoff
+still protects against a flapping server: one that fails again within FLAP_SECONDS of recovering goes
+a level up (`aibot.next_backoff_level`) and stays down until that backoff ends, answering or not.
 """
 
 from __future__ import annotations
@@ -25,6 +32,8 @@ logger = logging.getLogger("aibot.health")
 FAULT_THRESHOLD = 3          # consecutive server faults before the server is backed off
 BACKOFF_BASE_SECONDS = 5.0
 BACKOFF_CAP_SECONDS = 300.0
+PROBE_EVERY_SECONDS = 2.0    # probe cadence of a down server (the probe tick runs every 2 s too)
+FLAP_SECONDS = 120.0         # a trip this soon after a recovery escalates the backoff level
 JITTER_RANGE = (0.5, 1.0)    # factor in [0.5, 1): spreads returns, never exceeds the cap
 _MAX_ERROR_CHARS = 500
 
@@ -81,7 +90,7 @@ def record_fault(conn: psycopg.Connection, server_id: int, error: str, *, thresh
     if threshold < 1:
         raise ValueError(f"fault threshold must be >= 1, got {threshold}")
     row = db.one(conn, "health_record_fault", {
-        "server_id": server_id, "error": _clip(error), "threshold": threshold,
+        "server_id": server_id, "error": _clip(error), "threshold": threshold, "flap_seconds": FLAP_SECONDS,
         "base": float(base), "cap": float(cap), "jitter": jitter_factor(rng)})
     if row is None:
         return None
@@ -98,9 +107,9 @@ def record_ok(conn: psycopg.Connection, server_id: int) -> HealthState | None:
     return None if row is None else _state(row)
 
 
-def probe(conn: psycopg.Connection, server_row: dict, backend: Backend, *, base: float = BACKOFF_BASE_SECONDS,
-          cap: float = BACKOFF_CAP_SECONDS, rng: random.Random | None = None) -> HealthState | None:
-    """Health-checks one server whose backoff has expired: healthy again, or backed off one level further.
+def probe(conn: psycopg.Connection, server_row: dict, backend: Backend) -> HealthState | None:
+    """Health-checks one server that is down (or never checked): healthy again as soon as it answers,
+    unless it is flapping (then it stays down until its backoff ends).
 
     The HTTP call happens before any statement on `conn`, so no transaction is held open across it.
     """
@@ -110,28 +119,27 @@ def probe(conn: psycopg.Connection, server_row: dict, backend: Backend, *, base:
     except BackendError as exc:
         error = f"health check: {type(exc).__name__}: {exc}"
     if error is None:
+        if server_row.get("flapping"):
+            row = db.one(conn, "health_probe_held", {"server_id": server_row["id"]})
+            return None if row is None else _state(row)
         state = record_ok(conn, server_row["id"])
         if server_row.get("health") == "down":
             logger.info("server %s is healthy again", server_row["name"])
         return state
-    row = db.one(conn, "health_probe_failed", {
-        "server_id": server_row["id"], "error": _clip(error), "base": float(base), "cap": float(cap),
-        "jitter": jitter_factor(rng)})
+    row = db.one(conn, "health_probe_failed", {"server_id": server_row["id"], "error": _clip(error)})
     if row is None:
         return None
-    state = _state(row, True)
-    logger.warning("server %s still failing (%s); backed off to level %d until %s",
-                   state.name, error, state.backoff_level, state.backoff_until)
-    return state
+    if server_row.get("health") != "down":
+        logger.warning("server %s is down: %s", row["name"], error)
+    return _state(row)
 
 
 def due_probes(conn: psycopg.Connection) -> list[dict]:
-    """Servers to probe now: down with an expired backoff, or never checked."""
-    return db.all_rows(conn, "health_due_probes")
+    """Servers to probe now: never checked, or down and not probed for PROBE_EVERY_SECONDS."""
+    return db.all_rows(conn, "health_due_probes", {"every_seconds": PROBE_EVERY_SECONDS})
 
 
-def probe_due(database: db.Database, backend_for: Callable[[dict], Backend], *, base: float = BACKOFF_BASE_SECONDS,
-              cap: float = BACKOFF_CAP_SECONDS) -> list[HealthState]:
+def probe_due(database: db.Database, backend_for: Callable[[dict], Backend]) -> list[HealthState]:
     """Probes every due server, each in its own short transaction (no transaction spans HTTP)."""
     with database.transaction() as conn:
         rows = due_probes(conn)
@@ -144,9 +152,52 @@ def probe_due(database: db.Database, backend_for: Callable[[dict], Backend], *, 
             continue
         try:
             with database.transaction() as conn:
-                state = probe(conn, row, backend, base=base, cap=cap)
+                state = probe(conn, row, backend)
         finally:
             backend.close()
         if state is not None:
             results.append(state)
     return results
+
+
+# --------------------------------------------------------------------------------------- model scope
+
+def record_model_fault(conn: psycopg.Connection, server_id: int, model: str, error: str, *,
+                       threshold: int = FAULT_THRESHOLD, base: float = BACKOFF_BASE_SECONDS,
+                       cap: float = BACKOFF_CAP_SECONDS, rng: random.Random | None = None) -> dict | None:
+    """Counts a fault of one (server, model) pair for everyone; the threshold-th consecutive one backs
+    that pair off (claims and loads skip it), leaving the server's other models serving."""
+    if threshold < 1:
+        raise ValueError(f"fault threshold must be >= 1, got {threshold}")
+    db.run(conn, "health_model_row", {"server_id": server_id, "model": model})
+    row = db.one(conn, "health_record_model_fault", {
+        "server_id": server_id, "model": model, "error": _clip(error), "threshold": threshold,
+        "flap_seconds": FLAP_SECONDS, "base": float(base), "cap": float(cap), "jitter": jitter_factor(rng)})
+    if row is not None and row["tripped"]:
+        logger.warning("model %s backed off on server id %d (level %d, until %s) after %d consecutive faults; "
+                       "last: %s", model, server_id, row["backoff_level"], row["backoff_until"],
+                       row["failure_count"], _clip(error))
+    return row
+
+
+def record_model_ok(conn: psycopg.Connection, server_id: int, model: str) -> bool:
+    """The pair served: its shared failure count and backoff start over. True if there was one."""
+    return db.one(conn, "health_record_model_ok", {"server_id": server_id, "model": model}) is not None
+
+
+def mark_unavailable(conn: psycopg.Connection, server_id: int, model: str, reason: str,
+                     config_fingerprint: str | None = None) -> bool:
+    """Remembers that this server will not serve this model as configured (a permanent refusal).
+
+    It is retried only when the server's catalogue or the configuration changes. Returns True when the
+    reason is new (so callers log it once, not at every tick).
+    """
+    row = db.one(conn, "health_mark_unavailable", {"server_id": server_id, "model": model,
+                                                   "reason": _clip(reason), "config": config_fingerprint})
+    return row is not None
+
+
+def blocked_pairs(conn: psycopg.Connection, server_id: int | None = None) -> dict[tuple[int, str], dict]:
+    """{(server id, model): row} for pairs refused for good or backed off now."""
+    return {(r["server_id"], r["model"]): r for r in db.all_rows(conn, "health_pairs", {"server_id": server_id})
+            if r["unavailable_reason"] is not None or r["backed_off"]}

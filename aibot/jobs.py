@@ -112,6 +112,8 @@ class Claim:
     max_attempts: int = 3
     server_faults: int = 0
     created_at: datetime | None = None
+    instance: str | None = None          # the server's name for the serving instance (send it as `model`)
+    context_length: int | None = None    # tokens one request may use on that instance
 
     @classmethod
     def _from_row(cls, row: Mapping[str, Any]) -> Claim:
@@ -122,6 +124,7 @@ class Claim:
             lease_expires_at=row["lease_expires_at"], source=row["source"],
             source_message_id=row["source_message_id"], message_at=row["message_at"],
             max_attempts=row["max_attempts"], server_faults=row["server_faults"], created_at=row["created_at"],
+            instance=row.get("instance_id"), context_length=row.get("context_length"),
         )
 
 
@@ -179,6 +182,13 @@ def claim(conn: psycopg.Connection, worker_id: str, *, lease_seconds: float, use
     """
     got = claim_batch(conn, worker_id, 1, lease_seconds=lease_seconds, use_slots=use_slots, max_scan=max_scan)
     return got[0] if got else None
+
+
+def note_waiting(conn: psycopg.Connection, model: str, reason: str) -> int:
+    """Records on every queued job of `model` why it is still waiting (e.g. no server can load the
+    model, and why), so `aibot status`, `jobs list` and the dashboard show it; returns rows changed."""
+    with conn.transaction():
+        return db.run(conn, "jobs_note_waiting", {"model": model, "reason": reason[:MAX_ERROR_CHARS]}).rowcount
 
 
 def _token_call(conn: psycopg.Connection, name: str, params: dict[str, Any]) -> dict | None:

@@ -14,6 +14,7 @@ during HTTP; other models keep serving meanwhile.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -25,7 +26,15 @@ import psycopg
 from psycopg import errors
 
 from aibot import cluster, db, health, placement
-from aibot.backends.base import Backend, BackendError, InsufficientResources, LoadedModel
+from aibot.backends import identity
+from aibot.backends.base import (
+    Backend,
+    BackendError,
+    InsufficientResources,
+    LoadedModel,
+    ModelUnavailable,
+    Offered,
+)
 from aibot.sizing import GB
 
 logger = logging.getLogger("aibot.model_loader")
@@ -136,17 +145,14 @@ def _adopt_orphan_load(conn: psycopg.Connection, server_id: int, model: str, bac
     try:
         while True:
             try:
-                listed = {m.key: m for m in backend.list_loaded()}
+                offered = identity.identify(backend, model, identity.catalogue_of(backend))
             except BackendError as exc:
                 logger.warning("cannot list %s while waiting for an orphaned load of %s: %s", row["name"], model, exc)
-                listed = {}
-            found = listed.get(model)
-            if found is not None and found.state == "loaded":
+                offered = None
+            live = _live(offered) if offered is not None else []
+            if live and any(i.state != "loading" for i in live):
                 with conn.transaction():
-                    db.run(conn, "cluster_upsert_instance", {
-                        "server_id": server_id, "model": model, "state": "loaded",
-                        "size_bytes": found.size_bytes, "parallel": max(1, found.parallel or 1),
-                        "context_length": found.context_length})
+                    _record_resident(conn, server_id, model, offered, live, origin="aibot")
                     db.run(conn, "cluster_orphan_load_done", {"server_id": server_id, "model": model})
                     cluster.rebalance(conn, server_id=server_id)
                 logger.info("adopted %s on %s: a loader went away but the server finished its load", model, row["name"])
@@ -158,11 +164,51 @@ def _adopt_orphan_load(conn: psycopg.Connection, server_id: int, model: str, bac
         backend.close()
 
 
-def _size_of(conn: psycopg.Connection, model: str, size_bytes: int | None) -> int:
+@dataclass(frozen=True)
+class ModelSize:
+    bytes: int
+    source: str          # where the figure came from, shown in every "not enough memory" message
+    assumed: bool = False
+
+
+_assumed_logged: set[str] = set()
+
+
+def model_size(conn: psycopg.Connection, model: str, size_bytes: int | None = None) -> ModelSize:
+    """A model's size for placement: the caller's figure, else what a server reported (model_catalog),
+    else the configuration's `models["<id>"].sizeGB`, else an explicit assumption of 15 GB that is
+    logged (once per model and process) and named in every refusal that rests on it."""
     if size_bytes:
-        return int(size_bytes)
+        return ModelSize(int(size_bytes), "given by the caller")
     known = db.one(conn, "cluster_catalog_get", {"model": model})
-    return int(known["size_bytes"]) if known else DEFAULT_MODEL_BYTES
+    if known:
+        return ModelSize(int(known["size_bytes"]), f"reported by {known['size_source'] or 'a server'}")
+    found = cluster.configured()
+    settings = found.config.model_settings(model) if found is not None and found.config is not None else None
+    if settings is not None and settings.size_bytes:
+        return ModelSize(settings.size_bytes, f'config models["{model}"].sizeGB')
+    source = (f'assumed: no server reported its size and the config has no models["{model}"].sizeGB')
+    if model not in _assumed_logged:
+        _assumed_logged.add(model)
+        logger.warning("model %s: size unknown, assuming %s for placement (set models[\"%s\"].sizeGB in the "
+                       "config if that is wrong)", model, f"{DEFAULT_MODEL_BYTES / GB:.0f} GB", model)
+    return ModelSize(DEFAULT_MODEL_BYTES, source, assumed=True)
+
+
+def _live(offered: Offered) -> list[LoadedModel]:
+    """The instances of an entry that hold memory and can (or soon will) serve."""
+    return [i for i in offered.instances if i.state in ("loaded", "loading", "sleeping")]
+
+
+def _record_resident(conn: psycopg.Connection, sid: int, model: str, offered: Offered, live: list[LoadedModel],
+                     *, origin: str) -> None:
+    """Records `model`'s instances on server `sid` as resident (under the configured name)."""
+    primary = cluster._pick_primary(live)
+    size = sum(i.size_bytes for i in live) or (offered.size_bytes or 0) * len(live)
+    db.run(conn, "cluster_upsert_instance", {
+        "server_id": sid, "model": model, "state": "loaded", "size_bytes": size,
+        "parallel": max(1, primary.parallel or 1), "context_length": primary.context_length,
+        "instance_id": primary.key, "instances": len(live), "origin": origin, "ttl_seconds": primary.ttl_seconds})
 
 
 def ensure_loaded(database, model: str, *, server: str | None = None,
@@ -173,8 +219,9 @@ def ensure_loaded(database, model: str, *, server: str | None = None,
     """Makes sure `model` is loaded on a usable server (or on `server`), loading it at most once.
 
     `database` is an `aibot.db.Database` or a URL; the call uses one dedicated connection of its own.
-    Size for placement: `size_bytes`, else the last size seen (model_catalog), else 15 GB.
-    Raises NoRoom, LoadTimeout or LoadError.
+    Size for placement: see `model_size`. A server that refuses the model for good (an unknown name,
+    LM Studio's model_not_found) is marked so and the next server is tried; one whose load failed is
+    backed off for that model. Raises NoRoom, LoadTimeout or LoadError.
     """
     started = time.monotonic()
     deadline = started + wait_s
@@ -201,7 +248,7 @@ def ensure_loaded(database, model: str, *, server: str | None = None,
                 _wait_for_loader(conn, choice.server_id, model, deadline, backend_for)
                 continue
             try:
-                result = _load_locked(conn, choice, model, size_bytes=_size_of(conn, model, size_bytes),
+                result = _load_locked(conn, choice, model, size_bytes=model_size(conn, model, size_bytes).bytes,
                                       backend_for=backend_for, worker_id=worker_id,
                                       min_residency_s=min_residency_s, progress=progress, deadline=deadline,
                                       replica_ok=server is not None)
@@ -223,8 +270,9 @@ def _choose(conn: psycopg.Connection, model: str, server: str | None, size_bytes
         if not views:
             raise LoadError(f"unknown server {server!r}")
     demand = cluster.queued_demand(conn)
-    choice = placement.choose_server(views, model, _size_of(conn, model, size_bytes), now=now,
-                                     min_residency_s=min_residency_s, demand=demand)
+    size = model_size(conn, model, size_bytes)
+    choice = placement.choose_server(views, model, size.bytes, now=now, min_residency_s=min_residency_s,
+                                     demand=demand, size_source=size.source)
     if isinstance(choice, placement.Refusal):
         # Someone started (or finished) this very model since we looked: go back and wait for it.
         if any((r := v.holds(model)) is not None and (r.state != "loaded" or v.can_load) for v in views):
@@ -276,8 +324,7 @@ def _decide(conn, sid, model, size_bytes, worker_id, min_residency_s, victim_loc
         if mine is not None and mine.state == "loaded":
             return srow, None, None
         if mine is not None:   # a stale row: we hold the lock, so nobody else is loading it
-            view = placement.ServerView(view.server_id, view.name, view.budget,
-                                        tuple(r for r in view.residents if r.model != model), view.can_load)
+            view = dataclasses.replace(view, residents=tuple(r for r in view.residents if r.model != model))
         if not view.can_load:
             raise _Retry
         evict = placement.room_for(view, size_bytes, now=now, min_residency_s=min_residency_s,
@@ -312,21 +359,43 @@ def _decide(conn, sid, model, size_bytes, worker_id, min_residency_s, victim_loc
 def _load_locked_inner(conn, choice, model, size_bytes, backend_for, worker_id, min_residency_s,
                        progress: Progress, deadline, victim_locks, replica_ok=False) -> LoadResult | None:
     sid = choice.server_id
-    try:
-        srow, victims, load_id = _decide(conn, sid, model, size_bytes, worker_id, min_residency_s, victim_locks,
-                                         replica_ok)
-    except _Retry:
-        return None
-    if victims is None:
-        return LoadResult(sid, srow["name"], model, False)
-
+    srow = db.one(conn, "cluster_server_by_id", {"server_id": sid})
     backend = backend_for(srow)
     try:
+        # 1. What the server calls this model (HTTP, no transaction open). A name it will never serve
+        #    is refused for this server until its model list or the configuration changes; a model it
+        #    already holds (its own autoload, or a load we lost track of) is adopted, never loaded twice.
+        try:
+            offered = identity.locate(backend, model, identity.catalogue_of(backend), f"server {srow['name']}")
+        except ModelUnavailable as exc:
+            _refuse(conn, sid, model, exc)
+            return None
+        except BackendError as exc:
+            _fault(conn, sid, model, f"listing before loading {model}", exc)
+            raise LoadError(f"cannot list {srow['name']} to load {model!r}: {type(exc).__name__}: {exc}") from exc
+        live = _live(offered)
+        if live:
+            with conn.transaction():
+                _record_resident(conn, sid, model, offered, live, origin="server")
+            cluster.rebalance(conn, server_id=sid)
+            logger.info("%s is already on %s (as %s): adopted", model, srow["name"], live[0].key)
+            return LoadResult(sid, srow["name"], model, False)
+        size_bytes = offered.size_bytes or size_bytes
+        try:
+            srow, victims, load_id = _decide(conn, sid, model, size_bytes, worker_id, min_residency_s, victim_locks,
+                                             replica_ok)
+        except _Retry:
+            return None
+        if victims is None:
+            return LoadResult(sid, srow["name"], model, False)
+        instance_ids = {r["model"]: r["instance_id"] or r["model"]
+                        for r in db.all_rows(conn, "cluster_server_models", {"server_id": sid})}
+
         # 2. Evict (HTTP, no transaction open).
         for victim, vid in victims:
             progress("evicting", server=srow["name"], model=victim)
             try:
-                backend.unload(victim)
+                backend.unload(instance_ids.get(victim, victim))
             except BackendError as exc:
                 with conn.transaction():
                     for v, i in victims:
@@ -340,16 +409,18 @@ def _load_locked_inner(conn, choice, model, size_bytes, backend_for, worker_id, 
                 db.run(conn, "cluster_load_finish", {"id": vid, "ok": True, "error": None})
             logger.info("evicted %s from %s to make room for %s", victim, srow["name"], model)
 
-        # 3. Load, holding the lock throughout.
+        # 3. Load by the name the server accepts, holding the lock throughout.
         progress("loading", server=srow["name"], model=model, size_bytes=size_bytes)
         t0 = time.monotonic()
         try:
-            loaded = backend.load(model)
+            loaded = backend.load(offered.key)
             loaded = _await_loaded(backend, model, loaded, deadline)
         except BackendError as exc:
             _abort_load(conn, sid, model, load_id, f"{type(exc).__name__}: {exc}")
-            if exc.server_fault and not isinstance(exc, InsufficientResources):
-                health.record_fault(conn, sid, f"load {model}: {type(exc).__name__}: {exc}")
+            if isinstance(exc, ModelUnavailable):
+                _refuse(conn, sid, model, exc)
+            else:
+                _fault(conn, sid, model, f"load {model}", exc)
             raise LoadError(f"loading {model!r} on {srow['name']} failed: {type(exc).__name__}: {exc}") from exc
 
         # 4. Loaded: record, then give it slots.
@@ -357,15 +428,19 @@ def _load_locked_inner(conn, choice, model, size_bytes, backend_for, worker_id, 
         with conn.transaction():
             db.run(conn, "cluster_mark_loaded", {"server_id": sid, "model": model, "size_bytes": size,
                                                  "parallel": max(1, loaded.parallel or 1),
-                                                 "context_length": loaded.context_length})
+                                                 "context_length": loaded.context_length,
+                                                 "instance_id": loaded.key, "ttl_seconds": loaded.ttl_seconds})
             if loaded.size_bytes:
                 db.run(conn, "cluster_catalog_upsert", {"model": model, "size_bytes": loaded.size_bytes,
                                                         "parallel": loaded.parallel,
-                                                        "context_length": loaded.context_length})
+                                                        "context_length": loaded.context_length,
+                                                        "size_source": f"server {srow['name']}"})
             db.run(conn, "cluster_load_finish", {"id": load_id, "ok": True, "error": None})
+            health.record_model_ok(conn, sid, model)
         cluster.rebalance(conn, server_id=sid)
         seconds = time.monotonic() - t0
-        logger.info("loaded %s on %s in %.1fs (parallel %d)", model, srow["name"], seconds, loaded.parallel or 1)
+        logger.info("loaded %s on %s as %s in %.1fs (parallel %d)", model, srow["name"], loaded.key, seconds,
+                    loaded.parallel or 1)
         progress("loaded", server=srow["name"], model=model, seconds=seconds, parallel=loaded.parallel,
                  size_bytes=size)
         return LoadResult(sid, srow["name"], model, True, tuple(v for v, _ in victims))
@@ -373,13 +448,46 @@ def _load_locked_inner(conn, choice, model, size_bytes, backend_for, worker_id, 
         backend.close()
 
 
+def _refuse(conn: psycopg.Connection, sid: int, model: str, exc: BackendError) -> None:
+    """The server will not serve this model as configured: mark the pair, so neither the loader nor a
+    claim tries it again until the server's model list or the configuration changes."""
+    found = cluster.configured()
+    with conn.transaction():
+        new = health.mark_unavailable(conn, sid, model, str(exc), found.fingerprint if found else None)
+    if new:
+        logger.warning("server id %d will not serve %s: %s", sid, model, exc)
+
+
+def _fault(conn: psycopg.Connection, sid: int, model: str, what: str, exc: BackendError) -> None:
+    """Blames the right scope: the server for connection-level faults, the (server, model) pair for a
+    failed load (backed off at once: the server said so itself), nobody for a refusal for lack of memory
+    (the placement was wrong, not the server)."""
+    with conn.transaction():
+        if isinstance(exc, InsufficientResources):
+            health.record_model_fault(conn, sid, model, f"{what}: {type(exc).__name__}: {exc}", threshold=1)
+        elif exc.scope == "server":
+            health.record_fault(conn, sid, f"{what}: {type(exc).__name__}: {exc}")
+        else:
+            health.record_model_fault(conn, sid, model, f"{what}: {type(exc).__name__}: {exc}", threshold=1)
+
+
 def _await_loaded(backend: Backend, model: str, loaded: LoadedModel, deadline: float) -> LoadedModel:
-    """Some servers answer the load request before the model is ready: poll their listing until it is."""
-    while loaded.state != "loaded":
+    """Some servers answer the load request before the model is ready: poll their catalogue until it is,
+    or until the server says the load failed (then LoadFailed with its reason, at once)."""
+    from aibot.backends.base import LoadFailed
+
+    interval = 0.1
+    while loaded.state == "loading":
         if time.monotonic() > deadline:
             raise LoadError(f"{model!r} was still loading at the deadline")
-        time.sleep(0.2)
-        found = [m for m in backend.list_loaded() if m.key == model]
+        time.sleep(interval)   # waiting on a remote process: there is no event to wait on
+        interval = min(interval * 2, 1.0)
+        offered = identity.identify(backend, model, identity.catalogue_of(backend))
+        if offered is None:
+            continue
+        if offered.status == "failed":
+            raise LoadFailed(f"the server failed to load {model!r}: {offered.failure or 'no reason given'}")
+        found = [i for i in offered.instances if i.key == loaded.key] or _live(offered)
         if found:
             loaded = found[0]
     return loaded
@@ -427,7 +535,7 @@ def unload(database, server: str, model: str, *,
             progress("unloading", server=server, model=model)
             backend = backend_for(srow)
             try:
-                backend.unload(model)
+                backend.unload(row.get("instance_id") or model)
             except BackendError as exc:
                 with conn.transaction():
                     db.run(conn, "cluster_set_instance_state", {"server_id": sid, "model": model, "state": "loaded"})

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from aibot.sizing import Budget, Instance, memory_bound, server_slots
+from aibot.sizing import Budget, Instance, gb, memory_bound, server_slots
 
 DEFAULT_MIN_RESIDENCY_SECONDS = 120.0
 
@@ -157,6 +157,9 @@ class ServerView:
     residents: tuple[Resident, ...] = ()
     can_load: bool = True             # enabled, not draining, healthy, and its API can load models
     default_parallel: int = 1         # what a new instance is assumed to serve when nothing says more
+    blocked: Mapping[str, str] = field(default_factory=dict)   # model -> why this server will not take it now
+    max_models: int | None = None     # the server evicts its LRU model itself beyond this many
+    memory_source: str | None = None  # where budget.memory_bytes came from (for the arithmetic in refusals)
 
     @property
     def expected_parallel(self) -> int:
@@ -228,16 +231,17 @@ def room_for(server: ServerView, size_bytes: int, *, now: datetime,
     can serve nothing only starves the others). A server with unknown RAM always has room.
     """
     budget = server.budget
-    if budget.memory_bytes is None:
-        return ()
     evict: list[str] = []
     victims = evictable(server, now=now, min_residency_s=min_residency_s, demand=demand)
     while True:
         staying = [r for r in server.residents if r.model not in evict]
+        # A server that evicts by itself beyond `max_models` would choose its own victim, perhaps one
+        # with work in flight: we evict an idle one first, so its eviction never happens.
+        count_ok = server.max_models is None or len(staying) + 1 <= server.max_models
         need = max(server.held + 1, len(staying) + 1)
         models = sum(r.size_bytes for r in staying) + size_bytes
         bound = memory_bound(budget, models)
-        if bound is not None and bound >= need:
+        if count_ok and (budget.memory_bytes is None or (bound is not None and bound >= need)):
             return tuple(evict)
         if not victims:
             return None
@@ -254,9 +258,32 @@ def slots_gained(server: ServerView, size_bytes: int, evict: Iterable[str]) -> i
     return server_slots(server.budget, after).slots - server_slots(server.budget, before).slots
 
 
+def no_room_reason(server: ServerView, size_bytes: int, size_source: str | None, *, now: datetime,
+                   min_residency_s: float = DEFAULT_MIN_RESIDENCY_SECONDS) -> str:
+    """Why `room_for` said no, with the arithmetic and where each number came from, so an operator can
+    see at once whether a figure is wrong (a model size that was only assumed, a RAM figure from config)."""
+    b = server.budget
+    resident = sum(r.size_bytes for r in server.residents)
+    idle = evictable(server, now=now, min_residency_s=min_residency_s)
+    busy = [r.model for r in server.residents if r not in idle]
+    size = f"{gb(size_bytes)} ({size_source or 'size source unknown'})"
+    if server.max_models is not None and len(server.residents) + 1 > server.max_models and not idle:
+        return (f"it keeps at most {server.max_models} model(s) and every resident one is busy or recently "
+                f"loaded ({', '.join(busy) or 'none'}); the model needs {size}")
+    parts = [f"needs {size} + {gb(b.per_request_bytes)} per request"]
+    if b.memory_bytes is not None:
+        free = b.memory_bytes - b.system_reserve_bytes - b.safety_bytes - resident
+        parts.append(f"RAM {gb(b.memory_bytes)} ({server.memory_source or 'source unknown'}) − system reserve "
+                     f"{gb(b.system_reserve_bytes)} − safety {gb(b.safety_bytes)} − resident models {gb(resident)}"
+                     f" = {gb(free)} free")
+    parts.append(f"idle models that may be evicted: {', '.join(r.model for r in idle) or 'none'}"
+                 + (f"; busy or recently loaded: {', '.join(busy)}" if busy else ""))
+    return "not enough memory even after evicting idle models: " + "; ".join(parts)
+
+
 def choose_server(servers: Iterable[ServerView], model: str, size_bytes: int, *, now: datetime,
                   min_residency_s: float = DEFAULT_MIN_RESIDENCY_SECONDS,
-                  demand: Mapping[str, int] | None = None) -> Placement | Refusal:
+                  demand: Mapping[str, int] | None = None, size_source: str | None = None) -> Placement | Refusal:
     """The server to load `model` on: fewest evictions of idle models first, then the most slots
     gained (a parallel-4 server serves a hot model four times as fast as a parallel-1 one), then the
     most free memory. Unknown-RAM servers rank below any server with known room.
@@ -270,9 +297,13 @@ def choose_server(servers: Iterable[ServerView], model: str, size_bytes: int, *,
         if server.holds(model) is not None:
             refusal.reasons[server.name] = f"already holds {model}"
             continue
+        if model in server.blocked:
+            refusal.reasons[server.name] = server.blocked[model]
+            continue
         evict = room_for(server, size_bytes, now=now, min_residency_s=min_residency_s, demand=demand)
         if evict is None:
-            refusal.reasons[server.name] = "not enough memory even after evicting idle models"
+            refusal.reasons[server.name] = no_room_reason(server, size_bytes, size_source, now=now,
+                                                          min_residency_s=min_residency_s)
             continue
         free = _free_after(server, size_bytes, evict)
         rank = (len(evict), -slots_gained(server, size_bytes, evict), free is None, -(free or 0), server.name)

@@ -39,6 +39,38 @@ from typing import Any
 from aibot.backends.base import ChatRequest
 from aibot.tokens import MESSAGE_OVERHEAD, TokenCounter, make_counter
 
+#: Tokens a chat template adds outside every message (BOS, the generation prompt): kept free on top
+#: of each message's MESSAGE_OVERHEAD when a prompt is fitted to an instance's context.
+TEMPLATE_MARGIN = 16
+#: Reply tokens reserved when the entity sets no max_tokens (servers then generate until a stop).
+DEFAULT_REPLY_RESERVE = 256
+
+
+class PromptTooLong(ValueError):
+    """The prompt cannot fit the serving instance's context even with no history: the job's own,
+    deterministic fault (retrying elsewhere with the same context fails the same way)."""
+
+
+def context_budget(context_length: int | None, max_tokens: int | None, entity_budget: int | None) -> int | None:
+    """Prompt tokens one request may use on an instance with `context_length` tokens per request: the
+    context minus the reply (`max_tokens`) minus the template's margin, and never above the entity's
+    own `context_token_budget`. None when neither limit is known."""
+    if context_length is None:
+        return entity_budget
+    reply = max_tokens if isinstance(max_tokens, int) and max_tokens > 0 else DEFAULT_REPLY_RESERVE
+    room = context_length - reply - TEMPLATE_MARGIN
+    if room < 1:
+        raise PromptTooLong(f"the instance's context is {context_length} tokens per request, which leaves no room "
+                            f"for a prompt next to max_tokens {reply}; lower maxTokens or give the model more "
+                            "context (llama.cpp: -c / --parallel; LM Studio: context_length)")
+    return room if entity_budget is None else min(room, entity_budget)
+
+
+def prompt_tokens(request: ChatRequest, count: Callable[[str], int]) -> int:
+    """What the request's messages cost against a context budget (contents plus per-message overhead)."""
+    return sum(count(m["content"]) + MESSAGE_OVERHEAD for m in request.messages)
+
+
 SAMPLER_FIELDS = ("temperature", "max_tokens", "top_p", "top_k", "repeat_penalty", "min_p",
                   "frequency_penalty", "presence_penalty")
 ROLES = ("system", "user", "assistant")

@@ -194,6 +194,8 @@ def gb(n: int | float | None) -> str:
     if n is None:
         return "?"
     value = n / GB
+    if abs(value) < 1 and value != 0:
+        return f"{value:.2f}GB"
     return f"{value:.0f}GB" if abs(value - round(value)) < 0.05 else f"{value:.1f}GB"
 
 

@@ -27,8 +27,8 @@ from datetime import datetime, timezone
 
 import psycopg
 
-from aibot import cluster, db, doorbell, health, jobs, log, postprocess, prompt
-from aibot.backends.base import Backend, BackendError, ModelNotLoaded, ServerFault
+from aibot import cluster, db, doorbell, health, jobs, log, postprocess, prompt, tokens
+from aibot.backends.base import Backend, BackendError, ContextOverflow, ModelNotLoaded, ServerFault
 from aibot.backends.factory import Timeouts
 from aibot.bot import ratelimit
 from aibot.config import ConfigStore
@@ -190,7 +190,8 @@ class Runtime:
         self.budget_seconds = float(os.environ.get("AIBOT_INVOCATION_BUDGET_SECONDS", "30"))
         self._servers: dict[int, tuple[float, dict]] = {}
         self._servers_lock = threading.Lock()
-        self._faulted: dict[int, float] = {}  # server id -> monotonic time of our last fault there
+        # server id, or (server id, model) -> monotonic time of our last fault there
+        self._faulted: dict[int | tuple[int, str], float] = {}
         self._loader = DemandLoader(self)
         self.stream = os.environ.get("AIBOT_STREAM", "1") not in ("0", "false", "no")
 
@@ -286,33 +287,39 @@ class Runtime:
         payload = claim.payload
         ais = payload.get("ais") or {}
         try:
-            request = prompt.build_request(
-                entity,
-                text=payload.get("text", ""),
-                sender=payload.get("username", ""),
-                context_lines=payload.get("context", []),
-                model=claim.model,
-                global_settings=cfg.global_settings,
-                token_budget=entity.context_token_budget,
-                ai_name=ais.get("name"),
-            )
-        except ValueError as exc:  # a payload no prompt can be built from: the job's own fault, for good
+            backend = self._backend(server)
+        except BackendError as exc:
+            self._generation_failed(claim, server, exc, item)
+            return
+        try:
+            request = self._fit(backend, claim, entity, cfg, payload, ais)
+        except ValueError as exc:  # no prompt can be built, or none fits the instance: for good
+            why = f"cannot build the request: {exc}"
             with self.transaction() as conn:
-                jobs.reject(conn, claim.job_id, claim.token, f"cannot build the request: {exc}")
+                jobs.reject(conn, claim.job_id, claim.token, why)
                 ratelimit.cancel(conn, claim.job_id)
-            logger.warning("rejected: cannot build the request: %s", exc)
+            logger.warning("rejected: %s", why)
             return
         started = time.monotonic()
         started_at = _now()
         try:
-            raw = self._generate(self._backend(server), request, item)
+            raw = self._generate(backend, request, item)
+        except ContextOverflow as exc:
+            # Our count was off (no server tokenizer): deterministic, so the job is rejected now
+            # rather than retried into the same wall (it does not burn attempts on other servers).
+            why = f"the prompt does not fit the context of {claim.instance or claim.model} on {server['name']}: {exc}"
+            with self.transaction() as conn:
+                jobs.reject(conn, claim.job_id, claim.token, why)
+                ratelimit.cancel(conn, claim.job_id)
+            logger.warning("rejected: %s", why)
+            return
         except BackendError as exc:
             self._generation_failed(claim, server, exc, item)
             return
         except GenerationAborted:
             logger.info("generation stopped at shutdown; the job is back in the queue")
             return
-        self._server_ok(server)
+        self._server_ok(server, claim.model)
         text = postprocess.clean_reply(raw, entity, cfg.global_settings)
         if text is None:
             with self.transaction() as conn:
@@ -335,6 +342,34 @@ class Runtime:
             logger.warning("not delivering: the job was handed back at shutdown and will run again")
             return
         self._deliver(claim, reply, started_at=started_at)
+
+    def _fit(self, backend: Backend, claim: jobs.Claim, entity, cfg, payload: dict, ais: dict):
+        """The request, with its history trimmed to the serving instance's context (per request: per
+        slot on llama.cpp) minus the reply's max_tokens. The chars/4 estimate decides first; when the
+        prompt comes near the budget the server's own tokenizer (where it has one) decides instead.
+        Raises ValueError (PromptTooLong) when even the prompt and the message alone cannot fit."""
+        budget = prompt.context_budget(claim.context_length, entity.max_tokens, entity.context_token_budget)
+        model = claim.instance or claim.model
+
+        def build(count_tokens=None):
+            return prompt.build_request(
+                entity, text=payload.get("text", ""), sender=payload.get("username", ""),
+                context_lines=payload.get("context", []), model=model, global_settings=cfg.global_settings,
+                token_budget=budget, count_tokens=count_tokens, ai_name=ais.get("name"))
+
+        request = build()
+        if budget is None:
+            return request
+        count = tokens.estimate_tokens
+        if prompt.prompt_tokens(request, count) > budget // 2:
+            counter = tokens.make_counter(lambda text: backend.tokenize(model, text))
+            request, count = build(counter), counter
+        need = prompt.prompt_tokens(request, count)
+        if need > budget:
+            raise prompt.PromptTooLong(
+                f"the prompt and the message alone need {need} tokens, but {model} on its server allows "
+                f"{budget} (context {claim.context_length} per request − max_tokens − template margin)")
+        return request
 
     def _deliver(self, claim: jobs.Claim, reply: dict, *, started_at: datetime | None) -> None:
         try:
@@ -381,27 +416,38 @@ class Runtime:
             raise ServerFault(str(exc)) from None
 
     def _generation_failed(self, claim: jobs.Claim, server: dict, exc: BackendError, item: InFlight) -> None:
+        """Blames the scope the fault belongs to: a connection-level fault backs the server off for
+        everyone; a fault of this model there (a cut stream, a 5xx from its instance) backs off only
+        the (server, model) pair; a request fault is the job's. Neither server nor model faults burn
+        the job's attempts."""
         if item.released.is_set():
             # Shutdown handed the job back and closed our HTTP clients: not the server's fault.
             logger.info("generation aborted at shutdown; the job is back in the queue")
             return
         # A model the server does not hold is our stale view of the cluster, not the job's fault.
         server_fault = exc.server_fault or isinstance(exc, ModelNotLoaded)
+        scope = "model" if isinstance(exc, ModelNotLoaded) else exc.scope
+        error = f"{type(exc).__name__}: {exc}"
         with self.transaction() as conn:
-            if server_fault:
+            if scope == "server":
                 self._faulted[server["id"]] = time.monotonic()
-                health.record_fault(conn, server["id"], f"{type(exc).__name__}: {exc}")
-            state = jobs.fail(conn, claim.job_id, claim.token, f"{type(exc).__name__}: {exc}", server_fault=server_fault)
+                health.record_fault(conn, server["id"], error)
+            elif scope == "model":
+                self._faulted[(server["id"], claim.model)] = time.monotonic()
+                health.record_model_fault(conn, server["id"], claim.model, error)
+            state = jobs.fail(conn, claim.job_id, claim.token, error, server_fault=server_fault)
             ratelimit.cancel(conn, claim.job_id)
-        logger.warning("generation failed (%s: %s); job is now %s", type(exc).__name__, exc, state)
+        logger.warning("generation failed (%s, %s scope); job is now %s", error, scope, state)
 
-    def _server_ok(self, server: dict) -> None:
-        """Resets the server's shared failure count, but only if this process saw it fail recently:
-        an UPDATE per reply on the shared server row would be a hot spot."""
-        if server["id"] in self._faulted:
+    def _server_ok(self, server: dict, model: str) -> None:
+        """Resets the shared failure counts of the server and of (server, model), but only if this
+        process saw them fail recently: an UPDATE per reply on a shared row would be a hot spot."""
+        if server["id"] in self._faulted or (server["id"], model) in self._faulted:
             with self.transaction() as conn:
-                health.record_ok(conn, server["id"])
-            self._faulted.pop(server["id"], None)
+                if self._faulted.pop(server["id"], None) is not None:
+                    health.record_ok(conn, server["id"])
+                if self._faulted.pop((server["id"], model), None) is not None:
+                    health.record_model_ok(conn, server["id"], model)
 
     def _server(self, server_id: int) -> dict:
         now = time.monotonic()

@@ -251,6 +251,12 @@ def find(backend: Backend, wanted: str, catalogue: Catalogue, where: str) -> Off
         return found
     if not catalogue.complete:
         return Offered(wanted)
+    raise unknown_model(wanted, catalogue, where)
+
+
+def unknown_model(wanted: str, catalogue: Catalogue, where: str) -> ModelUnavailable:
+    """The error for a name the server does not offer, listing (the first 20 of) the names it does."""
     offered = catalogue.names()
     listing = ", ".join(offered[:20]) + (f" (+{len(offered) - 20} more)" if len(offered) > 20 else "")
-    raise ModelUnavailable(f"{where}: the server offers no model named {wanted!r}; it offers: {listing or 'nothing'}")
+    return ModelUnavailable(f"{where}: the server offers no model named {wanted!r}; "
+                            f"it offers: {listing or 'nothing'}")

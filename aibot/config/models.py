@@ -203,6 +203,9 @@ class ServerConfig(ConfigModel):
     hard_cap: int = Field(12, ge=1)
     default_parallel: int = Field(1, ge=1)
     token_env: str | None = None  # name of the environment variable holding the API token
+    # Models the server keeps loaded before it evicts the least recently used one by itself, when the
+    # server does not report it (llama.cpp router `--models-max`, Ollama OLLAMA_MAX_LOADED_MODELS).
+    max_loaded_models: int | None = Field(None, ge=1)
 
     @field_validator("url")
     @classmethod
@@ -323,6 +326,16 @@ class Monitoring(ConfigModel):
     metrics_retention: Any = None
 
 
+class ModelSettings(ConfigModel):
+    """Per-model facts the servers may not report (`"models": {"<model id>": {...}}` at the top level)."""
+
+    size_gb: float | None = Field(None, gt=0, validation_alias=_aliases("sizeGB", "sizeGb", "size_gb"))
+
+    @property
+    def size_bytes(self) -> int | None:
+        return None if self.size_gb is None else int(round(self.size_gb * GB))
+
+
 class BotConfig(ConfigModel):
     version: str = "v1.0"
     escapes: Literal["unescape", "literal"] | None = None
@@ -337,6 +350,8 @@ class BotConfig(ConfigModel):
     extra_servers: list[ServerConfig] = Field(default_factory=list, validation_alias=AliasChoices("servers"),
                                               serialization_alias="servers")
     entities: list[Entity]
+    # aibot's own: per-model settings by model id (the name entities resolve to, or a server's name)
+    models: dict[str, ModelSettings] = Field(default_factory=dict)
 
     _warnings: list[Issue] = PrivateAttr(default_factory=list)
     _source: str = PrivateAttr(default="")
@@ -374,6 +389,9 @@ class BotConfig(ConfigModel):
         if self._by_id is None:
             self._by_id = {e.id: e for e in self.entities}
         return self._by_id.get(entity_id)
+
+    def model_settings(self, model: str) -> ModelSettings | None:
+        return self.models.get(model)
 
     def server(self, name: str) -> ServerConfig | None:
         return next((s for s in self.servers if s.name == name), None)

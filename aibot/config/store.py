@@ -75,6 +75,16 @@ class ConfigStore:
                 log.warning("config %s: %s", self.path, warning)
             return config
 
+    @property
+    def fingerprint(self) -> str | None:
+        """Changes whenever the configuration in use changes (a permanent refusal of a model is retried
+        then); None before the first good load."""
+        import hashlib
+
+        with self._lock:
+            sig = self._signature
+        return None if sig is None else hashlib.sha256(repr(sig).encode()).hexdigest()[:16]
+
     def reload(self) -> BotConfig:
         """Forget the signature and read again (for an explicit operator request)."""
         with self._lock:

@@ -25,10 +25,10 @@ SELECT * FROM servers WHERE id = %(server_id)s FOR UPDATE;
 -- Writes a server's config; health/backoff columns are left to aibot.health
 INSERT INTO servers (name, url, kind, enabled, configured_memory_bytes, memory_bytes, memory_source,
                      system_reserve_bytes, safety_fraction, per_request_bytes, hard_cap, default_parallel,
-                     token_env)
+                     token_env, configured_max_loaded, max_loaded)
 VALUES (%(name)s, %(url)s, %(kind)s, %(enabled)s, %(configured_memory_bytes)s, %(memory_bytes)s,
         %(memory_source)s, %(system_reserve_bytes)s, %(safety_fraction)s, %(per_request_bytes)s, %(hard_cap)s,
-        %(default_parallel)s, %(token_env)s)
+        %(default_parallel)s, %(token_env)s, %(configured_max_loaded)s, %(configured_max_loaded)s)
 ON CONFLICT (name) DO UPDATE SET
     url = EXCLUDED.url,
     kind = EXCLUDED.kind,
@@ -42,6 +42,8 @@ ON CONFLICT (name) DO UPDATE SET
     hard_cap = EXCLUDED.hard_cap,
     default_parallel = EXCLUDED.default_parallel,
     token_env = EXCLUDED.token_env,
+    configured_max_loaded = EXCLUDED.configured_max_loaded,
+    max_loaded = coalesce(servers.max_loaded, EXCLUDED.configured_max_loaded),
     updated_at = now()
 RETURNING *, (xmax = 0) AS inserted;
 
@@ -74,7 +76,7 @@ ORDER BY mi.server_id, mi.model;
 
 -- cluster_model_residency --
 -- Where a model is resident, and whether claims may use that server now
-SELECT mi.server_id, s.name, mi.state,
+SELECT mi.server_id, s.name, mi.state, mi.instance_id,
        (s.enabled AND NOT s.draining AND s.health <> 'down'
         AND (s.backoff_until IS NULL OR s.backoff_until <= now())) AS usable
 FROM model_instances mi
@@ -83,15 +85,39 @@ WHERE mi.model = %(model)s
 ORDER BY s.name;
 
 -- cluster_upsert_instance --
--- A model the server lists as resident; an eviction in progress ('unloading') is not undone
-INSERT INTO model_instances (server_id, model, state, size_bytes, parallel, context_length)
-VALUES (%(server_id)s, %(model)s, %(state)s, %(size_bytes)s, %(parallel)s, %(context_length)s)
+-- A model the server lists as resident, under the configured name; an eviction in progress
+-- ('unloading') is not undone, and our own load in progress ('loading') is not declared done by a
+-- listing that still says loading
+INSERT INTO model_instances (server_id, model, state, size_bytes, parallel, context_length, instance_id,
+                             instances, origin, ttl_seconds)
+VALUES (%(server_id)s, %(model)s, %(state)s, %(size_bytes)s, %(parallel)s, %(context_length)s,
+        %(instance_id)s, %(instances)s, %(origin)s, %(ttl_seconds)s)
 ON CONFLICT (server_id, model) DO UPDATE SET
-    state = CASE WHEN model_instances.state = 'unloading' THEN 'unloading' ELSE EXCLUDED.state END,
+    state = CASE WHEN model_instances.state = 'unloading' THEN 'unloading'
+                 WHEN model_instances.state = 'loading' AND EXCLUDED.state = 'loading' THEN 'loading'
+                 WHEN model_instances.state = 'loading' AND model_instances.origin = 'aibot' THEN 'loading'
+                 ELSE EXCLUDED.state END,
     size_bytes = CASE WHEN EXCLUDED.size_bytes > 0 THEN EXCLUDED.size_bytes ELSE model_instances.size_bytes END,
     parallel = EXCLUDED.parallel,
-    context_length = coalesce(EXCLUDED.context_length, model_instances.context_length)
+    context_length = coalesce(EXCLUDED.context_length, model_instances.context_length),
+    instance_id = coalesce(EXCLUDED.instance_id, model_instances.instance_id),
+    instances = EXCLUDED.instances,
+    ttl_seconds = EXCLUDED.ttl_seconds
 RETURNING *, (xmax = 0) AS inserted;
+
+-- cluster_server_models --
+-- The models aibot already records on one server (their names are what the next listing must find)
+SELECT model, state, origin, instance_id FROM model_instances WHERE server_id = %(server_id)s ORDER BY model;
+
+-- cluster_wanted_models --
+-- Model names queued or running work needs: a refresh looks each of them up in every server's catalogue
+SELECT DISTINCT model FROM jobs WHERE state IN ('queued', 'running') AND model IS NOT NULL;
+
+-- cluster_set_catalogue --
+-- What a refresh learnt about a server as a whole: the offered names' fingerprint and its own eviction bound
+UPDATE servers
+SET catalogue_fingerprint = %(fingerprint)s, max_loaded = coalesce(%(max_loaded)s, configured_max_loaded)
+WHERE id = %(server_id)s;
 
 -- cluster_delete_vanished_instances --
 -- Forgets models the server no longer lists, except one a live loader is loading (it holds the lock)
@@ -102,13 +128,14 @@ WHERE mi.server_id = %(server_id)s
 RETURNING mi.model, mi.state;
 
 -- cluster_catalog_upsert --
--- Remembers a model's real size so it can be placed when it is loaded nowhere
-INSERT INTO model_catalog (model, size_bytes, parallel, context_length)
-VALUES (%(model)s, %(size_bytes)s, %(parallel)s, %(context_length)s)
+-- Remembers a model's real size (and where it came from) so it can be placed when it is loaded nowhere
+INSERT INTO model_catalog (model, size_bytes, parallel, context_length, size_source)
+VALUES (%(model)s, %(size_bytes)s, %(parallel)s, %(context_length)s, %(size_source)s)
 ON CONFLICT (model) DO UPDATE SET
     size_bytes = EXCLUDED.size_bytes,
-    parallel = EXCLUDED.parallel,
+    parallel = coalesce(EXCLUDED.parallel, model_catalog.parallel),
     context_length = coalesce(EXCLUDED.context_length, model_catalog.context_length),
+    size_source = EXCLUDED.size_source,
     seen_at = now();
 
 -- cluster_catalog_get --
@@ -230,7 +257,8 @@ RETURNING *;
 -- The load finished: the model can serve and will get slots at the next rebalance
 UPDATE model_instances
 SET state = 'loaded', size_bytes = %(size_bytes)s, parallel = %(parallel)s,
-    context_length = %(context_length)s, loaded_at = now(), last_used_at = now()
+    context_length = %(context_length)s, instance_id = %(instance_id)s, ttl_seconds = %(ttl_seconds)s,
+    loaded_at = now(), last_used_at = now()
 WHERE server_id = %(server_id)s AND model = %(model)s
 RETURNING *;
 
@@ -284,18 +312,20 @@ ORDER BY host;
 
 -- health_record_fault --
 -- One server fault, counted for every worker on every host; the threshold-th consecutive one backs the
--- server off (level + 1, health down). Faults while already backed off only count.
+-- server off (health down). A trip within the flap window of the last recovery goes one level up, an
+-- isolated one is level 1 (aibot.next_backoff_level). Faults while already backed off only count.
 WITH cur AS (
     SELECT id, failure_count, backoff_level, backoff_until,
+           next_backoff_level(backoff_level, backoff_until, recovered_at, %(flap_seconds)s) AS level,
            (failure_count + 1 >= %(threshold)s AND (backoff_until IS NULL OR backoff_until <= now())) AS trip
     FROM servers WHERE id = %(server_id)s FOR UPDATE
 )
 UPDATE servers s SET
     failure_count = cur.failure_count + 1,
     last_error = %(error)s,
-    backoff_level = CASE WHEN cur.trip THEN cur.backoff_level + 1 ELSE cur.backoff_level END,
+    backoff_level = CASE WHEN cur.trip THEN cur.level ELSE cur.backoff_level END,
     backoff_until = CASE WHEN cur.trip
-        THEN now() + make_interval(secs => backoff_seconds(cur.backoff_level, %(base)s, %(cap)s, %(jitter)s))
+        THEN now() + make_interval(secs => backoff_seconds(cur.level - 1, %(base)s, %(cap)s, %(jitter)s))
         ELSE cur.backoff_until END,
     health = CASE WHEN cur.trip THEN 'down' ELSE s.health END,
     updated_at = now()
@@ -304,33 +334,115 @@ WHERE s.id = cur.id
 RETURNING s.id, s.name, s.failure_count, s.backoff_level, s.backoff_until, s.health, cur.trip AS tripped;
 
 -- health_probe_failed --
--- A probe of a backed-off server failed: back off again, one level further
-WITH cur AS (SELECT id, backoff_level FROM servers WHERE id = %(server_id)s FOR UPDATE)
-UPDATE servers s SET
-    failure_count = s.failure_count + 1,
+-- A probe of a down server failed: it stays down, and is probed again at the probe cadence
+UPDATE servers SET
+    failure_count = failure_count + 1,
     last_error = %(error)s,
-    backoff_level = cur.backoff_level + 1,
-    backoff_until = now() + make_interval(secs => backoff_seconds(cur.backoff_level, %(base)s, %(cap)s, %(jitter)s)),
     health = 'down',
+    probed_at = now(),
+    backoff_until = coalesce(backoff_until, now()),
     updated_at = now()
-FROM cur
-WHERE s.id = cur.id
-RETURNING s.id, s.name, s.failure_count, s.backoff_level, s.backoff_until, s.health;
+WHERE id = %(server_id)s
+RETURNING id, name, failure_count, backoff_level, backoff_until, health;
+
+-- health_probe_held --
+-- A probe answered, but the server flapped (it failed again soon after its last recovery): it stays
+-- down until its backoff ends, so a flapping server cannot bounce at the probe cadence
+UPDATE servers SET probed_at = now(), updated_at = now()
+WHERE id = %(server_id)s
+RETURNING id, name, failure_count, backoff_level, backoff_until, health;
 
 -- health_record_ok --
--- The server answered: clear the shared failure count and backoff
+-- The server answered: clear the shared failure count and backoff; the level is kept for the flap window
 UPDATE servers
-SET failure_count = 0, backoff_level = 0, backoff_until = NULL, health = 'healthy', last_ok_at = now(),
+SET failure_count = 0, backoff_until = NULL, health = 'healthy', last_ok_at = now(), probed_at = now(),
+    recovered_at = CASE WHEN health <> 'healthy' OR backoff_until IS NOT NULL THEN now() ELSE recovered_at END,
     updated_at = now()
 WHERE id = %(server_id)s
 RETURNING id, name, failure_count, backoff_level, backoff_until, health;
 
 -- health_due_probes --
--- Enabled servers to probe: down with an expired backoff, or never checked
-SELECT * FROM servers
+-- Enabled servers to probe: never checked, or down and not probed within the probe cadence
+SELECT *, (backoff_level > 1 AND backoff_until > now()) AS flapping FROM servers
 WHERE enabled
-  AND ((health = 'down' AND (backoff_until IS NULL OR backoff_until <= now())) OR health = 'unknown')
+  AND (health = 'unknown'
+       OR (health = 'down' AND (probed_at IS NULL
+                                OR probed_at <= now() - make_interval(secs => %(every_seconds)s))))
 ORDER BY name;
+
+-- health_pairs --
+-- Per-(server, model) refusals and backoffs, for one server or all (placement skips them)
+SELECT mh.*, s.name AS server, (mh.backoff_until > now()) AS backed_off
+FROM model_health mh JOIN servers s ON s.id = mh.server_id
+WHERE (%(server_id)s::integer IS NULL OR mh.server_id = %(server_id)s::integer)
+  AND (mh.unavailable_reason IS NOT NULL OR mh.backoff_until > now() OR mh.failure_count > 0)
+ORDER BY s.name, mh.model;
+
+-- health_mark_unavailable --
+-- This server will not serve this model as configured: remembered with the fingerprints it was refused under
+INSERT INTO model_health (server_id, model, unavailable_reason, unavailable_catalogue, unavailable_config, last_error)
+SELECT s.id, %(model)s, %(reason)s, s.catalogue_fingerprint, %(config)s, %(reason)s
+FROM servers s WHERE s.id = %(server_id)s
+ON CONFLICT (server_id, model) DO UPDATE SET
+    unavailable_reason = EXCLUDED.unavailable_reason,
+    unavailable_catalogue = EXCLUDED.unavailable_catalogue,
+    unavailable_config = coalesce(EXCLUDED.unavailable_config, model_health.unavailable_config),
+    last_error = EXCLUDED.last_error,
+    updated_at = now()
+    WHERE model_health.unavailable_reason IS DISTINCT FROM EXCLUDED.unavailable_reason
+       OR model_health.unavailable_catalogue IS DISTINCT FROM EXCLUDED.unavailable_catalogue
+RETURNING server_id, model;
+
+-- health_clear_stale_refusals --
+-- Refusals made under another catalogue of this server are tried again (its model list changed)
+UPDATE model_health
+SET unavailable_reason = NULL, unavailable_catalogue = NULL, updated_at = now()
+WHERE server_id = %(server_id)s AND unavailable_reason IS NOT NULL
+  AND unavailable_catalogue IS DISTINCT FROM %(fingerprint)s
+RETURNING model;
+
+-- health_clear_config_refusals --
+-- Refusals made under another configuration are tried again
+UPDATE model_health
+SET unavailable_reason = NULL, unavailable_catalogue = NULL, unavailable_config = NULL, updated_at = now()
+WHERE unavailable_reason IS NOT NULL AND unavailable_config IS DISTINCT FROM %(config)s
+RETURNING server_id, model;
+
+-- health_model_row --
+-- Makes sure a (server, model) pair has its health row (faults are rare: two statements are fine)
+INSERT INTO model_health (server_id, model) VALUES (%(server_id)s, %(model)s)
+ON CONFLICT (server_id, model) DO NOTHING;
+
+-- health_record_model_fault --
+-- A fault of one (server, model) pair, shared by every worker; the threshold-th consecutive one backs
+-- that pair off (the server's other models are untouched)
+WITH cur AS (
+    SELECT server_id, model, failure_count, backoff_level, backoff_until, recovered_at,
+           (failure_count + 1 >= %(threshold)s AND (backoff_until IS NULL OR backoff_until <= now())) AS trip
+    FROM model_health WHERE server_id = %(server_id)s AND model = %(model)s FOR UPDATE
+), lvl AS (
+    SELECT cur.*, next_backoff_level(cur.backoff_level, cur.backoff_until, cur.recovered_at, %(flap_seconds)s) AS level FROM cur
+)
+UPDATE model_health mh SET
+    failure_count = lvl.failure_count + 1,
+    last_error = %(error)s,
+    backoff_level = CASE WHEN lvl.trip THEN lvl.level ELSE lvl.backoff_level END,
+    backoff_until = CASE WHEN lvl.trip
+        THEN now() + make_interval(secs => backoff_seconds(lvl.level - 1, %(base)s, %(cap)s, %(jitter)s))
+        ELSE lvl.backoff_until END,
+    updated_at = now()
+FROM lvl
+WHERE mh.server_id = lvl.server_id AND mh.model = lvl.model
+RETURNING mh.server_id, mh.model, mh.failure_count, mh.backoff_level, mh.backoff_until, lvl.trip AS tripped;
+
+-- health_record_model_ok --
+-- The pair served again: its failure count and backoff start over (the level is kept for the flap window)
+UPDATE model_health
+SET failure_count = 0, backoff_until = NULL,
+    recovered_at = CASE WHEN backoff_until IS NOT NULL OR failure_count > 0 THEN now() ELSE recovered_at END,
+    updated_at = now()
+WHERE server_id = %(server_id)s AND model = %(model)s AND (failure_count > 0 OR backoff_until IS NOT NULL)
+RETURNING server_id, model;
 
 -- cluster_set_lock_timeout --
 -- Bounds how long this session waits for another loader's lock (milliseconds, as text)

@@ -39,9 +39,12 @@ LEFT JOIN ins ON ins.id = i.new_id
 ORDER BY i.ord;
 
 -- jobs_claim --
--- Claims up to %(limit)s jobs in priority order (slot-aware when use_slots); see aibot.claim_jobs in 0002_queue.sql
-SELECT * FROM claim_jobs(%(worker_id)s, %(lease_seconds)s::double precision, %(use_slots)s,
-                         %(limit)s::integer, %(max_scan)s::integer);
+-- Claims up to %(limit)s jobs in priority order (slot-aware when use_slots); see aibot.claim_jobs in
+-- 0002_queue.sql. The serving instance's own name and per-request context come along (one statement).
+SELECT c.*, mi.instance_id, mi.context_length
+FROM claim_jobs(%(worker_id)s, %(lease_seconds)s::double precision, %(use_slots)s,
+                %(limit)s::integer, %(max_scan)s::integer) c
+LEFT JOIN model_instances mi ON mi.server_id = c.server_id AND mi.model = c.model;
 
 -- jobs_renew --
 -- Extends the lease of a running job (heartbeat); nothing happens unless the token still holds it
@@ -179,3 +182,8 @@ SELECT min(available_at) AS available_at FROM jobs WHERE state = 'queued';
 -- jobs_counts --
 -- Jobs per state, for status output and metrics
 SELECT state::text AS state, count(*) AS n FROM jobs GROUP BY state ORDER BY state;
+
+-- jobs_note_waiting --
+-- Tells the queued jobs of a model why they still wait (no server can load it, and why), once per change
+UPDATE jobs SET last_error = %(reason)s
+WHERE state = 'queued' AND model = %(model)s AND last_error IS DISTINCT FROM %(reason)s;
