@@ -258,3 +258,36 @@ def test_loading_never_leaves_a_resident_model_without_a_slot():
     assert room_for(six, 15 * GB, now=NOW) != ()
     five = ServerView(1, "s", budget, tuple(res(f"m{i}", 15) for i in range(5)))
     assert room_for(five, 15 * GB, now=NOW) == (), "a 6th still leaves one buffer per model"
+
+
+# --- the server's own eviction bound, refusals per pair, and refusals that show their arithmetic ----
+
+def test_a_server_that_evicts_by_itself_gets_an_idle_victim_from_us_first():
+    # A router with --models-max 2 would evict its LRU model itself, perhaps one with work in flight.
+    busy, idle = res("busy", 1, held=1), res("idle", 1)
+    s = server("r", 128, [busy, idle], max_models=2)
+    assert room_for(s, GB, now=NOW) == ("idle",)
+    s_all_busy = server("r", 128, [busy, res("busy2", 1, held=1)], max_models=2)
+    assert room_for(s_all_busy, GB, now=NOW) is None
+    refusal = choose_server([s_all_busy], "new", GB, now=NOW, size_source="reported by server r")
+    assert "keeps at most 2 model(s)" in refusal.reasons["r"] and "busy, busy2" in refusal.reasons["r"]
+
+
+def test_a_blocked_pair_is_skipped_with_its_reason():
+    a = server("a", 128, blocked={"m": "refused: the server offers no model named 'm'"})
+    b = server("b", 64)
+    assert choose_server([a, b], "m", 15 * GB, now=NOW).name == "b"
+    refusal = choose_server([a], "m", 15 * GB, now=NOW)
+    assert refusal.reasons == {"a": "refused: the server offers no model named 'm'"}
+
+
+def test_no_room_names_every_number_and_its_source():
+    s = server("small", 25, [res("other", 10, held=1)], memory_source="config")
+    refusal = choose_server([s], "m", 15 * GB, now=NOW,
+                            size_source='assumed: no server reported its size and the config has no models["m"].sizeGB')
+    why = refusal.reasons["small"]
+    assert why.startswith("not enough memory even after evicting idle models")
+    for part in ("needs 15GB (assumed: no server reported its size", "RAM 25GB (config)", "system reserve 8GB",
+                 "safety 1.7GB", "resident models 10GB", "= 5.3GB free", "idle models that may be evicted: none",
+                 "busy or recently loaded: other"):
+        assert part in why, (part, why)

@@ -241,3 +241,32 @@ def test_merge_turns_keeps_input_untouched():
     msgs = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
     assert merge_turns(msgs) == [{"role": "user", "content": "a\nb"}]
     assert msgs[0] == {"role": "user", "content": "a"}
+
+
+# --- fitting a prompt to the serving instance's context ------------------------------------------------
+
+def test_context_budget_leaves_room_for_the_reply_and_the_template():
+    from aibot.prompt import DEFAULT_REPLY_RESERVE, TEMPLATE_MARGIN, context_budget
+
+    assert context_budget(1024, 100, None) == 1024 - 100 - TEMPLATE_MARGIN      # llama.cpp: per slot
+    assert context_budget(1024, None, None) == 1024 - DEFAULT_REPLY_RESERVE - TEMPLATE_MARGIN
+    assert context_budget(4096, 100, 500) == 500                                 # the entity's own cap wins
+    assert context_budget(None, 100, 500) == 500 and context_budget(None, 100, None) is None
+
+
+def test_a_context_too_small_for_the_reply_is_a_clear_error():
+    from aibot.prompt import PromptTooLong, context_budget
+
+    with pytest.raises(PromptTooLong, match="context is 100 tokens per request.*max_tokens 100"):
+        context_budget(100, 100, None)
+
+
+def test_history_is_trimmed_to_the_budget_and_the_result_fits():
+    from aibot.prompt import prompt_tokens
+
+    lines = [f"user{i}: " + "word " * 40 for i in range(60)]          # ~50 tokens each, ~3000 in all
+    req = build(context_lines=lines, token_budget=600)
+    assert prompt_tokens(req, estimate_tokens) <= 600
+    text = "\n".join(m["content"] for m in req.messages)
+    assert text.endswith("alice: hello there")                         # the current message stays
+    assert "user59:" in text and "user0:" not in text                  # the newest history stays
