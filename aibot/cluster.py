@@ -97,20 +97,10 @@ def sync_servers(conn: psycopg.Connection, servers: Iterable[Any]) -> SyncResult
 
 
 def backend_for_row(row: Mapping[str, Any], timeouts=None) -> Backend:
-    """The backend for a `servers` row; its token comes from the variable named in `token_env` (or the
-    file named by `<token_env>_FILE`)."""
-    from types import SimpleNamespace
+    """The backend for a `servers` row (its token from `token_env` or `<token_env>_FILE`)."""
+    from aibot.backends.factory import backend_for_server
 
-    from aibot.backends import make_backend
-    from aibot.settings import server_token
-
-    token = None
-    if row.get("token_env"):
-        token = server_token(SimpleNamespace(token_env=row["token_env"]))
-        if not token:
-            raise ValueError(f"server {row['name']!r}: token_env {row['token_env']!r} is not set in the environment")
-    return make_backend(row["kind"], row["url"], token=token, timeouts=timeouts,
-                        default_parallel=row.get("default_parallel") or 1)
+    return backend_for_server(row, timeouts=timeouts)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -477,6 +467,7 @@ def configured(config_path: str | None = None) -> Configured | None:
     """
     try:
         from aibot.config import ConfigStore
+        from aibot.config.modelid import configured_model_ids
         from aibot.settings import get_settings
 
         path = config_path or get_settings().config_path
@@ -487,26 +478,10 @@ def configured(config_path: str | None = None) -> Configured | None:
         if store is None:
             store = _stores[path] = ConfigStore(path)
         config = store.get()
-        return Configured(list(config.servers), frozenset(config_models(config)), store.fingerprint, config)
+        return Configured(list(config.servers), frozenset(configured_model_ids(config)), store.fingerprint, config)
     except Exception as exc:  # noqa: BLE001 - a bad config is logged by the store and must not stop refreshes
         logger.error("cannot read servers from the config: %s", exc)
         return None
-
-
-def config_models(config: Any) -> set[str]:
-    """The model ids the enabled entities resolve to, named as the bot names them in jobs."""
-    from aibot.bot.ingest import backend_kind_of
-    from aibot.config import UnresolvableModel, resolve_model_id
-
-    kind = backend_kind_of(config)
-    out = set()
-    for entity in config.entities:
-        if entity.enabled:
-            try:
-                out.add(resolve_model_id(entity, kind))
-            except UnresolvableModel:
-                continue
-    return out
 
 
 def refresh_all(database: db.Database, backend_for: Callable[[Mapping[str, Any]], Backend] = backend_for_row, *,

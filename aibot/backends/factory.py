@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -40,16 +39,24 @@ def make_backend(kind: str, base_url: str, *, token: str | None = None, timeouts
 
 def backend_for_server(server: Any, *, timeouts: Timeouts | None = None,
                        environ: Mapping[str, str] | None = None) -> Backend:
-    """The backend for an `aibot.config.ServerConfig`; its token is read from the variable in `token_env`.
+    """The backend for a configured server: an `aibot.config.ServerConfig` or an `aibot.servers` row.
 
-    A named but unset variable is an error (a silently missing token shows up later as 401s).
+    Its token comes from the variable named in `token_env`, or the file named by `<token_env>_FILE`;
+    a named but unset variable is an error (a silently missing token shows up later as 401s).
     """
-    environ = os.environ if environ is None else environ
+    from types import SimpleNamespace
+
+    from aibot.settings import server_token
+
+    def get(key: str) -> Any:
+        return server.get(key) if isinstance(server, Mapping) else getattr(server, key, None)
+
     token = None
-    token_env = getattr(server, "token_env", None)
+    token_env = get("token_env")
     if token_env:
-        token = environ.get(token_env)
+        token = server_token(SimpleNamespace(token_env=token_env), environ)
         if not token:
-            raise ValueError(f"server {server.name!r}: token_env {token_env!r} is not set in the environment")
-    return make_backend(server.kind, server.url, token=token, timeouts=timeouts,
-                        default_parallel=getattr(server, "default_parallel", None) or 1)
+            raise ValueError(f"server {get('name')!r}: token_env {token_env!r} is not set in the environment "
+                             f"(set {token_env} or {token_env}_FILE)")
+    return make_backend(get("kind"), get("url"), token=token, timeouts=timeouts,
+                        default_parallel=get("default_parallel") or 1)

@@ -18,6 +18,7 @@ from aibot import doorbell
 from aibot.bot import cursor as cursors
 from aibot.bot import rules
 from aibot.bot.sources import Incoming
+from aibot.config.modelid import naming_kind
 
 log = logging.getLogger("aibot.bot.ingest")
 
@@ -67,12 +68,6 @@ class IngestResult:
         return f"{self.new} new, {self.duplicate} duplicate, {self.rejected} rejected, {self.ignored} ignored"
 
 
-def backend_kind_of(config: Any) -> str:
-    """The naming scheme for model ids: the servers' kind when they agree, else LM Studio's."""
-    kinds = {getattr(s, "kind", "lmstudio") for s in getattr(config, "servers", None) or []}
-    return kinds.pop() if len(kinds) == 1 else "lmstudio"
-
-
 def decide(item: Incoming, config: Any, *, backend_kind: str = "lmstudio") -> rules.Decision:
     if item.error is not None:
         return rules.Decision(rules.REJECT, item.fallback_id or rules.synthetic_id(item.raw), reason=item.error)
@@ -98,7 +93,7 @@ def ingest(conn, source_name: str, messages: Iterable[Incoming | Any], config: A
     """
     from aibot.jobs import NewJob, enqueue_many
 
-    kind = backend_kind or backend_kind_of(config)
+    kind = backend_kind or naming_kind(config)
     aging = float(getattr(settings, "aging_seconds", 30.0) or 30.0)
     outcomes: list[Outcome | None] = []
     jobs: list[Any] = []

@@ -20,6 +20,9 @@ def register(sub) -> None:
     check.add_argument("path", nargs="?", default=None,
                        help="config-aientities.json or a directory of <id>.json files "
                             "(default: AIBOT_CONFIG / settings config_path)")
+    check.add_argument("--live", action="store_true",
+                       help="also ask every enabled server which configured models it offers or holds "
+                            "(contacts the servers; exit 1 if a model is offered by none)")
     check.set_defaults(func=run_check)
 
 
@@ -31,4 +34,25 @@ def run_check(args) -> int:
         path = get_settings().config_path
     result = check_config(path)
     print(format_report(result), file=sys.stdout)
-    return 1 if result.errors else 0
+    if result.errors:
+        return 1
+    if getattr(args, "live", False) and result.config is not None:
+        return _live(result.config)
+    return 0
+
+
+def _live(config) -> int:
+    from aibot.backends.factory import backend_for_server
+    from aibot.config.live import check_live, unserved
+    from aibot.config.report import table
+
+    findings = check_live(config, backend_for_server)
+    print("\nLIVE SERVERS (what each enabled server offers for each configured model)")
+    print("\n".join(table(("MODEL", "SERVER", "STATUS", "DETAIL"),
+                          [[f.model, f.server, f.status, f.detail] for f in findings], max_width=100)))
+    missing = unserved(findings)
+    if missing:
+        print(f"\nNOT SERVABLE: no reachable server offers {', '.join(missing)}")
+        return 1
+    print(f"\nOK: every configured model is offered by at least one server")
+    return 0

@@ -24,7 +24,8 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from aibot import db
-    from aibot.bot.ingest import IGNORED, NEW, REJECTED, IngestResult, Outcome, backend_kind_of, decide, ingest
+    from aibot.bot.ingest import IGNORED, NEW, REJECTED, IngestResult, Outcome, decide, ingest
+    from aibot.config.modelid import naming_kind
     from aibot.bot.rules import IGNORE, REJECT
     from aibot.bot.sources import parse_lines
     from aibot.cli import CliError
@@ -45,7 +46,7 @@ def run(args) -> int:
         raise CliError(f"input is not UTF-8: {exc}") from None
 
     if args.check:
-        kind = backend_kind_of(config)
+        kind = naming_kind(config)
         outcomes = []
         for item in items:
             d = decide(item, config, backend_kind=kind)

@@ -75,6 +75,26 @@ def resolve_model_id(entity: Entity, backend_kind: str = "lmstudio", override: s
     )
 
 
+def naming_kind(config) -> str:
+    """The naming scheme jobs use for model ids: the servers' kind when they agree, else LM Studio's
+    (the original's `<base>@<quant>`); each server then matches the name by its own identity rules."""
+    kinds = {getattr(s, "kind", "lmstudio") for s in getattr(config, "servers", None) or []}
+    return kinds.pop() if len(kinds) == 1 else "lmstudio"
+
+
+def configured_model_ids(config) -> set[str]:
+    """The model ids the enabled entities resolve to, named as jobs name them (`naming_kind`)."""
+    kind = naming_kind(config)
+    out = set()
+    for entity in config.entities:
+        if entity.enabled:
+            try:
+                out.add(resolve_model_id(entity, kind))
+            except UnresolvableModel:
+                continue
+    return out
+
+
 def model_problem(entity: Entity) -> str | None:
     """Why this entity's model cannot be resolved, or None if it can (used by the loader)."""
     quant = entity.default_quantization

@@ -32,10 +32,15 @@ def _issue_rows(issues: Sequence[Issue]) -> list[list[str]]:
 
 
 def _model_cell(config: BotConfig, entity) -> str:
+    """The model id as each kind of configured server names it (one id when they agree)."""
+    kinds = sorted({s.kind for s in config.servers if s.enabled}) or ["lmstudio"]
     try:
-        return resolve_model_id(entity)
+        ids = {kind: resolve_model_id(entity, kind) for kind in kinds}
     except UnresolvableModel:
         return "(none)"
+    if len(set(ids.values())) == 1:
+        return next(iter(ids.values()))
+    return "; ".join(f"{model} ({kind})" for kind, model in ids.items())
 
 
 def _limits(entity) -> str:
@@ -67,7 +72,7 @@ def format_report(result: LoadResult) -> str:
         lines += ["", f"ENTITIES ({len(config.entities)}, {enabled} enabled)"]
         rows = [[e.id, "yes" if e.enabled else "no", e.username, _model_cell(config, e),
                  str(config.default_priority_for(e)), _limits(e), e.prompt_mode] for e in config.entities]
-        lines += table(("ID", "ENABLED", "USERNAME", "MODEL (lmstudio)", "PRIORITY", "RATE LIMITS", "PROMPT"), rows)
+        lines += table(("ID", "ENABLED", "USERNAME", "MODEL", "PRIORITY", "RATE LIMITS", "PROMPT"), rows)
         lines += ["", f"SERVERS ({len(config.servers)}, {sum(s.enabled for s in config.servers)} enabled)"]
         rows = [[s.name or "", s.kind, s.url or "", "yes" if s.enabled else "no",
                  "?" if s.memory_bytes is None else f"{s.memory_bytes / GB:g} GB",
