@@ -217,6 +217,8 @@ class LMStudioBackend(OpenAICompatBackend):
             return None
         variants = tuple(v for v in m.get("variants") or () if isinstance(v, str))
         selected = m.get("selected_variant") if isinstance(m.get("selected_variant"), str) else None
+        if selected is None and len(variants) == 1:
+            selected = variants[0]     # the only variant is what a load of the key loads
         size = _pos_int(m.get("size_bytes"))
         instances = []
         for inst in m.get("loaded_instances") or ():

@@ -107,6 +107,11 @@ def test_identify_is_none_when_two_entries_fit(backend):
     assert backend.identify("a/x", cat).key == "a/x"
 
 
+def test_a_lone_variant_is_the_selected_one_when_the_listing_omits_it(backend):
+    cat = Catalogue((backend._v1_entry({"key": "k", "variants": ["k@q4_0"]}),))
+    assert backend.identify("k@q4_0", cat).key == "k"
+
+
 def test_unknown_name_lists_what_the_server_offers(server, backend):
     v1(server)
     with pytest.raises(ModelUnavailable, match="offers no model named 'nope'.*deepseek-r1") as info:
