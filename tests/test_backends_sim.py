@@ -21,6 +21,7 @@ from aibot.backends import (  # noqa: E402
     Unsupported,
     make_backend,
 )
+from aibot.backends.base import LoadFailed, ModelUnavailable  # noqa: E402
 from aibot.sim.catalog import GB, ModelSpec  # noqa: E402
 from aibot.sim.config import SimConfig  # noqa: E402
 from aibot.sim.server import SimServer  # noqa: E402
@@ -82,11 +83,70 @@ def test_lmstudio_v1_list_load_unload(sim):
     assert "/api/v1/models/load" in str(server.stats()["requests"]["by_endpoint"])
 
 
-def test_lmstudio_refusal_for_memory_is_insufficient_resources(sim):
+def test_lmstudio_out_of_memory_load_is_a_load_failure_of_that_model(sim):
+    """The generic `model_load_failed` (#2295) backs off the (server, model) pair, not the server."""
     _, b = sim("lmstudio", memory_bytes=10 * GB)
+    with pytest.raises(LoadFailed) as info:
+        b.load("sim/big")
+    assert info.value.scope == "model" and not info.value.server_fault and "model_load_failed" in str(info.value)
+
+
+def test_lmstudio_guardrail_refusal_is_insufficient_resources(sim):
+    _, b = sim("lmstudio", memory_bytes=10 * GB, lmstudio_load_failure="guardrail")
     with pytest.raises(InsufficientResources) as info:
         b.load("sim/big")
     assert info.value.server_fault
+
+
+ETERNAL = [ModelSpec("the-eternal@f16", 2 * GB, parallel=4), ModelSpec("the-eternal@q8_0", 1 * GB, parallel=4)]
+
+
+def test_lmstudio_configured_variant_loads_by_key_and_is_adopted(sim):
+    server, b = sim("lmstudio", models=ETERNAL, preloaded=[])
+    cat = b.catalogue()
+    [entry] = cat.models
+    assert (entry.key, entry.status) == ("the-eternal", "unloaded")
+    assert b.identify("the-eternal@f16", cat) is entry
+    inst = b.load("the-eternal@f16")
+    assert (inst.key, inst.model, inst.size_bytes, inst.parallel) == ("the-eternal", "the-eternal", 2 * GB, 4)
+    assert b.load("the-eternal").key == "the-eternal"            # adopted: no `the-eternal:2`
+    assert server.model_stats("the-eternal@f16")["load_requests"] == 1
+    assert [i.key for i in b.list_loaded()] == ["the-eternal"]
+    chat = b.chat(req(inst.key))
+    assert chat.text and chat.model == "the-eternal"
+
+
+def test_lmstudio_other_variant_is_unavailable_without_a_load(sim):
+    server, b = sim("lmstudio", models=ETERNAL, preloaded=[])
+    with pytest.raises(ModelUnavailable, match="cannot pick variant 'the-eternal@q8_0'") as info:
+        b.load("the-eternal@q8_0")
+    assert info.value.permanent
+    assert server.model_stats("the-eternal@q8_0")["load_requests"] == 0
+    assert "POST /api/v1/models/load" not in server.stats()["requests"]["by_endpoint"]
+
+
+def test_lmstudio_unload_takes_exactly_one_instance(sim):
+    import httpx
+
+    server, b = sim("lmstudio", models=ETERNAL, preloaded=["the-eternal@f16"])
+    assert httpx.post(f"{server.url}/api/v1/models/load", json={"model": "the-eternal"}).json()["instance_id"] == \
+        "the-eternal:2"
+    [entry] = b.catalogue().models
+    assert [i.key for i in entry.instances] == ["the-eternal", "the-eternal:2"]
+    b.unload("the-eternal:2")
+    assert [i.key for i in b.list_loaded()] == ["the-eternal"]
+    b.unload("the-eternal@f16")                              # not an instance id: nothing unloaded
+    assert [i.key for i in b.list_loaded()] == ["the-eternal"]
+
+
+def test_lmstudio_jit_levels_declare_ttl_and_auto_evict(sim):
+    server, b = sim("lmstudio", lmstudio_version="0.3")
+    b.load("sim/tiny-2")
+    cat = b.catalogue()
+    assert cat.max_loaded == 1
+    assert {(i.key, i.ttl_seconds) for i in cat.instances()} == {(TINY, 3600), ("sim/tiny-2", 3600)}
+    b.load("sim/big")          # a second JIT load: LM Studio evicts the previous JIT model (tiny-2)
+    assert {i.key for i in b.list_loaded()} == {TINY, "sim/big"}
 
 
 def test_lmstudio_model_not_loaded_without_jit(sim):

@@ -10,8 +10,9 @@ import httpx
 import pytest
 
 from aibot.sim import GB, ModelSpec, SimConfig, SimServer
-from tests.waiting import wait_for
+from tests.backends.canned_server import fixture
 from tests.sim_support import sim_factory
+from tests.waiting import wait_for
 
 TINY = [ModelSpec("pub/small", 1 * GB, parallel=4), ModelSpec("pub/big", 4 * GB, parallel=4),
         ModelSpec("pub/huge", 15 * GB, parallel=1)]
@@ -142,15 +143,27 @@ def test_unload_and_duplicate_instances(make_sim):
     assert st["models"]["pub/small"]["unloads"] == 1
 
 
-def test_memory_budget_refusal_uses_lm_studio_message(make_sim):
+def test_out_of_memory_load_is_the_generic_model_load_failed(make_sim):
+    """#2295: an out-of-memory REST load comes back as a generic model_load_failed (fixture v1_load_failed)."""
     sim = make_sim(memory_bytes=5 * GB)
     assert httpx.post(f"{sim.url}/api/v1/models/load", json={"model": "pub/big"}).status_code == 200
     r = httpx.post(f"{sim.url}/api/v1/models/load", json={"model": "pub/huge"}, timeout=10)
-    assert r.status_code == 500
-    assert "Model loading was stopped due to insufficient system resources" in r.json()["error"]["message"]
+    expected = fixture("lmstudio", "v1_load_failed")["error"]
+    assert r.status_code == 500 and set(r.json()) == {"error"} and set(r.json()["error"]) == set(expected)
+    assert r.json()["error"]["type"] == "model_load_failed"
+    assert r.json()["error"]["message"] == f'Failed to load model "pub/huge". {expected["message"]}'
+    assert "insufficient" not in r.text
+
+
+def test_memory_guardrail_option_uses_its_wording(make_sim):
+    sim = make_sim(memory_bytes=5 * GB, lmstudio_load_failure="guardrail")
+    assert httpx.post(f"{sim.url}/api/v1/models/load", json={"model": "pub/big"}).status_code == 200
+    r = httpx.post(f"{sim.url}/api/v1/models/load", json={"model": "pub/huge"}, timeout=10)
+    wording = fixture("lmstudio", "guardrail_refusal_message")
+    assert r.status_code == 500 and r.json()["error"]["message"] == wording.replace("273.25", "15.00")
     # the JIT path refuses the same way
     r = chat(sim.url, "pub/huge")
-    assert r.status_code == 500 and "insufficient system resources" in r.json()["error"]["message"]
+    assert r.status_code == 500 and r.json()["error"]["message"] == wording.replace("273.25", "15.00")
     st = sim.stats()
     assert st["memory"]["refusals"] == 2 and st["memory"]["peak_bytes"] <= 5 * GB
     assert st["models"]["pub/huge"]["load_failures"] == 2 and st["models"]["pub/huge"]["loads"] == 0
@@ -191,10 +204,16 @@ def test_without_jit_unloaded_model_gets_lm_studio_error(make_sim):
     assert r.json() == {"error": {"message": "No models loaded. Please load a model in the developer page or use "
                                              "the 'lms load' command.", "type": "invalid_request_error",
                                   "param": "model", "code": None}}
+    assert r.json() == fixture("lmstudio", "no_models_loaded")
     sim.load("pub/big")
     r = chat(sim.url, "pub/small")
     assert r.status_code == 400 and "not loaded" in r.json()["error"]["message"]
-    assert chat(sim.url, "pub/nope").status_code == 404
+    r = chat(sim.url, "pub/nope")
+    expected = fixture("lmstudio", "invalid_model_identifier")["error"]
+    assert r.status_code == 400 and set(r.json()["error"]) == set(expected)
+    assert r.json()["error"]["code"] == "model_not_found" and r.json()["error"]["param"] == "model"
+    assert r.json()["error"]["message"] == ('Invalid model identifier "pub/nope". Please specify a valid downloaded '
+                                            "model (e.g., pub/small, pub/big, pub/huge).")
 
 
 def test_jit_concurrent_requests_load_once(make_sim):
@@ -228,13 +247,15 @@ def test_lmstudio_versions_expose_their_apis(make_sim, version, present, absent)
         assert httpx.get(sim.url + path).status_code == 200, path
     for path in absent:
         r = httpx.get(sim.url + path)
-        assert r.status_code == 404 and "Unexpected endpoint" in r.json()["error"], path
+        assert r.status_code == 200 and "Unexpected endpoint" in r.json()["error"], path
 
 
-def test_unknown_endpoint_can_answer_200_like_real_lm_studio(make_sim):
-    sim = make_sim(lmstudio_version="0.3", unknown_endpoint_status=200)
-    r = httpx.get(f"{sim.url}/api/v1/models")
-    assert r.status_code == 200 and r.json() == {"error": "Unexpected endpoint or method. (GET /api/v1/models)"}
+def test_unknown_endpoint_answers_200_like_real_lm_studio(make_sim):
+    sim = make_sim(lmstudio_version="0.3")
+    r = httpx.post(f"{sim.url}/chat/completions", json={})
+    assert r.status_code == 200 and r.json() == fixture("lmstudio", "unexpected_endpoint")
+    strict = make_sim(lmstudio_version="0.3", unknown_endpoint_status=404)
+    assert httpx.get(f"{strict.url}/api/v1/models").status_code == 404
 
 
 def test_bearer_token_required_when_set(make_sim):
@@ -291,3 +312,143 @@ def test_stop_is_prompt_even_with_a_request_in_progress():
             fut.result()
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{sim.url}/v1/models")
+
+
+# ---------------------------------------------------------------- as the fixtures say (tests/fixtures/lmstudio)
+
+ETERNAL = [ModelSpec("the-eternal@f16", 2 * GB, parallel=2), ModelSpec("the-eternal@q8_0", 1 * GB, parallel=2),
+           ModelSpec("sim/other", 1 * GB, quantization="Q4_K_M", bits_per_weight=4)]
+
+
+def load(url: str, model: str, **extra) -> httpx.Response:
+    return httpx.post(f"{url}/api/v1/models/load", json={"model": model, **extra}, timeout=10)
+
+
+def v1_entry(url: str, key: str) -> dict:
+    return {m["key"]: m for m in httpx.get(f"{url}/api/v1/models").json()["models"]}[key]
+
+
+def test_v1_listing_has_the_documented_fields(make_sim):
+    sim = make_sim(preloaded=["pub/small"])
+    documented = fixture("lmstudio", "v1_models")["models"][0]
+    entry = v1_entry(sim.url, "pub/small")
+    assert set(entry) == set(documented)
+    # `num_experts` is for MoE models only (docs list.md)
+    assert set(entry["loaded_instances"][0]["config"]) == set(documented["loaded_instances"][0]["config"]) - {
+        "num_experts"}
+    assert entry["variants"] == ["pub/small@f16"] and entry["selected_variant"] == "pub/small@f16"
+
+
+def test_specs_become_one_key_with_variants_first_selected(make_sim):
+    sim = make_sim(models=ETERNAL)
+    keys = [m["key"] for m in httpx.get(f"{sim.url}/api/v1/models").json()["models"]]
+    assert keys == ["the-eternal", "sim/other"]
+    eternal, other = v1_entry(sim.url, "the-eternal"), v1_entry(sim.url, "sim/other")
+    assert eternal["variants"] == ["the-eternal@f16", "the-eternal@q8_0"]
+    assert eternal["selected_variant"] == "the-eternal@f16"
+    assert (eternal["quantization"]["name"], eternal["size_bytes"]) == ("F16", 2 * GB)
+    assert other["variants"] == ["sim/other@q4_k_m"] and other["quantization"]["name"] == "Q4_K_M"
+    with pytest.raises(ValueError, match="both LM Studio variant 'x@f16'"):
+        SimServer(SimConfig(models=[ModelSpec("x", GB), ModelSpec("x@f16", GB)]))
+
+
+def test_rest_load_takes_keys_and_refuses_variants(make_sim):
+    sim = make_sim(models=ETERNAL)
+    documented = fixture("lmstudio", "v1_load_variant_model_not_found")
+    for variant in ("the-eternal@f16", "the-eternal@q8_0"):      # the selected one too (#1462)
+        r = load(sim.url, variant)
+        assert r.status_code == 404
+        assert r.json() == {"error": {"type": documented["error"]["type"],
+                                      "message": f"Model {variant} not found in downloaded models"}}
+    assert sim.model_stats("the-eternal@f16")["load_requests"] == 0
+    r = load(sim.url, "the-eternal", echo_load_config=True)
+    documented = fixture("lmstudio", "v1_load_response")
+    assert r.status_code == 200 and set(r.json()) == set(documented)
+    assert set(r.json()["load_config"]) == set(documented["load_config"]) - {"num_experts"}   # MoE only
+    assert r.json()["instance_id"] == "the-eternal"
+    assert sim.model_stats("the-eternal@f16")["loads"] == 1 and sim.model_stats("the-eternal@q8_0")["loads"] == 0
+
+
+def test_second_load_is_key_2_and_listed_by_instance_id(make_sim):
+    sim = make_sim(models=ETERNAL)
+    assert [load(sim.url, "the-eternal").json()["instance_id"] for _ in range(2)] == ["the-eternal", "the-eternal:2"]
+    assert [i["id"] for i in v1_entry(sim.url, "the-eternal")["loaded_instances"]] == ["the-eternal", "the-eternal:2"]
+    documented = fixture("lmstudio", "openai_models_instances")["data"][0]
+    nojit = make_sim(models=ETERNAL, jit=False)
+    for _ in range(2):
+        load(nojit.url, "the-eternal")
+    listed = httpx.get(f"{nojit.url}/v1/models").json()["data"]
+    assert [m["id"] for m in listed] == ["the-eternal", "the-eternal:2"]
+    assert all(set(m) == set(documented) and m["owned_by"] == documented["owned_by"] for m in listed)
+    # with JIT on, every downloaded model is listed too (docs openai-compat/models.md)
+    assert [m["id"] for m in httpx.get(f"{sim.url}/v1/models").json()["data"]] == [
+        "the-eternal", "sim/other", "the-eternal:2"]
+    r = httpx.post(f"{sim.url}/api/v1/models/unload", json={"instance_id": "the-eternal:2"})
+    assert r.json() == {"instance_id": "the-eternal:2"} and set(r.json()) == set(fixture("lmstudio", "v1_unload_response"))
+    assert [i["id"] for i in v1_entry(sim.url, "the-eternal")["loaded_instances"]] == ["the-eternal"]
+
+
+def test_chat_by_variant_jit_loads_that_variant_under_the_key(make_sim):
+    sim = make_sim(models=ETERNAL, lmstudio_auto_evict=False)
+    r = chat(sim.url, "the-eternal@q8_0")
+    assert r.status_code == 200 and r.json()["model"] == "the-eternal"        # the serving instance's id (#619)
+    assert sim.model_stats("the-eternal@q8_0")["loads"] == 1
+    # the selected variant by key: another instance of the same key
+    r = chat(sim.url, "the-eternal@f16")
+    assert r.json()["model"] == "the-eternal:2" and sim.model_stats("the-eternal@f16")["loads"] == 1
+    assert chat(sim.url, "the-eternal:2").json()["model"] == "the-eternal:2"
+    assert sim.model_stats("the-eternal@f16")["served"] == 2
+
+
+def test_jit_auto_evict_keeps_one_jit_model_and_spares_rest_loads(make_sim):
+    sim = make_sim(models=ETERNAL)
+    assert load(sim.url, "sim/other").status_code == 200          # not JIT: "not affected"
+    assert chat(sim.url, "the-eternal@q8_0").status_code == 200
+    assert chat(sim.url, "the-eternal@f16").status_code == 200    # JIT-loads another model: evicts q8_0
+    loaded = {i.key for i in sim.engine.instances() if i.state == "loaded"}
+    assert loaded == {"sim/other", "the-eternal@f16"}
+    assert sim.stats()["memory"]["evictions"] == 1
+    keep = make_sim(models=ETERNAL, lmstudio_auto_evict=False)
+    chat(keep.url, "the-eternal@q8_0")
+    chat(keep.url, "the-eternal@f16")
+    assert {i.key for i in keep.engine.instances()} == {"the-eternal@q8_0", "the-eternal@f16"}
+
+
+def test_jit_auto_evict_cuts_a_generating_model(make_sim):
+    """#671: JIT-loading a new model evicts the previous JIT model even while it generates."""
+    sim = make_sim(models=ETERNAL, speed=1.0, seconds_per_gb=0.0, load_overhead_seconds=0.0, ttft_seconds=0.0,
+                   per_token_seconds=0.05, reply_tokens=200)
+    with ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(chat, sim.url, "the-eternal@q8_0")
+        wait_for(lambda: sim.model_stats("the-eternal@q8_0")["in_flight"] == 1, 5, message="q8_0 generating")
+        assert chat(sim.url, "sim/other", max_tokens=1).status_code == 200
+        with pytest.raises(httpx.TransportError):
+            slow.result(timeout=10)
+    assert sim.model_stats("the-eternal@q8_0")["failed"] == 1
+
+
+def test_jit_idle_ttl_unloads_only_jit_models(make_sim):
+    sim = make_sim(models=ETERNAL, lmstudio_jit_ttl_seconds=0.3, lmstudio_auto_evict=False)
+    load(sim.url, "sim/other")
+    chat(sim.url, "the-eternal@f16")
+
+    def loaded(server: SimServer) -> list[str]:
+        return [i["id"] for m in httpx.get(f"{server.url}/api/v1/models").json()["models"]
+                for i in m["loaded_instances"]]
+    assert loaded(sim) == ["the-eternal", "sim/other"]
+    wait_for(lambda: loaded(sim) == ["sim/other"], 5, message="the JIT model's idle TTL")
+    never = make_sim(models=ETERNAL, lmstudio_jit_ttl_seconds=None)
+    chat(never.url, "the-eternal@f16")
+    assert never.flavour.expire_idle_jit() == 0 and loaded(never) == ["the-eternal"]
+
+
+def test_v0_lists_only_loaded_models_without_jit(make_sim):
+    sim = make_sim(jit=False, preloaded=["pub/big"])
+    assert [m["id"] for m in httpx.get(f"{sim.url}/api/v0/models").json()["data"]] == ["pub/big"]
+
+
+def test_missing_token_gets_lm_studios_401_body(make_sim):
+    sim = make_sim(api_token="sk-lm-test:secret")
+    r = httpx.get(f"{sim.url}/api/v1/models")
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert r.json()["error"]["message"].startswith("An LM Studio API token is required")

@@ -3,23 +3,32 @@
 Every server kind we support speaks `POST /v1/chat/completions`, so chat, streaming and the parsing
 of replies live here once; the other backends subclass this and add listing and load control.
 A plain OpenAI-compatible server has no load control: `/v1/models` is all we can know, and we treat
-every listed model as loaded with the configured parallelism (default 1).
+every listed model as loaded with the configured parallelism (default 1). Such a listing says nothing
+about what else the server could serve, so its catalogue is incomplete (`Catalogue.complete = False`).
+
+The naming rules shared by the kinds (`identify_by_names`): the exact key; else another name the server
+gives the entry, or one of its instance ids; else the same with a publisher prefix that only one side has
+(`sim/the-eternal` ~ `the-eternal`). Two different publishers (`a/x`, `b/x`) are different uploads and
+never match, and a name that fits two entries fits none.
 """
 
 from __future__ import annotations
 
+import operator
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from aibot.backends.base import (
     BackendError,
     BadResponse,
+    Catalogue,
     ChatRequest,
     ChatResult,
     InsufficientResources,
     LoadedModel,
     ModelNotLoaded,
+    Offered,
     ServerInfo,
 )
 from aibot.backends.http import (
@@ -133,10 +142,63 @@ def models_data(body: Any, where: str) -> list[dict[str, Any]]:
     return [m for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)]
 
 
+# ------------------------------------------------------------------------------------- model names
+
+
+def without_publisher(name: str) -> str:
+    """`publisher/model` -> `model`. LM Studio keys carry the publisher (`google/gemma-3-27b`, docs
+    1_developer/2_rest/list.md) and `/v1/models` may list a model both with and without it
+    (lmstudio-bug-tracker #2024); configs write either."""
+    return name.rsplit("/", 1)[-1]
+
+
+def spellings(entry: Offered) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(the names the server itself gives `entry`: key, other names, instance ids; the publisher-less
+    aliases of those among `entry.names`)."""
+    every = (*entry.all_names(), *(i.key for i in entry.instances))
+    aliases = {without_publisher(n) for n in every if "/" in n}
+    return tuple(n for n in every if n not in aliases), tuple(sorted(aliases))
+
+
+def same_but_publisher(wanted: str, name: str, equal: Callable[[str, str], bool] = operator.eq) -> bool:
+    """`equal` once a publisher prefix is dropped, when exactly one of the two has one."""
+    return ("/" in wanted) != ("/" in name) and equal(without_publisher(wanted), without_publisher(name))
+
+
+def match_one(wanted: str, candidates: Iterable[tuple[Any, tuple[str, ...], tuple[str, ...]]],
+              equal: Callable[[str, str], bool] = operator.eq) -> Any | None:
+    """The one candidate `(value, own names, aliases)` that `wanted` names: first by `equal` on own names
+    and aliases, then by `same_but_publisher` on own names only (an alias already dropped a publisher,
+    so `a/x` must not reach `b/x` through the alias `x`). Two candidates at one step: None."""
+    pool = list(candidates)
+    steps = (lambda own, aliases: any(equal(wanted, n) for n in (*own, *aliases)),
+             lambda own, aliases: any(same_but_publisher(wanted, n, equal) for n in own))
+    for step in steps:
+        hits = {id(value): value for value, own, aliases in pool if step(own, aliases)}
+        if hits:
+            return next(iter(hits.values())) if len(hits) == 1 else None
+    return None
+
+
+def identify_by_names(wanted: str, catalogue: Catalogue,
+                      equal: Callable[[str, str], bool] = operator.eq) -> Offered | None:
+    """The entry `wanted` denotes by the shared rules (module docstring), or None."""
+    if not isinstance(wanted, str) or not wanted:
+        return None
+    for entry in catalogue.models:
+        if entry.key == wanted:
+            return entry
+    return match_one(wanted, ((entry, *spellings(entry)) for entry in catalogue.models), equal)
+
+
 class OpenAICompatBackend:
     """Any server with `/v1/models` and `/v1/chat/completions`; no load control."""
 
     kind = "openai"
+    can_load = False
+    model_id_template = "{base}@{quant}"   # what aibot.config.modelid has always used for this kind
+    #: No port is standard for "some OpenAI-compatible server": a config must give `port` or `url`.
+    default_port: int | None = None
 
     def __init__(self, base_url: str, *, token: str | None = None, timeouts: Timeouts | None = None,
                  default_parallel: int = 1, verify: bool | str = True, transport: Any = None):
@@ -160,20 +222,40 @@ class OpenAICompatBackend:
             return ServerInfo(healthy=False, detail=f"{type(exc).__name__}: {exc}")
         return ServerInfo(healthy=True)
 
-    def list_loaded(self) -> list[LoadedModel]:
+    def catalogue(self) -> Catalogue:
+        """`GET /v1/models`: each listed id is an entry, served now (the OpenAI API lists the models one can
+        use); what the server could serve beyond that is unknown, hence `complete=False`."""
         where = f"GET {self.http.display}/v1/models"
         data = models_data(self.http.request("GET", "/v1/models"), where)
-        return [LoadedModel(key=m["id"], parallel=self.default_parallel) for m in data]
+        ids = dict.fromkeys(m["id"] for m in data)
+        return Catalogue(tuple(self.listed_entry(i) for i in ids), complete=False)
+
+    def listed_entry(self, model_id: str, *, ttl_seconds: float | None = None) -> Offered:
+        """A model a `/v1/models` listing shows, taken as loaded with `default_parallel` (the listing has no
+        parallelism); named also without its publisher prefix, if it has one."""
+        instance = LoadedModel(key=model_id, parallel=self.default_parallel, model=model_id, ttl_seconds=ttl_seconds)
+        alias = without_publisher(model_id)
+        return Offered(key=model_id, names=(alias,) if alias != model_id else (), status="loaded",
+                       instances=(instance,))
+
+    def identify(self, wanted: str, catalogue: Catalogue) -> Offered | None:
+        """Exact id, then a unique match with a publisher prefix on one side only (`identify_by_names`)."""
+        return identify_by_names(wanted, catalogue)
+
+    def list_loaded(self) -> list[LoadedModel]:
+        return self.catalogue().instances()
 
     # -- load control ---------------------------------------------------------------------------
 
     def load(self, model: str, *, context_length: int | None = None, parallel: int | None = None) -> LoadedModel:
-        """No load control: succeeds only if the server already lists the model."""
-        for m in self.list_loaded():
-            if m.key == model:
-                return m
+        """No load control: succeeds only if the server already lists the model (by the naming rules)."""
+        catalogue = self.catalogue()
+        found = self.identify(model, catalogue)
+        if found is not None and found.instances:
+            return found.instances[0]
+        listed = ", ".join(catalogue.names()) or "nothing"
         raise Unsupported(f"{self.kind} server {self.http.display} cannot load models on request, "
-                          f"and it does not list {model!r}")
+                          f"and it does not list {model!r} (it lists: {listed})")
 
     def unload(self, model: str) -> None:
         raise Unsupported(f"{self.kind} server {self.http.display} cannot unload models (no load control)")

@@ -99,6 +99,68 @@ def default_catalog() -> list[ModelSpec]:
     ]
 
 
+# --------------------------------------------------------------------------------------------- LM Studio names
+#
+# LM Studio lists ONE entry per downloaded model: a `key` without `@` and, for models with several
+# quantizations on disk, `variants` named `key@quant` with one `selected_variant` ("what will be used once
+# this model is loaded"): lmstudio-ai/docs 1_developer/2_rest/list.md; lmstudio-js
+# packages/lms-shared-types/src/ModelInfoBase.ts:68-86 @6ec11db1; lmstudio-bug-tracker #1462 shows
+# `"key": "mistralai/mistral-small-3.2"` with variants `...@q4_k_m`, `...@q8_0`.
+#
+# Tests, the demo and configs name a simulated model by its spec key, the name their aibot config uses
+# (`sim/model-1`, `the-eternal@f16`); the engine keeps counting by that key. The LM Studio flavour shows
+# the specs grouped the way LM Studio would: a spec `the-eternal@f16` is variant `the-eternal@f16` of
+# key `the-eternal`; a spec without `@` (`sim/model-1`, quantization F16) is variant `sim/model-1@f16` of
+# key `sim/model-1`. Specs sharing a key are that key's variants; the first one declared is selected.
+
+
+def lmstudio_key(spec: ModelSpec) -> str:
+    """The LM Studio model key a spec is listed under (and its instances are named after)."""
+    base, at, _ = spec.key.rpartition("@")
+    return base if at else spec.key
+
+
+def lmstudio_variant(spec: ModelSpec) -> str:
+    """The variant name (`key@quant`, quant in lower case as LM Studio writes it: the documented example
+    pairs `quantization.name` "Q4_K_M" with variant `google/gemma-4-26b-a4b@q4_k_m`)."""
+    return spec.key if "@" in spec.key else f"{spec.key}@{spec.quantization.lower()}"
+
+
+def lmstudio_quantization(spec: ModelSpec) -> str:
+    """`quantization.name` for the listing: the variant's own suffix when the key carries one."""
+    suffix = lmstudio_variant(spec).rpartition("@")[2]
+    return spec.quantization if spec.quantization.lower() == suffix else suffix.upper()
+
+
+@dataclass(frozen=True)
+class VariantGroup:
+    """One LM Studio model entry: its key and its variants' specs, the selected one first."""
+
+    key: str
+    specs: tuple[ModelSpec, ...]
+
+    @property
+    def selected(self) -> ModelSpec:
+        return self.specs[0]
+
+    def variant_names(self) -> list[str]:
+        return [lmstudio_variant(s) for s in self.specs]
+
+
+def variant_groups(catalog: Mapping[str, ModelSpec]) -> dict[str, VariantGroup]:
+    """{LM Studio key: group}, in declaration order; two specs claiming one variant name are an error."""
+    specs: dict[str, list[ModelSpec]] = {}
+    seen: dict[str, str] = {}
+    for spec in catalog.values():
+        variant = lmstudio_variant(spec)
+        if variant in seen:
+            raise CatalogError(f"models: {spec.key!r} and {seen[variant]!r} are both LM Studio variant {variant!r}; "
+                               "give one of them another quantization or an explicit '@quant' key")
+        seen[variant] = spec.key
+        specs.setdefault(lmstudio_key(spec), []).append(spec)
+    return {key: VariantGroup(key, tuple(group)) for key, group in specs.items()}
+
+
 def as_catalog(models: Iterable[ModelSpec | Mapping[str, Any]] | None) -> dict[str, ModelSpec]:
     """Normalises a list of specs or dicts into {key: spec}, refusing duplicate keys."""
     out: dict[str, ModelSpec] = {}

@@ -16,6 +16,9 @@ from aibot.sim.faults import FaultConfig
 
 APIS = ("lmstudio", "openai", "llamacpp", "llamacpp-router", "ollama")
 LMSTUDIO_VERSIONS = ("0.4", "0.3", "openai-only")
+# How an LM Studio REST load that runs out of memory answers: the generic `model_load_failed`
+# (lmstudio-bug-tracker #2295, 0.4.21) or the guardrail refusal text (#1202, #1038).
+LMSTUDIO_LOAD_FAILURES = ("model_load_failed", "guardrail")
 # 4 concurrent requests finish in ~1.4x the time of one (real-llm.md): 1 + alpha*(4-1) = 1.4.
 DEFAULT_BATCH_ALPHA = 0.4 / 3
 
@@ -51,7 +54,13 @@ class SimConfig:
     step_seconds: float = 0.002                  # shortest real sleep while generating
     lmstudio_version: str = "0.4"
     api_token: str | None = field(default=None, repr=False)
-    unknown_endpoint_status: int = 404           # real LM Studio answers 200 ("Returning 200 anyway")
+    unknown_endpoint_status: int = 200           # LM Studio: "... Returning 200 anyway" (lmstudio-bug-tracker #618, #1323)
+    # LM Studio JIT: idle TTL of JIT-loaded models (default 60 min) and Auto-Evict ("at most 1 model is kept
+    # loaded in memory at a time (when loaded via JIT)", default on): lmstudio-ai/docs
+    # 1_developer/0_core/ttl-and-auto-evict.md. TTL in wall-clock seconds (not scaled by `speed`); None = never.
+    lmstudio_jit_ttl_seconds: float | None = 3600.0
+    lmstudio_auto_evict: bool = True
+    lmstudio_load_failure: str = "model_load_failed"   # or "guardrail"; see LMSTUDIO_LOAD_FAILURES
     skip_rate: float = 0.0                       # replies that are exactly "[SKIP]"
     human_tail_rate: float = 0.0                 # replies that end with "\nHuman: ..."
     ollama_keep_alive: str = "5m"
@@ -64,6 +73,17 @@ class SimConfig:
         if self.lmstudio_version not in LMSTUDIO_VERSIONS:
             raise SimConfigError(f"SimConfig.lmstudio_version: {self.lmstudio_version!r} must be one of "
                                  f"{', '.join(LMSTUDIO_VERSIONS)}")
+        if self.lmstudio_load_failure not in LMSTUDIO_LOAD_FAILURES:
+            raise SimConfigError(f"SimConfig.lmstudio_load_failure: {self.lmstudio_load_failure!r} must be one of "
+                                 f"{', '.join(LMSTUDIO_LOAD_FAILURES)}")
+        ttl = self.lmstudio_jit_ttl_seconds
+        if ttl is not None and (not isinstance(ttl, (int, float)) or isinstance(ttl, bool) or ttl <= 0):
+            raise SimConfigError(f"SimConfig.lmstudio_jit_ttl_seconds: {ttl!r} must be None or a positive number")
+        if not isinstance(self.lmstudio_auto_evict, bool):
+            raise SimConfigError(f"SimConfig.lmstudio_auto_evict: {self.lmstudio_auto_evict!r} must be true or false")
+        if not isinstance(self.unknown_endpoint_status, int) or not 100 <= self.unknown_endpoint_status <= 599:
+            raise SimConfigError(f"SimConfig.unknown_endpoint_status: {self.unknown_endpoint_status!r} must be an "
+                                 "HTTP status (100..599)")
         if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
             raise SimConfigError(f"SimConfig.port: {self.port!r} must be 0..65535")
         if not isinstance(self.speed, (int, float)) or self.speed <= 0:

@@ -16,7 +16,7 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -110,6 +110,10 @@ class Stopped(EngineError):
     pass
 
 
+class Unloaded(Stopped):
+    """The instance a request was generating on was unloaded underneath it (`Engine.cut_on_unload`)."""
+
+
 # --------------------------------------------------------------------------------------------- state
 
 
@@ -126,6 +130,7 @@ class Instance:
     last_used: float = field(default_factory=time.time)
     expires_at: float | None = None      # Ollama keep_alive; None = never
     load_seconds: float = 0.0
+    jit: bool = False                    # loaded by a chat request (acquire with jit=True), not by an API load
 
     @property
     def key(self) -> str:
@@ -168,6 +173,7 @@ class InstanceInfo:
     queued: int
     expires_at: float | None
     last_used: float
+    jit: bool = False
 
 
 class Engine:
@@ -184,6 +190,10 @@ class Engine:
         self._memory_peak = 0
         self._refusals = 0
         self._evictions = 0
+        # Flavour policies (set by the flavour before the server starts; the defaults change nothing):
+        self.instance_name: Callable[[ModelSpec], str] = lambda spec: spec.key   # instance ids: name, name:2, ...
+        self.jit_keep_last = False    # a JIT load first unloads the other models' JIT-loaded instances
+        self.cut_on_unload = False    # unloading an instance cuts the requests generating on it
 
     # ------------------------------------------------------------------ helpers (call with lock held)
 
@@ -231,7 +241,7 @@ class Engine:
             self._refusals += 1
             raise InsufficientMemory(spec.key, spec.size_bytes, self._used(), budget or 0)
         ctx = spec.context_length if context_length is None else context_length
-        inst = Instance(id=self._new_id(spec.key), spec=spec, parallel=self.config.parallel_for(spec),
+        inst = Instance(id=self._new_id(self.instance_name(spec)), spec=spec, parallel=self.config.parallel_for(spec),
                         context_length=ctx)
         inst.load_seconds = load_seconds(spec.size_bytes, self.config.seconds_per_gb,
                                          self.config.load_overhead_seconds, self.config.speed)
@@ -248,6 +258,12 @@ class Engine:
         for inst in idle:
             if fits(self._used(), size, self.config.memory_bytes):
                 return
+            self._drop(inst)
+            self._evictions += 1
+
+    def _evict_other_jit(self, key: str) -> None:
+        """Keep-last JIT policy: unload the loaded JIT instances of every other model, busy or not."""
+        for inst in [i for i in self._instances.values() if i.jit and i.key != key and i.state == "loaded"]:
             self._drop(inst)
             self._evictions += 1
 
@@ -396,7 +412,10 @@ class Engine:
                     if self._loading_of(key) and not self.config.jit_race:
                         self.lock.wait(0.5)
                         continue
+                    if self.jit_keep_last:
+                        self._evict_other_jit(key)
                     to_load = self._reserve(spec, None)
+                    to_load.jit = True
             if to_load is not None:
                 self._wait_load(to_load)
                 continue
@@ -462,7 +481,7 @@ class Engine:
     def instances(self) -> list[InstanceInfo]:
         with self.lock:
             return [InstanceInfo(i.id, i.key, i.spec, i.state, i.parallel, i.context_length, frozenset(i.active),
-                                 len(i.waiting), i.expires_at, i.last_used)
+                                 len(i.waiting), i.expires_at, i.last_used, i.jit)
                     for i in self._instances.values()]
 
     def is_loaded(self, key: str) -> bool:
@@ -520,6 +539,8 @@ class Lease:
             token_s = cfg.per_token_seconds * cfg.speed * batch_multiplier(k, cfg.batch_alpha, cfg.batch_curve)
             n = tokens_per_step(token_s, cfg.step_seconds, remaining)
             self.engine.sleep(n * token_s)
+            if self.engine.cut_on_unload and self.instance.state == "unloaded":
+                raise Unloaded(f"instance {self.instance.id!r} was unloaded while generating")
             remaining -= n
             yield n
 
