@@ -73,9 +73,10 @@ def _pos_int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
-def _name(entry: dict[str, Any]) -> str | None:
+def _name(entry: dict[str, Any]) -> str:
+    """`name`, else `model` (Ollama fills both with the same name: `PsHandler`, `buildModelListSummary`)."""
     name = entry.get("name") or entry.get("model")
-    return name if isinstance(name, str) and name else None
+    return name if isinstance(name, str) else ""
 
 
 def _ttl(expires_at: Any, now: float) -> float | None:
@@ -152,13 +153,12 @@ class OllamaBackend(OpenAICompatBackend):
         return Catalogue(models=tuple(models), complete=tags_error is None, max_loaded=self.max_loaded_models)
 
     @staticmethod
-    def _identity(name: str | None) -> tuple[str, ...]:
-        parsed = ollama_names.parse_request(name or "")
-        return parsed.fold() if parsed is not None else ("", "", name or "", "")
+    def _identity(name: str) -> tuple[str, ...]:
+        parsed = ollama_names.parse_request(name)
+        return parsed.fold() if parsed is not None else ("", "", name, "")
 
-    def _offered(self, key: str | None, tag: dict[str, Any] | None, ps: list[dict[str, Any]], now: float,
+    def _offered(self, key: str, tag: dict[str, Any] | None, ps: list[dict[str, Any]], now: float,
                  detail: str | None = None) -> Offered:
-        assert key is not None
         instances = tuple(
             LoadedModel(key=_name(p) or key, size_bytes=_pos_int(p.get("size")) or 0,
                         parallel=self.default_parallel, context_length=_pos_int(p.get("context_length")),
@@ -247,7 +247,7 @@ class OllamaBackend(OpenAICompatBackend):
 
     def _installed_listing(self) -> str:
         try:
-            names = sorted(_name(m) or "" for m in self._models("/api/tags"))
+            names = sorted(_name(m) for m in self._models("/api/tags"))
         except BackendError as exc:
             return f"unknown (GET /api/tags failed: {type(exc).__name__})"
         return ", ".join(names[:20]) + (f" (+{len(names) - 20} more)" if len(names) > 20 else "") or "nothing"
