@@ -206,11 +206,11 @@ def test_ollama_refusals_are_typed(sim):
 
 
 def test_ollama_evictions_show_in_the_catalogue(sim):
-    _, b = sim("ollama", ollama_max_loaded_models=2, ollama_keep_alive="400ms", max_loaded_models=2)
+    _, b = sim("ollama", ollama_max_loaded_models=2, ollama_keep_alive="2s", max_loaded_models=2)
     assert b.catalogue().max_loaded == 2                       # from the server config, not the API
     b.chat(req("sim/tiny-2"))                                  # a plain request: default keep-alive
     [timed] = [i for i in b.list_loaded() if i.key == "sim/tiny-2:latest"]
-    assert timed.ttl_seconds is not None and timed.ttl_seconds <= 0.4
+    assert timed.ttl_seconds is not None and timed.ttl_seconds <= 2
     wait_for(lambda: [i.key for i in b.list_loaded()] == ["sim/tiny-1:latest"], timeout=5,
              message="sim/tiny-2 expired by its keep-alive")
     b.load("sim/tiny-2:latest")

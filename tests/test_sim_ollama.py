@@ -158,7 +158,7 @@ def test_keep_alive_forever_reports_a_far_future_expiry(make_sim):
 
 
 def test_an_idle_model_expires_after_its_keep_alive(make_sim):
-    sim = make_sim(ollama_keep_alive="300ms")
+    sim = make_sim(ollama_keep_alive="2s")
     post(sim, "/api/generate", model="m-a")                    # no keep_alive: OLLAMA_KEEP_ALIVE
     post(sim, "/api/generate", model="m-b", keep_alive=-1)
     assert loaded(sim) == ["m-a:latest", "m-b:latest"]
@@ -234,7 +234,7 @@ def test_a_busy_model_is_evicted_only_when_its_request_is_done(make_sim):
 
 def test_an_idle_model_is_evicted_before_a_busy_one(make_sim):
     sim = make_sim(models=[*MODELS, ModelSpec("m-c", GB)], ollama_max_loaded_models=2, speed=1.0,
-                   ttft_seconds=0.0, per_token_seconds=0.05, seconds_per_gb=0.0, load_overhead_seconds=0.0)
+                   ttft_seconds=0.0, per_token_seconds=0.2, seconds_per_gb=0.0, load_overhead_seconds=0.0)
     post(sim, "/api/generate", model="m-a", keep_alive="10m")     # first in line: the shorter keep-alive
     post(sim, "/api/generate", model="m-b", keep_alive=-1)
     with ThreadPoolExecutor(1) as pool:
