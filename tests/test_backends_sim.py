@@ -25,6 +25,9 @@ from aibot.backends.base import LoadFailed, ModelUnavailable  # noqa: E402
 from aibot.sim.catalog import GB, ModelSpec  # noqa: E402
 from aibot.sim.config import SimConfig  # noqa: E402
 from aibot.sim.server import SimServer  # noqa: E402
+from aibot.backends.base import ModelUnavailable, find  # noqa: E402
+from aibot.backends.ollama import OllamaBackend  # noqa: E402
+from tests.waiting import wait_for  # noqa: E402
 
 FAST = Timeouts(connect=1, read=2, total=3, control=3, load=10, probe_connect=0.5, probe_total=1)
 TINY = "sim/tiny-1"
@@ -42,12 +45,15 @@ def req(model=TINY, **params):
 def sim():
     started = []
 
-    def start(api="lmstudio", *, token=None, timeouts=FAST, default_parallel=1, **config):
+    def start(api="lmstudio", *, token=None, timeouts=FAST, default_parallel=1, max_loaded_models=None, **config):
         config.setdefault("speed", 0.001)
         config.setdefault("models", MODELS)
         config.setdefault("preloaded", [TINY] if api != "openai" else [])
         server = SimServer(SimConfig(api=api, **config)).start()
         backend = make_backend(api, server.url, token=token, timeouts=timeouts, default_parallel=default_parallel)
+        if max_loaded_models is not None:      # the server config's maxLoadedModels (Ollama does not report it)
+            backend = OllamaBackend(server.url, token=token, timeouts=timeouts, default_parallel=default_parallel,
+                                    max_loaded_models=max_loaded_models)
         started.append((server, backend))
         return server, backend
 
@@ -219,23 +225,59 @@ def test_llamacpp_router_waits_for_a_slow_load(sim):
     assert b.load("sim/tiny-2").state == "loaded"
 
 
-def test_ollama_list_load_unload(sim):
+def test_ollama_catalogue_names_sizes_and_identity(sim):
     _, b = sim("ollama", default_parallel=3)
+    cat = b.catalogue()
+    assert [(m.key, m.status, m.size_bytes) for m in cat.models] == [
+        ("sim/tiny-1:latest", "loaded", 1 * GB), ("sim/tiny-2:latest", "unloaded", 2 * GB),
+        ("sim/big:latest", "unloaded", 40 * GB)]
     [m] = b.list_loaded()
-    assert (m.key, m.size_bytes, m.parallel) == (TINY, 1 * GB, 3)
-    assert "sim/tiny-2" in b.available()
-    loaded = b.load("sim/tiny-2")
-    assert (loaded.key, loaded.size_bytes) == ("sim/tiny-2", 2 * GB)
-    b.unload("sim/tiny-2")
-    assert [m.key for m in b.list_loaded()] == [TINY]
+    assert (m.key, m.model, m.size_bytes, m.parallel, m.context_length, m.ttl_seconds) == (
+        "sim/tiny-1:latest", "sim/tiny-1:latest", 1 * GB, 3, 4096, None)        # preloaded = pinned
+    assert b.identify("sim/tiny-2", cat).key == "sim/tiny-2:latest"
+    assert b.identify("SIM/Tiny-2:latest", cat).key == "sim/tiny-2:latest"
+    assert b.identify("tiny-2", cat) is None                  # library/tiny-2 is another model
+    with pytest.raises(ModelUnavailable, match="sim/tiny-2:latest"):
+        find(b, "tiny-2", cat, "oll")
 
 
-def test_ollama_memory_refusal_and_unknown_model(sim):
+def test_ollama_load_pins_and_unload_removes_exactly_that_model(sim):
+    server, b = sim("ollama")
+    loaded = b.load("sim/tiny-2:latest", context_length=2048)
+    assert (loaded.key, loaded.size_bytes, loaded.context_length, loaded.ttl_seconds) == (
+        "sim/tiny-2:latest", 2 * GB, 8192, None)                # num_ctx is not sent: the model's default
+    assert b.load("sim/tiny-2").key == "sim/tiny-2:latest"     # adopted, not loaded twice
+    assert server.model_stats("sim/tiny-2")["loads"] == 1
+    b.unload("sim/tiny-2:latest")
+    assert [m.key for m in b.list_loaded()] == ["sim/tiny-1:latest"]
+    b.unload("sim/tiny-2:latest")                              # not loaded: a no-op
+
+
+def test_ollama_refusals_are_typed(sim):
     _, b = sim("ollama", memory_bytes=10 * GB)
     with pytest.raises(InsufficientResources):
-        b.load("sim/big")
+        b.load("sim/big:latest")
+    with pytest.raises(ModelUnavailable, match=r"installed: sim/big:latest, sim/tiny-1:latest"):
+        b.load("no/such-model")
+    with pytest.raises(ModelUnavailable, match="invalid model name"):
+        b.load("tiny@f16")
     with pytest.raises(ModelNotLoaded):
         b.chat(req("no/such-model"))
+
+
+def test_ollama_evictions_show_in_the_catalogue(sim):
+    _, b = sim("ollama", ollama_max_loaded_models=2, ollama_keep_alive="2s", max_loaded_models=2)
+    assert b.catalogue().max_loaded == 2                       # from the server config, not the API
+    b.chat(req("sim/tiny-2"))                                  # a plain request: default keep-alive
+    [timed] = [i for i in b.list_loaded() if i.key == "sim/tiny-2:latest"]
+    assert timed.ttl_seconds is not None and timed.ttl_seconds <= 2
+    wait_for(lambda: [i.key for i in b.list_loaded()] == ["sim/tiny-1:latest"], timeout=5,
+             message="sim/tiny-2 expired by its keep-alive")
+    b.load("sim/tiny-2:latest")
+    b.load("sim/big:latest")                                   # a third model: OLLAMA_MAX_LOADED_MODELS=2
+    cat = b.catalogue()
+    assert sum(m.status == "loaded" for m in cat.models) == 2
+    assert b.identify("sim/big", cat).status == "loaded"
 
 
 def test_openai_has_no_load_control(sim):

@@ -1,4 +1,5 @@
-"""The non-LM-Studio flavours over real loopback HTTP: OpenAI, llama-server (single and router), Ollama."""
+"""The non-LM-Studio flavours over real loopback HTTP: OpenAI, llama-server (single and router); Ollama has
+tests/test_sim_ollama.py."""
 
 from __future__ import annotations
 
@@ -138,90 +139,4 @@ def test_router_without_autoload(make_sim):
     assert r.status_code == 400 and "not loaded" in r.json()["error"]["message"]
 
 
-# ------------------------------------------------------------------ Ollama
-
-
-def test_ollama_version_tags_and_root(make_sim):
-    sim = make_sim("ollama")
-    assert httpx.get(f"{sim.url}/").text == "Ollama is running"
-    assert "version" in httpx.get(f"{sim.url}/api/version").json()
-    tags = httpx.get(f"{sim.url}/api/tags").json()["models"]
-    assert [(t["name"], t["size"]) for t in tags] == [("m-a", 1 * GB), ("m-b", 2 * GB)]
-    assert httpx.get(f"{sim.url}/api/ps").json() == {"models": []}
-    assert httpx.get(f"{sim.url}/nope").status_code == 404
-
-
-def test_ollama_keep_alive_load_and_unload(make_sim):
-    sim = make_sim("ollama")
-    r = httpx.post(f"{sim.url}/api/chat", json={"model": "m-a", "messages": [], "keep_alive": "10m"}, timeout=10)
-    assert r.status_code == 200 and r.json()["done_reason"] == "load" and r.json()["done"] is True
-    ps = httpx.get(f"{sim.url}/api/ps").json()["models"]
-    assert [(p["name"], p["size"]) for p in ps] == [("m-a", 1 * GB)] and ps[0]["expires_at"].endswith("Z")
-    r = httpx.post(f"{sim.url}/api/generate", json={"model": "m-a", "keep_alive": 0})
-    assert r.json()["done_reason"] == "unload"
-    assert httpx.get(f"{sim.url}/api/ps").json() == {"models": []}
-    forever = httpx.post(f"{sim.url}/api/generate", json={"model": "m-b", "keep_alive": -1}).json()
-    assert forever["done_reason"] == "load"
-    assert httpx.get(f"{sim.url}/api/ps").json()["models"][0]["expires_at"].startswith("2318")
-    bad = httpx.post(f"{sim.url}/api/chat", json={"model": "m-a", "messages": [], "keep_alive": "soon"})
-    assert bad.status_code == 400 and "invalid duration" in bad.json()["error"]
-
-
-def test_ollama_chat_streams_ndjson_by_default(make_sim):
-    sim = make_sim("ollama")
-    lines = []
-    with httpx.stream("POST", f"{sim.url}/api/chat",
-                      json={"model": "m-a", "messages": [{"role": "user", "content": "hi"}]}, timeout=10) as r:
-        assert r.headers["content-type"] == "application/x-ndjson"
-        lines = [json.loads(x) for x in r.iter_lines() if x]
-    assert all(not x["done"] for x in lines[:-1]) and lines[-1]["done"] is True
-    assert lines[-1]["eval_count"] == 12 and lines[-1]["done_reason"] == "stop"
-    text = "".join(x["message"]["content"] for x in lines)
-    assert text.startswith("m-a reply")
-    # the request loaded the model, with the default keep-alive
-    assert [p["name"] for p in httpx.get(f"{sim.url}/api/ps").json()["models"]] == ["m-a"]
-
-
-def test_ollama_non_streaming_chat_generate_and_openai_path(make_sim):
-    sim = make_sim("ollama")
-    r = httpx.post(f"{sim.url}/api/chat", json={"model": "m-a:latest", "stream": False, "options": {"num_predict": 4},
-                                                  "messages": [{"role": "user", "content": "hi"}]}, timeout=10)
-    body = r.json()
-    assert r.status_code == 200 and body["done_reason"] == "length" and body["eval_count"] == 4
-    g = httpx.post(f"{sim.url}/api/generate", json={"model": "m-b", "prompt": "why", "stream": False}, timeout=10)
-    assert g.json()["response"].startswith("m-b reply") and g.json()["done"] is True
-    o = chat(sim.url, "m-a")
-    assert o.status_code == 200 and o.json()["choices"][0]["message"]["content"].startswith("m-a reply")
-    missing = httpx.post(f"{sim.url}/api/chat", json={"model": "nope", "messages": []})
-    assert missing.status_code == 404 and "not found" in missing.json()["error"]
-
-
-def test_ollama_evicts_least_recently_used_to_fit(make_sim):
-    models = [ModelSpec("x", 2 * GB), ModelSpec("y", 2 * GB), ModelSpec("z", 5 * GB)]
-    sim = make_sim("ollama", models=models, memory_bytes=4 * GB)
-    for key in ("x", "y"):
-        assert httpx.post(f"{sim.url}/api/generate", json={"model": key}).json()["done_reason"] == "load"
-    assert httpx.post(f"{sim.url}/api/generate", json={"model": "x", "prompt": "hi", "stream": False}).status_code == 200
-    assert httpx.post(f"{sim.url}/api/generate", json={"model": "z"}).status_code == 500   # 5 GB never fits
-    assert sorted(p["name"] for p in httpx.get(f"{sim.url}/api/ps").json()["models"]) == ["x", "y"]  # kept
-    assert httpx.post(f"{sim.url}/api/generate", json={"model": "y", "keep_alive": 0}).status_code == 200
-    assert httpx.post(f"{sim.url}/api/generate", json={"model": "y"}).status_code == 200
-    assert httpx.post(f"{sim.url}/api/generate", json={"model": "z"}).status_code == 500
-    # a third 2 GB model forces out the least recently used one
-    sim2 = make_sim("ollama", models=[*models, ModelSpec("w", 2 * GB)], memory_bytes=4 * GB)
-    for key in ("x", "y", "w"):
-        httpx.post(f"{sim2.url}/api/generate", json={"model": key})
-    assert sorted(p["name"] for p in httpx.get(f"{sim2.url}/api/ps").json()["models"]) == ["w", "y"]
-    assert sim2.stats()["memory"]["evictions"] == 1 and sim2.stats()["memory"]["peak_bytes"] <= 4 * GB
-
-
-def test_ollama_parallel_peak(make_sim):
-    sim = make_sim("ollama", preloaded=["m-b"], speed=1.0, ttft_seconds=0.05, per_token_seconds=0.005)
-    with ThreadPoolExecutor(6) as pool:
-        codes = list(pool.map(lambda i: httpx.post(
-            f"{sim.url}/api/chat", json={"model": "m-b", "stream": False,
-                                         "messages": [{"role": "user", "content": str(i)}]}, timeout=10).status_code,
-            range(6)))
-    assert codes == [200] * 6
-    st = sim.model_stats("m-b")
-    assert st["peak_in_flight"] == 3 and st["served"] == 6
+# Ollama: tests/test_sim_ollama.py

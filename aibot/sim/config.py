@@ -63,7 +63,8 @@ class SimConfig:
     lmstudio_load_failure: str = "model_load_failed"   # or "guardrail"; see LMSTUDIO_LOAD_FAILURES
     skip_rate: float = 0.0                       # replies that are exactly "[SKIP]"
     human_tail_rate: float = 0.0                 # replies that end with "\nHuman: ..."
-    ollama_keep_alive: str = "5m"
+    ollama_keep_alive: str = "5m"                 # OLLAMA_KEEP_ALIVE (envconfig/config.go KeepAlive)
+    ollama_max_loaded_models: int = 0            # OLLAMA_MAX_LOADED_MODELS; 0 = Ollama's automatic 3 (sched.go)
     faults: FaultConfig = field(default_factory=FaultConfig)
     seed: int = 0
 
@@ -95,6 +96,9 @@ class SimConfig:
                 raise SimConfigError(f"SimConfig.{f}: {v!r} must be a number >= 0")
         if not isinstance(self.reply_tokens, int) or self.reply_tokens < 1:
             raise SimConfigError(f"SimConfig.reply_tokens: {self.reply_tokens!r} must be an integer >= 1")
+        if not isinstance(self.ollama_max_loaded_models, int) or self.ollama_max_loaded_models < 0:
+            raise SimConfigError(f"SimConfig.ollama_max_loaded_models: {self.ollama_max_loaded_models!r} must be "
+                                 f"an integer >= 0 (0 = automatic)")
         for f in ("parallel", "server_parallel"):
             v = getattr(self, f)
             if v is not None and (not isinstance(v, int) or v < 1):
@@ -128,6 +132,10 @@ class SimConfig:
         return None if self.memory_bytes is None else self.memory_bytes / GB
 
     def parallel_for(self, spec: ModelSpec) -> int:
+        """Ollama's parallelism is one server setting, OLLAMA_NUM_PARALLEL, default 1 (ollama/ollama
+        envconfig/config.go `NumParallel`, server/sched.go `load`), which `parallel` stands for there."""
+        if self.api == "ollama":
+            return self.parallel or 1
         return self.parallel or spec.parallel
 
     @classmethod
