@@ -162,11 +162,16 @@ def test_failed_load_leaves_no_instance_and_is_recorded(conn, db_url):
     sim = start_sim()
     try:
         rows = setup_cluster(conn, {"mac": sim})
-        with pytest.raises(model_loader.LoadError, match="not-in-catalog"):
+        # A name the server does not offer is refused for that server before any load is sent, and the
+        # refusal is remembered (not retried at every pass).
+        with pytest.raises(model_loader.LoadError, match="offers no model named 'not-in-catalog'"):
             model_loader.ensure_loaded(db_url, "not-in-catalog", size_bytes=GB)
         assert "not-in-catalog" not in states(conn, rows["mac"]["id"])
-        [row] = loads(conn)
-        assert (row["ok"], row["error"] is not None) == (False, True)
+        assert loads(conn) == [] and sim.stats()["models"].get("not-in-catalog") is None
+        [refusal] = conn.execute("SELECT * FROM aibot.model_health").fetchall()
+        assert refusal["model"] == "not-in-catalog" and "it offers: a, a@f16" in refusal["unavailable_reason"]
+        with pytest.raises(model_loader.LoadError, match="refused: server mac: the server offers no model"):
+            model_loader.ensure_loaded(db_url, "not-in-catalog", size_bytes=GB)
     finally:
         sim.stop()
 
@@ -277,7 +282,7 @@ def test_models_cli_load_list_unload(conn, db_url, capsys):
         assert not sim.engine.is_loaded("c")
 
         assert main(["models", "load", "mac", "nope-model", "--size-gb", "1"]) == 2
-        assert "loading 'nope-model' on mac failed" in capsys.readouterr().err
+        assert "the server offers no model named 'nope-model'; it offers: a, a@f16" in capsys.readouterr().err
     finally:
         sim.stop()
 
