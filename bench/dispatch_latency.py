@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     from aibot.sim.cluster import seed_spec
 
     spec = seed_spec(speed=args.speed, preload="all")
-    ents = [common.bench_entity(f"e{i}", f"sim/model-{i}") for i in range(1, MODELS + 1)]
+    ents = [common.bench_entity(f"e{i}", f"sim/model-{i}@f16") for i in range(1, MODELS + 1)]
     with common.scratch_database(args.database_url, "lat") as url, \
             common.deployment(url, spec, ents, keep_logs=args.keep_logs) as d:
         slot_rows = d.sync_cluster()

@@ -28,7 +28,7 @@ from bench import common  # noqa: E402
 from bench.common import GB, log  # noqa: E402
 
 NAME = "load_storm"
-MODEL = "sim/model-1"
+MODEL = "sim/model-1@f16"
 BUDGET_GB = 128
 
 
@@ -40,7 +40,7 @@ def spec(speed: float, jit_race: bool):
 
 
 def run_aibot(admin_url: str, n: int, speed: float, timeout: float, keep_logs: bool) -> dict:
-    ents = [common.bench_entity("e1", MODEL), common.bench_entity("e2", "sim/model-2")]
+    ents = [common.bench_entity("e1", MODEL), common.bench_entity("e2", "sim/model-2@f16")]
     with common.scratch_database(admin_url, "storm") as url, \
             common.deployment(url, spec(speed, False), ents, keep_logs=keep_logs) as d:
         sim = d.sims.servers[0]

@@ -53,7 +53,7 @@ def messages(models: int, per_model: int) -> list[tuple[str, int]]:
 
 def run_aibot(admin_url: str, models: int, preload: bool, per_model: int, speed: float, window: float,
               keep_logs: bool) -> dict:
-    ents = [common.bench_entity(f"e{i}", f"sim/model-{i}") for i in range(1, models + 1)]
+    ents = [common.bench_entity(f"e{i}", f"sim/model-{i}@f16") for i in range(1, models + 1)]
     with common.scratch_database(admin_url, "mem") as url, \
             common.deployment(url, spec_for(models, preload, speed), ents, keep_logs=keep_logs) as d:
         sim = d.sims.servers[0]
@@ -83,7 +83,7 @@ def run_naive(models: int, preload: bool, per_model: int, speed: float, window: 
 
     with SimCluster(spec_for(models, preload, speed)) as sims:
         sim = sims.servers[0]
-        todo = collections.deque((f"sim/model-{e}", common.key_of(i)) for e, i in messages(models, per_model))
+        todo = collections.deque((f"sim/model-{e}@f16", common.key_of(i)) for e, i in messages(models, per_model))
         lock = threading.Lock()
         done = [0]
         errors = collections.Counter()

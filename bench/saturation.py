@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     # Few, long tokens: the same S as the default reply, with a tenth of the simulator's wake-ups.
     spec = seed_spec(speed=args.speed, memory_gb=192, parallel=(2, 2), preload="all", batch_alpha=0.0,
                      reply_tokens=10, per_token_seconds=0.28)
-    ents = [common.bench_entity(f"e{i}", f"sim/model-{i}") for i in range(1, MODELS + 1)]
+    ents = [common.bench_entity(f"e{i}", f"sim/model-{i}@f16") for i in range(1, MODELS + 1)]
     with common.scratch_database(args.database_url, "sat") as url, \
             common.deployment(url, spec, ents, keep_logs=args.keep_logs) as d:
         slot_rows = d.sync_cluster()
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
 
     per_model = {}
     for i in range(args.jobs):
-        m = f"sim/model-{i % MODELS + 1}"
+        m = f"sim/model-{i % MODELS + 1}@f16"
         per_model[m] = per_model.get(m, 0) + 1
     rounds = max(math.ceil(n / max(1, slots.get(m, 0))) for m, n in per_model.items())
     gen_times = [r.done - r.arrived for r in reqs]

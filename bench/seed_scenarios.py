@@ -49,7 +49,7 @@ TARGET_RATIO = 1.03
 
 
 def entities() -> list[dict]:
-    return [common.bench_entity(f"e{i}", f"sim/model-{i}") for i in range(1, MODELS + 1)]
+    return [common.bench_entity(f"e{i}", f"sim/model-{i}@f16") for i in range(1, MODELS + 1)]
 
 
 def calibrate(d: common.Deployment, rounds: int = 2) -> float:
@@ -67,7 +67,7 @@ def calibrate(d: common.Deployment, rounds: int = 2) -> float:
             for i in range(rounds):
                 key = common.key_of(900000 + i)
                 req = prompt.build_request(ent, text=f"{key} please answer", sender="bench", context_lines=[],
-                                           model="sim/model-1", global_settings=cfg.global_settings)
+                                           model="sim/model-1@f16", global_settings=cfg.global_settings)
                 backend.chat(req)
         finally:
             backend.close()
@@ -79,9 +79,9 @@ def calibrate(d: common.Deployment, rounds: int = 2) -> float:
 
 
 def ideal(n: int, slots_per_model: dict[str, int], service: float) -> tuple[float, int]:
-    counts = {f"sim/model-{m}": 0 for m in range(1, MODELS + 1)}
+    counts = {f"sim/model-{m}@f16": 0 for m in range(1, MODELS + 1)}
     for i in range(n):
-        counts[f"sim/model-{i % MODELS + 1}"] += 1
+        counts[f"sim/model-{i % MODELS + 1}@f16"] += 1
     rounds = max(math.ceil(c / max(1, slots_per_model.get(m, 0))) for m, c in counts.items() if c)
     return rounds * service, rounds
 

@@ -37,8 +37,8 @@ from bench.common import GB, log  # noqa: E402
 
 NAME = "swap_thrash"
 MEMORY_GB = 56
-PATTERN = ("sim/model-1", "sim/model-2", "sim/model-1", "sim/model-3")   # A B A C
-LABEL = {"sim/model-1": "A", "sim/model-2": "B", "sim/model-3": "C"}
+PATTERN = ("sim/model-1@f16", "sim/model-2@f16", "sim/model-1@f16", "sim/model-3@f16")   # A B A C
+LABEL = {"sim/model-1@f16": "A", "sim/model-2@f16": "B", "sim/model-3@f16": "C"}
 AGING_SECONDS = 30.0
 
 
@@ -46,7 +46,7 @@ def spec(speed: float):
     from aibot.sim.cluster import seed_spec
 
     return seed_spec(servers=1, memory_gb=MEMORY_GB, models=3, model_gb=15, parallel=(4,), speed=speed,
-                     preload=["sim/model-1", "sim/model-2"], per_request_bytes=3 * GB)
+                     preload=["sim/model-1@f16", "sim/model-2@f16"], per_request_bytes=3 * GB)
 
 
 def capacity() -> tuple[int, int]:
@@ -70,8 +70,8 @@ def schedule(rate: float, duration: float) -> list[tuple[float, str]]:
 
 
 def run_aibot(admin_url: str, sched: list[tuple[float, str]], speed: float, drain: float, keep_logs: bool) -> dict:
-    ents = [common.bench_entity(f"e{i}", f"sim/model-{i}") for i in (1, 2, 3)]
-    by_model = {f"sim/model-{i}": f"e{i}" for i in (1, 2, 3)}
+    ents = [common.bench_entity(f"e{i}", f"sim/model-{i}@f16") for i in (1, 2, 3)]
+    by_model = {f"sim/model-{i}@f16": f"e{i}" for i in (1, 2, 3)}
     with common.scratch_database(admin_url, "thrash") as url, \
             common.deployment(url, spec(speed), ents, keep_logs=keep_logs) as d:
         sim = d.sims.servers[0]
@@ -175,7 +175,7 @@ def run_fifo(sched: list[tuple[float, str]], speed: float, drain: float, slots: 
 
     with SimCluster(spec(speed)) as sims:
         sim = sims.servers[0]
-        fifo = Fifo(sim.url, slots, max_resident, ["sim/model-1", "sim/model-2"])
+        fifo = Fifo(sim.url, slots, max_resident, ["sim/model-1@f16", "sim/model-2@f16"])
         fifo.thread.start()
         called: dict[str, float] = {}
         models: dict[str, str] = {}

@@ -52,7 +52,7 @@ class Deployment:
 
 
 def entities(n: int = 6, **kw) -> list[dict]:
-    return [entity(f"e{i}", f"sim/model-{i}", **kw) for i in range(1, n + 1)]
+    return [entity(f"e{i}", f"sim/model-{i}@f16", **kw) for i in range(1, n + 1)]
 
 
 @contextlib.contextmanager

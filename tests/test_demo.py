@@ -220,7 +220,7 @@ def test_report_of_a_clean_run_says_so():
 # ----------------------------------------------------------------------------------------- progress
 
 def _snap(**kw):
-    server = ServerLine("mac-studio-1", {"sim/model-1": 1, "sim/model-2": 0}, 1, 6, 45 * GB, 128 * GB, 3, 1)
+    server = ServerLine("mac-studio-1", {"sim/model-1@f16": 1, "sim/model-2@f16": 0}, 1, 6, 45 * GB, 128 * GB, 3, 1)
     base = dict(elapsed=12.5, phase="posting", posted=10, planned=150, states={"queued": 4, "done": 6, "running": 1},
                 runnable=3, replies=6, replies_per_minute=28.8, servers=(server,))
     return Snapshot(**{**base, **kw})
@@ -229,7 +229,7 @@ def _snap(**kw):
 def test_progress_shows_queue_in_flight_ram_and_loads():
     block = "\n".join(render_block(_snap()))
     assert "posted 10/150" in block and "queued 4, running 1, done 6" in block and "runnable 3" in block
-    assert "slots 1/6, generating model-1:1;" in block and "RAM 45.0GB/128.0GB" in block
+    assert "slots 1/6, generating model-1@f16:1;" in block and "RAM 45.0GB/128.0GB" in block
     assert "loads 3 (+1 loading)" in block
     line = render_line(_snap())
     assert "\n" not in line and "mac-studio-1 1/6 slots, 1 gen" in line and "loads 3+1" in line

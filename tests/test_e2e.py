@@ -36,7 +36,7 @@ def test_200_messages_6_entities_2_servers_each_answered_once(db_url, tmp_path):
 
 def test_backlog_is_served_in_priority_order(db_url, tmp_path):
     """One slot, a backlog queued before any worker runs: claims follow priority, FIFO within one."""
-    with deployment(db_url, tmp_path, ents=entities(1), servers=1, parallel=(1,), preload=["sim/model-1"]) as d:
+    with deployment(db_url, tmp_path, ents=entities(1), servers=1, parallel=(1,), preload=["sim/model-1@f16"]) as d:
         priorities = [37, 5, 80, 5, 0, 99, 12, 37, 61, 0, 25, 90, 5, 44, 3]
         for i, p in enumerate(priorities):
             d.chat.post_human(f"msg {i}", entity="e1", priority=p)

@@ -35,18 +35,20 @@ def _spawn(*args: str, env: dict[str, str] | None = None) -> tuple[subprocess.Po
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_subprocess_prints_urls_ready_and_exits_cleanly(sig):
     proc, urls = _spawn("--servers", "2", "--speed", "0.001", "--models", "3", "--model-gb", "1",
-                        "--parallel", "1,4", "--preload", "sim/model-1")
+                        "--parallel", "1,4", "--preload", "sim/model-1@f16")
     try:
         assert list(urls) == ["mac-studio-1", "mac-studio-2"]
         for name, url in urls.items():
             models = httpx.get(f"{url}/api/v1/models", timeout=5).json()["models"]
+            # LM Studio lists a model by key, the configured `<base>@<quant>` being its selected variant.
             assert [m["key"] for m in models] == ["sim/model-1", "sim/model-2", "sim/model-3"]
+            assert models[0]["selected_variant"] == "sim/model-1@f16"
             loaded = models[0]["loaded_instances"]
             assert loaded and loaded[0]["config"]["parallel"] == (1 if name == "mac-studio-1" else 4)
             r = httpx.post(f"{url}/v1/chat/completions", timeout=5,
-                           json={"model": "sim/model-1", "messages": [{"role": "user", "content": "hi"}]})
+                           json={"model": "sim/model-1@f16", "messages": [{"role": "user", "content": "hi"}]})
             assert r.status_code == 200
-            assert httpx.get(f"{url}/_sim/stats").json()["models"]["sim/model-1"]["served"] == 1
+            assert httpx.get(f"{url}/_sim/stats").json()["models"]["sim/model-1@f16"]["served"] == 1
     finally:
         proc.send_signal(sig)
         out, err = proc.communicate(timeout=15)

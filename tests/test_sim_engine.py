@@ -146,7 +146,7 @@ def test_catalog_validation_and_shorthand():
     with pytest.raises(CatalogError, match="unknown field"):
         ModelSpec.from_dict({"key": "a", "size_gb": 1, "colour": "red"})
     models = uniform_catalog(6, 15)
-    assert [m.key for m in models][:2] == ["sim/model-1", "sim/model-2"] and models[0].size_bytes == 15 * GB
+    assert [m.key for m in models][:2] == ["sim/model-1@f16", "sim/model-2@f16"] and models[0].size_bytes == 15 * GB
 
 
 def test_seed_spec_shape():
@@ -163,7 +163,7 @@ def test_cluster_spec_from_dict_merges_defaults_and_names_errors(tmp_path):
         "servers": [{"name": "a", "memory_gb": 10}, {"name": "b", "api": "ollama", "faults": {"error_rate": 0.1}}],
     })
     a, b = spec.servers
-    assert (a.speed, a.memory_bytes, list(a.catalog)) == (0.5, 10 * GB, ["sim/model-1", "sim/model-2"])
+    assert (a.speed, a.memory_bytes, list(a.catalog)) == (0.5, 10 * GB, ["sim/model-1@f16", "sim/model-2@f16"])
     assert b.api == "ollama" and b.faults.error_rate == 0.1
     with pytest.raises(SimConfigError, match=r"servers\[1\]: unknown field\(s\) colour"):
         ClusterSpec.from_dict({"servers": [{"name": "a"}, {"colour": 1}]})

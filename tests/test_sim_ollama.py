@@ -91,10 +91,20 @@ def test_a_namespaced_key_is_listed_with_its_namespace(make_sim):
 
 
 def test_keys_ollama_would_refuse_are_a_config_error():
-    with pytest.raises(SimConfigError, match="'the-eternal@f16' is not a valid Ollama model name"):
-        SimServer(SimConfig(api="ollama", models=[ModelSpec("the-eternal@f16", GB)]))
+    with pytest.raises(SimConfigError, match="'bad name!' is not a valid Ollama model name"):
+        SimServer(SimConfig(api="ollama", models=[ModelSpec("bad name!", GB)]))
     with pytest.raises(SimConfigError, match="name the same Ollama model"):
         SimServer(SimConfig(api="ollama", models=[ModelSpec("x", GB), ModelSpec("library/X:latest", GB)]))
+
+
+def test_lm_studio_style_keys_are_installed_under_the_renamed_name():
+    # The team renamed `<base>@<quant>` to `<base>-<quant>` when it moved to Ollama (original-bot.md §2.3).
+    sim = SimServer(SimConfig(api="ollama", models=[ModelSpec("the-eternal@f16", GB)])).start()
+    try:
+        names = [m["name"] for m in httpx.get(f"{sim.url}/api/tags", timeout=5).json()["models"]]
+        assert names == ["the-eternal-f16:latest"]
+    finally:
+        sim.stop()
 
 
 def test_load_and_unload_answer_like_the_docs(make_sim):

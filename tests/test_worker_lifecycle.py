@@ -108,6 +108,6 @@ def test_every_worker_log_line_names_worker_job_entity_server_and_model(db_url, 
 
         wait_for(lambda: len(delivered_lines()) == 6, timeout=10, message="6 'delivered' log lines")
         lines = delivered_lines()
-        pattern = re.compile(r"worker=workers:\d+ job=\d+ entity=e[12] server=mac-studio-[12] model=sim/model-[12] \|")
+        pattern = re.compile(r"worker=workers:\d+ job=\d+ entity=e[12] server=mac-studio-[12] model=sim/model-[12]@f16 \|")
         for line in lines:
             assert pattern.search(line), line

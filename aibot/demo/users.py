@@ -18,12 +18,12 @@ from aibot.stack import entity
 # (id, model, default priority, popularity weight). Uneven popularity makes the model mix realistic:
 # some models are hot, one is rarely asked for, so placement and loads have something to decide.
 DEMO_ENTITIES: tuple[tuple[str, str, int, float], ...] = (
-    ("the-eternal", "sim/model-1", 40, 6.0),
-    ("sage", "sim/model-2", 50, 4.0),
-    ("jester", "sim/model-3", 60, 3.0),
-    ("oracle", "sim/model-4", 30, 2.0),
-    ("poet", "sim/model-5", 50, 1.5),
-    ("hermit", "sim/model-6", 70, 0.5),
+    ("the-eternal", "sim/model-1@f16", 40, 6.0),
+    ("sage", "sim/model-2@f16", 50, 4.0),
+    ("jester", "sim/model-3@f16", 60, 3.0),
+    ("oracle", "sim/model-4@f16", 30, 2.0),
+    ("poet", "sim/model-5@f16", 50, 1.5),
+    ("hermit", "sim/model-6@f16", 70, 0.5),
 )
 
 USERNAMES = ("ada", "bao", "cleo", "dmitri", "esme", "farid", "gus", "hana", "ivo", "juno", "kai", "lena")

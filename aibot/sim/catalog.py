@@ -76,12 +76,14 @@ class ModelSpec:
 
 def uniform_catalog(count: int, size_gb: float, *, parallel: int = 4, prefix: str = "sim/model-",
                     quantization: str = "F16", context_length: int = 4096) -> list[ModelSpec]:
-    """`count` same-sized models, the seed's shape (six 15 GB f16 models)."""
+    """`count` same-sized models, the seed's shape (six 15 GB f16 models), named as the original
+    configuration names them: `<base>@<quant>` (`sim/model-1@f16`), so every flavour shows them the way
+    its real server would (LM Studio: key `sim/model-1` with variant `sim/model-1@f16`)."""
     if count < 1:
         raise CatalogError(f"models: count {count!r} must be >= 1")
     if size_gb <= 0:
         raise CatalogError(f"model_gb: {size_gb!r} must be positive")
-    return [ModelSpec(key=f"{prefix}{i}", size_bytes=int(size_gb * GB), parallel=parallel,
+    return [ModelSpec(key=f"{prefix}{i}@{quantization.lower()}", size_bytes=int(size_gb * GB), parallel=parallel,
                       quantization=quantization, context_length=context_length)
             for i in range(1, count + 1)]
 

@@ -212,7 +212,7 @@ class ChaosRun:
             self.sims, self.chat = sims, chat
             servers = [{"name": s.name, "url": s.url, "kind": "lmstudio", "enabled": True,
                         "capabilities": {"maxMemory": 128}} for s in sims.servers]
-            ents = [entity(f"e{i}", f"sim/model-{i}", maxTokens=200) for i in range(1, 7)]
+            ents = [entity(f"e{i}", f"sim/model-{i}@f16", maxTokens=200) for i in range(1, 7)]
             config_path = write_config(self.workdir / "config.json", servers=servers, entities=ents)
             self.stack = Stack(self.db_url, config_path, workdir=self.workdir / "logs", env={
                 **FAST_SCHEDULES,

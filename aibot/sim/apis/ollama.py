@@ -361,7 +361,10 @@ def _listed_names(catalog: dict[str, Any]) -> dict[str, str]:
     out: dict[str, str] = {}
     seen: dict[tuple[str, ...], str] = {}
     for key in catalog:
-        name = ollama_names.parse(key)
+        # A key in LM Studio's `<base>@<quant>` form is installed on Ollama under the name the team used
+        # when it moved there, `<base>-<quant>` (aibot/config/modelid.py; original-bot.md §2.3).
+        base, at, quant = key.rpartition("@")
+        name = ollama_names.parse(f"{base}-{quant}" if at and base and quant else key)
         if not name.is_valid():
             raise SimConfigError(f"SimConfig.models: key {key!r} is not a valid Ollama model name "
                                  f"({SOURCE} types/model/name.go)")
