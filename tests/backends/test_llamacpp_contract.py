@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -292,7 +293,7 @@ def test_router_unknown_names_are_model_unavailable_listing_the_offer(replay):
 def test_router_models_max_full_of_busy_models(replay):
     server, b = replay()
     _loaded_after(server, "models-unloaded")
-    server.on("POST", "/models/load", router("load-limit-reached-source"))
+    server.on("POST", "/models/load", router("load-limit-reached"))
     with pytest.raises(InsufficientResources, match="models-max"):
         b.load("gemma-b")
 
@@ -553,3 +554,21 @@ def test_sim_single_answers_as_the_readme(sim):
     assert shape(models) == shape(single("v1-models-alias-source")["payload"])
     slot = httpx.get(f"{s.url}/slots").json()[0]
     assert {"id", "n_ctx", "speculative", "is_processing"} <= set(slot)
+
+
+def test_sim_router_models_max_as_the_real_one(sim):
+    s = sim(models_max=1, preloaded=["gemma-a"], speed=1.0, ttft_seconds=0.0, per_token_seconds=0.02,
+            reply_tokens=50)
+    assert httpx.get(f"{s.url}/props").json()["max_instances"] == \
+        router("props-router-models-max-1")["payload"]["max_instances"] == 1
+    chat = {"model": "gemma-a", "messages": [{"role": "user", "content": "Count to one hundred"}]}
+    with ThreadPoolExecutor(1) as pool:
+        busy = pool.submit(httpx.post, f"{s.url}/v1/chat/completions", json=chat, timeout=10)
+        wait_for(lambda: s.model_stats("gemma-a")["in_flight"] == 1, 5)
+        _answer(httpx.post(f"{s.url}/models/load", json={"model": "gemma-b"}), router("load-limit-reached"))
+        assert busy.result().status_code == 200
+    _answer(httpx.post(f"{s.url}/models/load", json={"model": "gemma-b"}), router("load-over-models-max"))
+    wait_for(lambda: {m["id"]: m["status"]["value"] for m in httpx.get(f"{s.url}/models").json()["data"]}
+             == {"gemma-a": "unloaded", "gemma-b": "loaded", "gemma-broken": "unloaded"}, 5)
+    real = {m["id"]: m["status"] for m in router("models-evicted")["payload"]["data"]}
+    assert "failed" not in real["gemma-a"]           # an eviction is a clean exit, in both
