@@ -136,6 +136,7 @@ def test_keep_alive_durations():
     ({"models_max": -1}, "SimConfig.models_max"),
     ({"sleep_idle_seconds": 0}, "SimConfig.sleep_idle_seconds"),
     ({"broken_models": ["nope"]}, r"SimConfig.broken_models\[0\]"),
+    ({"broken_models": ["sim/tiny-1"], "preloaded": ["sim/tiny-1"]}, "also preloaded"),
     ({"model_aliases": {"nope": ["x"]}}, "SimConfig.model_aliases"),
     ({"model_aliases": {"sim/tiny-1": ["sim/tiny-2"]}}, "conflicts with model 'sim/tiny-2'"),
     ({"model_aliases": {"sim/tiny-1": ["t"], "sim/tiny-2": ["t"]}}, "conflicts with model"),

@@ -121,6 +121,9 @@ class SimConfig:
         for i, key in enumerate(self.broken_models):
             if key not in self.catalog:
                 raise SimConfigError(f"SimConfig.broken_models[{i}]: {key!r} is not in the model catalogue")
+            if key in self.preloaded:
+                raise SimConfigError(f"SimConfig.broken_models[{i}]: {key!r} is also preloaded, and a broken "
+                                     "model cannot be loaded; start without it and load it to see it fail")
         if not isinstance(self.model_aliases, Mapping):
             raise SimConfigError(f"SimConfig.model_aliases: {self.model_aliases!r} must map model keys to alias lists")
         seen: dict[str, str] = {}
