@@ -16,7 +16,6 @@ from aibot.backends import (  # noqa: E402
     ChatRequest,
     InsufficientResources,
     ModelNotLoaded,
-    RequestFault,
     ServerFault,
     Timeout,
     Timeouts,

@@ -103,23 +103,27 @@ def retype(exc: BackendError, *, router: bool) -> BackendError:
     """llama-server's own errors, typed by what they mean rather than by their status code alone."""
     err = error_body(exc)
     message = err.get("message") if isinstance(err.get("message"), str) else ""
+    where = str(exc).split(": ", 1)[0]          # "POST http://host:port/v1/chat/completions"
+    said = f"HTTP {exc.status} {message!r}"
+
+    def make(cls: type[BackendError], text: str) -> BackendError:
+        return cls(f"{where}: {text} ({said})", status=exc.status, body=exc.body)
+
     if exc.status == 400 and (err.get("type") == "exceed_context_size_error"
                               or "exceeds the available context size" in message):
-        detail = ""
-        if _pos_int(err.get("n_prompt_tokens")) and _pos_int(err.get("n_ctx")):
-            detail = f" ({err['n_prompt_tokens']} prompt tokens, {err['n_ctx']} per slot)"
-        return ContextOverflow(f"{exc}{detail}", status=exc.status, body=exc.body)
+        n_prompt, n_ctx = _pos_int(err.get("n_prompt_tokens")), _pos_int(err.get("n_ctx"))
+        sizes = f": {n_prompt} prompt tokens, {n_ctx} per slot" if n_prompt and n_ctx else ""
+        return make(ContextOverflow, f"the prompt does not fit the slot's context{sizes}")
     if not router:
         return exc
     if exc.status == 400 and _NOT_FOUND.match(message):
-        return ModelUnavailable(f"{exc}", status=exc.status, body=exc.body)
+        return make(ModelUnavailable, "the router has no model by that name")
     if exc.status == 400 and message == "model is not loaded":
-        return ModelNotLoaded(f"{exc}", status=exc.status, body=exc.body)
+        return make(ModelNotLoaded, "the model is not running and the router does not autoload")
     if exc.status == 500 and _FAILED_TO_LOAD.match(message):
-        return LoadFailed(f"{exc} (the router started it for this request and its process exited)",
-                          status=exc.status, body=exc.body)
+        return make(LoadFailed, "the router loaded the model for this request and its instance exited")
     if exc.status == 503 and message == "Loading model":
-        return ModelLoading(f"{exc}", status=exc.status, body=exc.body)
+        return make(ModelLoading, "the model's instance is still loading")
     return exc
 
 
