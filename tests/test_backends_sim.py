@@ -3,7 +3,11 @@ streaming, health, typed errors from injected faults, LM Studio's API-level fall
 
 from __future__ import annotations
 
+import time
+
 import pytest
+
+from tests.waiting import wait_for
 
 pytest.importorskip("aibot.sim.server")
 
@@ -12,7 +16,6 @@ from aibot.backends import (  # noqa: E402
     ChatRequest,
     InsufficientResources,
     ModelNotLoaded,
-    RequestFault,
     ServerFault,
     Timeout,
     Timeouts,
@@ -21,7 +24,7 @@ from aibot.backends import (  # noqa: E402
     Unsupported,
     make_backend,
 )
-from aibot.backends.base import LoadFailed, ModelUnavailable  # noqa: E402
+from aibot.backends.base import ContextOverflow, LoadFailed, ModelUnavailable  # noqa: E402
 from aibot.sim.catalog import GB, ModelSpec  # noqa: E402
 from aibot.sim.config import SimConfig  # noqa: E402
 from aibot.sim.server import SimServer  # noqa: E402
@@ -196,10 +199,13 @@ def test_lmstudio_old_api_loads_by_jit_and_cannot_unload(sim):
 def test_llamacpp_single_model(sim):
     _, b = sim("llamacpp")
     [m] = b.list_loaded()
-    assert (m.key, m.parallel, m.context_length) == (TINY, 4, 4096)
+    assert (m.key, m.parallel, m.context_length) == (TINY, 4, 1024)     # -c 4096 over 4 slots
+    cat = b.catalogue()
+    assert [(o.key, o.status, o.size_bytes) for o in cat.models] == [(TINY, "loaded", 1 * GB)]
     assert b.load(TINY).key == TINY
-    with pytest.raises(Unsupported):
-        b.load("sim/tiny-2")
+    with pytest.raises(ModelUnavailable) as info:
+        b.load("sim/tiny-2")                       # never servable here, whatever is retried
+    assert info.value.permanent and TINY in str(info.value)
     with pytest.raises(Unsupported):
         b.unload(TINY)
     assert b.tokenize(TINY, "hello world, how are you") > b.tokenize(TINY, "hello") > 0
@@ -209,20 +215,74 @@ def test_llamacpp_router_load_unload(sim):
     _, b = sim("llamacpp-router")
     assert [(m.key, m.state, m.parallel) for m in b.list_loaded()] == [(TINY, "loaded", 4)]
     loaded = b.load("sim/tiny-2")
-    assert (loaded.key, loaded.state, loaded.parallel, loaded.context_length) == ("sim/tiny-2", "loaded", 2, 8192)
-    assert b.load("sim/tiny-2").key == "sim/tiny-2"           # already loaded: no-op
+    assert (loaded.key, loaded.state, loaded.parallel, loaded.context_length) == ("sim/tiny-2", "loaded", 2, 4096)
+    assert b.load("sim/tiny-2").key == "sim/tiny-2"           # already loaded: adopted
     b.unload("sim/tiny-2")
     assert [m.key for m in b.list_loaded()] == [TINY]
+    entry = b.identify("sim/tiny-2", b.catalogue())
+    assert entry.status == "unloaded" and entry.size_bytes == 2 * GB    # remembered from when it ran
     b.unload("sim/tiny-2")                                     # not loaded: no-op
-    with pytest.raises(RequestFault):
+    with pytest.raises(ModelUnavailable):
         b.load("no/such-model")
-    assert b.tokenize("sim/tiny-2", "a few words here") > 0
+    assert b.tokenize("sim/tiny-2", "a few words here") is None         # not running: never loaded for this
+    assert b.tokenize(TINY, "a few words here") == 4
 
 
 def test_llamacpp_router_waits_for_a_slow_load(sim):
     _, b = sim("llamacpp-router", speed=0.02)      # a 2 GB load now takes about 0.1 s
     b.poll_interval = 0.01
     assert b.load("sim/tiny-2").state == "loaded"
+
+
+def test_llamacpp_router_failed_load_is_load_failed_in_under_a_second(sim):
+    server, b = sim("llamacpp-router", broken_models=["sim/tiny-2"], speed=1.0, load_overhead_seconds=0.17)
+    t = time.monotonic()
+    with pytest.raises(LoadFailed) as info:
+        b.load("sim/tiny-2")
+    assert time.monotonic() - t < 1.5                    # not the 10 s load timeout
+    assert info.value.scope == "model" and "exited with code 1" in str(info.value)
+    assert b.identify("sim/tiny-2", b.catalogue()).status == "failed"
+    assert b.chat(req()).text                            # the router's other model is fine
+
+
+def test_llamacpp_router_sees_autoload_models_max_and_sleep(sim):
+    server, b = sim("llamacpp-router", models_max=2, sleep_idle_seconds=0.05, speed=0.01)
+    assert b.catalogue().max_loaded == 2
+    assert b.chat(req("sim/tiny-2")).text                # autoload: the router loads it for the chat
+    assert {m.key for m in b.list_loaded()} == {TINY, "sim/tiny-2"}
+
+    def both_asleep():
+        asleep = [m for m in b.list_loaded() if m.state == "sleeping"]
+        return asleep if len(asleep) == 2 else None
+
+    sleeping = wait_for(both_asleep, 5)
+    assert {m.key for m in sleeping} == {TINY, "sim/tiny-2"}
+    assert all(m.parallel and m.context_length for m in sleeping)     # from /props, which does not wake
+    assert server.model_stats(TINY)["wakes"] == 0
+    b.load("sim/big")                                    # a third model: the least recently used goes
+    assert {m.key for m in b.list_loaded()} == {"sim/tiny-2", "sim/big"}
+    assert server.stats()["memory"]["evictions"] == 1
+
+
+def test_llamacpp_router_one_models_slots_failing_degrades_only_that_entry(sim):
+    server, b = sim("llamacpp-router", preloaded=[TINY, "sim/tiny-2"], faults={"scope": "all"})
+    server.set_faults(script=["none", "error"])          # the listing passes, then TINY's /props?model= fails
+    cat = b.catalogue()
+    tiny, other = b.identify(TINY, cat), b.identify("sim/tiny-2", cat)
+    assert "GET /props failed" in tiny.detail and tiny.status == "loaded" and tiny.instances
+    assert other.detail is None and other.instances[0].parallel == 2
+
+
+@pytest.mark.parametrize("api", ["llamacpp", "llamacpp-router"])
+def test_llamacpp_prompt_longer_than_the_slot_is_context_overflow(sim, api):
+    server, b = sim(api)
+    long = ChatRequest(model=TINY, messages=[{"role": "user", "content": "word " * 1100}], params={"max_tokens": 8})
+    with pytest.raises(ContextOverflow, match="1024 per slot") as info:
+        b.chat(long)
+    assert not info.value.server_fault and info.value.scope == "request"
+    with pytest.raises(ContextOverflow):
+        list(b.chat_stream(long))
+    assert server.model_stats(TINY)["rejected"] == 2
 
 
 def test_ollama_catalogue_names_sizes_and_identity(sim):

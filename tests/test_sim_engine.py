@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -10,8 +11,9 @@ from aibot.sim.apis.ollama import parse_keep_alive
 from aibot.sim.catalog import GB, CatalogError, ModelSpec, as_catalog, uniform_catalog
 from aibot.sim.cluster import ClusterSpec, seed_spec
 from aibot.sim.config import DEFAULT_BATCH_ALPHA, SimConfig, SimConfigError
-from aibot.sim.engine import (Engine, InsufficientMemory, NotLoaded, UnknownModel, batch_multiplier, fits,
-                              lmstudio_refusal_message, load_seconds, tokens_per_step)
+from aibot.sim.engine import (Engine, InsufficientMemory, LoadFailed, ModelLimit, NotLoaded, UnknownModel,
+                              batch_multiplier, fits, lmstudio_refusal_message, load_seconds, slot_context,
+                              tokens_per_step)
 from aibot.sim.faults import FaultConfig, FaultConfigError, FaultSchedule, choose_fault
 from aibot.sim.replies import count_tokens, plan_reply, prompt_tokens, token_ids
 
@@ -131,6 +133,13 @@ def test_keep_alive_durations():
     ({"lmstudio_version": "0.2"}, "SimConfig.lmstudio_version"),
     ({"memory_bytes": -1}, "SimConfig.memory_bytes"),
     ({"batch_curve": []}, "SimConfig.batch_curve"),
+    ({"models_max": -1}, "SimConfig.models_max"),
+    ({"sleep_idle_seconds": 0}, "SimConfig.sleep_idle_seconds"),
+    ({"broken_models": ["nope"]}, r"SimConfig.broken_models\[0\]"),
+    ({"broken_models": ["sim/tiny-1"], "preloaded": ["sim/tiny-1"]}, "also preloaded"),
+    ({"model_aliases": {"nope": ["x"]}}, "SimConfig.model_aliases"),
+    ({"model_aliases": {"sim/tiny-1": ["sim/tiny-2"]}}, "conflicts with model 'sim/tiny-2'"),
+    ({"model_aliases": {"sim/tiny-1": ["t"], "sim/tiny-2": ["t"]}}, "conflicts with model"),
 ])
 def test_sim_config_errors_name_the_field(kwargs, field):
     with pytest.raises(SimConfigError, match=field):
@@ -205,3 +214,91 @@ def test_realistic_defaults_give_about_three_second_replies_and_thirty_second_lo
     reply = cfg.ttft_seconds + cfg.reply_tokens * cfg.per_token_seconds
     assert 2.5 < reply < 3.5
     assert 25 < load_seconds(15 * GB, cfg.seconds_per_gb, cfg.load_overhead_seconds, cfg.speed) < 40
+
+
+# ------------------------------------------------------------------ llama.cpp policies (engine.configure)
+
+
+def test_slot_context_is_n_ctx_split_between_slots_padded_and_capped():
+    # llama.cpp src/llama-context.cpp:292-307, tools/server/server-context.cpp n_ctx_slot()
+    assert slot_context(4096, 4, 32768) == 1024        # the real router's 1,024 (issue 10, finding 6)
+    assert slot_context(8192, 2, 32768) == 4096
+    assert slot_context(4096, 3, 32768) == 1536        # 1365 padded up to a multiple of 256
+    assert slot_context(65536, 1, 32768) == 32768      # never above the training context
+    assert slot_context(4000, 1, 32768) == 4096        # n_ctx itself is padded first
+
+
+def _llama_engine(sleep_idle_seconds: float | None = None) -> Engine:
+    """What the llama.cpp flavours turn on, with --models-max 2."""
+    models = [ModelSpec("a", 1 * GB, parallel=2, context_length=4096), ModelSpec("b", 1 * GB),
+              ModelSpec("c", 1 * GB), ModelSpec("broken", 1 * GB)]
+    eng = Engine(SimConfig(models=models, speed=0.001))
+    eng.configure(split_context=True, models_max=2, sleep_idle_seconds=sleep_idle_seconds, broken={"broken": 1})
+    return eng
+
+
+def test_models_max_evicts_the_least_recently_used_idle_model():
+    eng = _llama_engine()
+    eng.load("a", instant=True)
+    eng.load("b", instant=True)
+    eng.acquire("a", jit=False).release()          # a is now more recently used than b
+    eng.load("c", instant=True)
+    assert {i.key for i in eng.instances()} == {"a", "c"}
+    st = eng.stats()
+    assert st["memory"]["evictions"] == 1 and st["models"]["b"]["unloads"] == 1
+
+
+def test_models_max_never_evicts_a_busy_model_and_a_load_then_fails():
+    eng = _llama_engine()
+    eng.load("a", instant=True)
+    eng.load("b", instant=True)
+    held = [eng.acquire("a", jit=False), eng.acquire("b", jit=False)]
+    with pytest.raises(ModelLimit):
+        eng.start_load("c")
+    for lease in held:
+        lease.release()
+    eng.start_load("c")
+    assert len(eng.instances()) == 2
+
+
+def test_per_slot_context_on_the_instance():
+    eng = _llama_engine()
+    inst = eng.load("a", instant=True)
+    assert (inst.context_length, inst.parallel, inst.slot_context) == (4096, 2, 2048)
+    plain = Engine(SimConfig(models=[ModelSpec("a", GB, context_length=4096)]))
+    assert plain.load("a", instant=True).slot_context == 4096      # other flavours: unchanged
+
+
+def test_broken_model_fails_with_an_exit_code_until_repaired():
+    eng = _llama_engine()
+    with pytest.raises(LoadFailed) as info:
+        eng.load("broken")
+    assert info.value.exit_code == 1 and eng.exit_code("broken") == 1 and not eng.instances()
+    with pytest.raises(LoadFailed):
+        eng.acquire("broken", jit=True)            # autoload tries again and fails again
+    assert eng.stats()["models"]["broken"]["load_failures"] == 2
+    eng.set_broken("broken", None)
+    eng.load("broken", instant=True)
+    assert eng.exit_code("broken") is None          # a new load clears the failure
+
+
+def test_sleeping_frees_memory_and_a_request_wakes_it():
+    eng = _llama_engine(sleep_idle_seconds=60)
+    eng.load("a", instant=True)
+    assert eng.doze() == 0
+    assert eng.doze(now=time.time() + 61) == 1
+    [inst] = eng.instances()
+    assert inst.state == "sleeping" and eng.stats()["memory"]["used_bytes"] == 0
+    lease = eng.acquire("a", jit=False)            # resident: no autoload needed to wake it
+    assert lease.instance.state == "loaded"
+    lease.release()
+    st = eng.stats()["models"]["a"]
+    assert (st["wakes"], st["loads"], st["served"]) == (1, 1, 1)
+
+
+def test_a_rejected_request_gives_its_slot_back_without_counting_as_served():
+    eng = _llama_engine()
+    eng.load("a", instant=True)
+    eng.acquire("a", jit=False).reject()
+    st = eng.stats()["models"]["a"]
+    assert (st["rejected"], st["served"], st["failed"], st["in_flight"]) == (1, 0, 0, 0)

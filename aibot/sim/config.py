@@ -65,6 +65,12 @@ class SimConfig:
     human_tail_rate: float = 0.0                 # replies that end with "\nHuman: ..."
     ollama_keep_alive: str = "5m"                 # OLLAMA_KEEP_ALIVE (envconfig/config.go KeepAlive)
     ollama_max_loaded_models: int = 0            # OLLAMA_MAX_LOADED_MODELS; 0 = Ollama's automatic 3 (sched.go)
+    # llama.cpp `llama-server` options (what each does, with its source: aibot/sim/apis/llamacpp.py)
+    models_max: int | None = None                # router `--models-max`; None = its default 4, 0 = unlimited
+    sleep_idle_seconds: float | None = None      # `--sleep-idle-seconds` (wall clock); None = never (default -1)
+    broken_models: list[str] = field(default_factory=list)   # presets whose model file is broken: loads fail
+    model_aliases: dict[str, list[str]] = field(default_factory=dict)   # preset `alias = a,b`
+    metrics: bool = False                        # `--metrics` (without it /metrics answers 501)
     faults: FaultConfig = field(default_factory=FaultConfig)
     seed: int = 0
 
@@ -126,6 +132,37 @@ class SimConfig:
             if key not in self.catalog:
                 raise SimConfigError(f"SimConfig.preloaded[{i}]: {key!r} is not in the model catalogue "
                                      f"({', '.join(self.catalog)})")
+        self._check_llamacpp_options()
+
+    def _check_llamacpp_options(self) -> None:
+        if self.models_max is not None and (not isinstance(self.models_max, int) or isinstance(self.models_max, bool)
+                                            or self.models_max < 0):
+            raise SimConfigError(f"SimConfig.models_max: {self.models_max!r} must be None or an integer >= 0")
+        if self.sleep_idle_seconds is not None and (not isinstance(self.sleep_idle_seconds, (int, float))
+                                                    or self.sleep_idle_seconds <= 0):
+            raise SimConfigError(f"SimConfig.sleep_idle_seconds: {self.sleep_idle_seconds!r} must be None or a "
+                                 f"positive number")
+        for i, key in enumerate(self.broken_models):
+            if key not in self.catalog:
+                raise SimConfigError(f"SimConfig.broken_models[{i}]: {key!r} is not in the model catalogue")
+            if key in self.preloaded:
+                raise SimConfigError(f"SimConfig.broken_models[{i}]: {key!r} is also preloaded, and a broken "
+                                     "model cannot be loaded; start without it and load it to see it fail")
+        if not isinstance(self.model_aliases, Mapping):
+            raise SimConfigError(f"SimConfig.model_aliases: {self.model_aliases!r} must map model keys to alias lists")
+        seen: dict[str, str] = {}
+        for key, aliases in self.model_aliases.items():
+            if key not in self.catalog:
+                raise SimConfigError(f"SimConfig.model_aliases: {key!r} is not in the model catalogue")
+            if not isinstance(aliases, list) or not all(isinstance(a, str) and a.strip() for a in aliases):
+                raise SimConfigError(f"SimConfig.model_aliases[{key!r}]: {aliases!r} must be a list of names")
+            for alias in aliases:
+                # the router refuses to start on a clash (llama.cpp tools/server/server-models.cpp add_model)
+                other = alias if alias in self.catalog else seen.get(alias)
+                if other is not None and other != key:
+                    raise SimConfigError(f"SimConfig.model_aliases[{key!r}]: alias {alias!r} conflicts with "
+                                         f"model {other!r}")
+                seen[alias] = key
 
     @property
     def memory_gb(self) -> float | None:

@@ -309,8 +309,11 @@ class OpenAIFormat(ChatFormat):
 
 def openai_chat(flavour: Flavour, req: Request, *, jit: bool, model_key: str | None = None,
                 response_model: str | None = None,
-                extras: Callable[[ReplyPlan, Usage, Timing], dict[str, Any]] | None = None) -> Reply:
-    """The OpenAI-compatible chat endpoint; `model_key` forces a model (llama-server ignores the field)."""
+                extras: Callable[[ReplyPlan, Usage, Timing], dict[str, Any]] | None = None,
+                on_lease: Callable[[Any], None] | None = None) -> Reply:
+    """The OpenAI-compatible chat endpoint; `model_key` forces a model (llama-server ignores the field).
+    `on_lease(lease)` runs once a slot is taken; it may refuse the request (`lease.reject()`, then raise
+    HttpError)."""
     body = flavour.body(req)
     requested = body.get("model")
     if model_key is None:
@@ -325,6 +328,6 @@ def openai_chat(flavour: Flavour, req: Request, *, jit: bool, model_key: str | N
     include_usage = bool(isinstance(opts, dict) and opts.get("include_usage"))
     return run_chat(flavour, req, model_key=model_key, messages=messages,
                     max_tokens=flavour.max_tokens(body, "max_tokens", "max_completion_tokens"),
-                    stop=flavour.stop(body), stream=stream, jit=jit,
+                    stop=flavour.stop(body), stream=stream, jit=jit, on_lease=on_lease,
                     make_format=lambda n: OpenAIFormat(response_model or model_key, n, include_usage=include_usage,
                                                        extras=extras))
