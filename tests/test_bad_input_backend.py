@@ -174,8 +174,10 @@ def test_worker_records_a_bad_answer_and_serves_the_other_job(conn, cluster, fau
     assert bad_job["attempts"] == 0 and bad_job["server_faults"] >= 1, "a server's bad answer refunds the attempt"
     assert bad_job["last_error"] and error_part in bad_job["last_error"], bad_job["last_error"]
     assert bad_job["reply"] is None
-    srv = conn.execute("SELECT failure_count, last_error FROM aibot.servers WHERE name = 'bad'").fetchone()
-    assert srv["failure_count"] >= 1, srv
+    # The server answered: the fault belongs to its model (the pair), not to the whole server.
+    srv = conn.execute("SELECT failure_count FROM aibot.servers WHERE name = 'bad'").fetchone()
+    pair = conn.execute("SELECT failure_count, last_error FROM aibot.model_health WHERE model = 'm-bad'").fetchone()
+    assert srv["failure_count"] == 0 and pair["failure_count"] >= 1, (srv, pair)
     assert conn.execute("SELECT count(*) AS n FROM aibot.rate_events WHERE job_id = %s", (bad_id,)).fetchone()["n"] == 0, \
         "a failed generation gives its rate-limit reservation back"
     assert conn.execute("SELECT count(*) AS n FROM aibot.slots WHERE job_id IS NOT NULL").fetchone()["n"] == 0

@@ -162,7 +162,9 @@ def status_error(status: int, body_text: str, where: str) -> BackendError:
     if status == 408:
         return Timeout(f"{where}: HTTP 408 from server: {message}", status=status, body=body)
     if status == 429 or status >= 500:
-        return ServerFault(f"{where}: HTTP {status}: {message}", status=status, body=body)
+        # The server answered, so it is reachable: a 5xx belongs to what was asked of it (a model's
+        # instance, on a chat request). A failing listing is still blamed on the server by its caller.
+        return _scoped(ServerFault(f"{where}: HTTP {status}: {message}", status=status, body=body), "model")
     if mentions_not_loaded(body_text):
         return ModelNotLoaded(f"{where}: model not loaded: {message}", status=status, body=body)
     return RequestFault(f"{where}: HTTP {status}: {message}", status=status, body=body)
@@ -173,12 +175,20 @@ def transport_error(exc: httpx.HTTPError, where: str, *, got_headers: bool = Fal
     detail = type(exc).__name__ + (f": {exc}" if str(exc) else "")
     detail = truncate(detail, 200)
     if isinstance(exc, httpx.TimeoutException):
-        return Timeout(f"{where}: timed out ({detail})")
+        # No connection at all is the server's problem; a connection that went quiet mid-request is the
+        # request's model being slow or stuck (the server's other models may be fine).
+        return _scoped(Timeout(f"{where}: timed out ({detail})"),
+                       "server" if isinstance(exc, (httpx.ConnectTimeout, httpx.PoolTimeout)) else "model")
     if got_headers:
         return BadResponse(f"{where}: response cut off ({detail})")
     if isinstance(exc, (httpx.UnsupportedProtocol, httpx.InvalidURL)):
         return Unreachable(f"{where}: bad server URL ({detail})")
     return Unreachable(f"{where}: cannot reach server ({detail})")
+
+
+def _scoped(exc: BackendError, scope: str) -> BackendError:
+    exc.scope = scope
+    return exc
 
 
 def _is_json_type(content_type: str) -> bool:
@@ -231,6 +241,7 @@ class HttpClient:
             return exc
         clean = type(exc)(str(exc).replace(secret, "***"), status=exc.status,
                           body=exc.body.replace(secret, "***") if exc.body else exc.body)
+        clean.scope = exc.scope
         return clean
 
     def _request(self, method: str, path: str, *, json_body: Any, params: dict[str, Any] | None,
