@@ -26,12 +26,12 @@ def job(mid: str, model: str = "m1", priority: int = 50, **kw) -> jobs.NewJob:
 
 
 def register_sims(conn, sims: dict, memory_gb: float = 128) -> dict[str, dict]:
-    """Registers running simulators as servers (by name), refreshes what they hold and sizes the slots,
-    the way the scheduler would; returns the server rows by name."""
+    """Registers running simulators as servers (by name, of the kind their API is), refreshes what they
+    hold and sizes the slots, the way the scheduler would; returns the server rows by name."""
     from aibot import cluster, db
     from aibot.config import ServerConfig
 
-    cluster.sync_servers(conn, [ServerConfig.model_validate({"name": n, "url": s.url,
+    cluster.sync_servers(conn, [ServerConfig.model_validate({"name": n, "url": s.url, "kind": s.config.api,
                                                              "capabilities": {"maxMemory": memory_gb}})
                                 for n, s in sims.items()])
     rows = {r["name"]: r for r in db.all_rows(conn, "cluster_servers")}

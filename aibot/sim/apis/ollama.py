@@ -215,8 +215,8 @@ class Ollama(Flavour):
         wanted = ollama_names.parse_request(raw)
         if wanted is None:
             raise HttpError(self.error(400, "invalid model name"))
-        for key in self.engine.catalog:
-            if ollama_names.parse(key).fold() == wanted.fold():
+        for key, listed in self.listed.items():
+            if ollama_names.parse(listed).fold() == wanted.fold():
                 return key
         raise HttpError(self.error(404, f"model '{raw}' not found"))
 
@@ -355,16 +355,20 @@ class OllamaOpenAI(Ollama):
         return json_reply({"error": {"message": message, "type": kind, "param": None, "code": None}}, status)
 
 
+def installed_name(key: str) -> str:
+    """A key in LM Studio's `<base>@<quant>` form is installed on Ollama under the name the team used
+    when it moved there, `<base>-<quant>` (aibot/config/modelid.py; original-bot.md §2.3)."""
+    base, at, quant = key.rpartition("@")
+    return f"{base}-{quant}" if at and base and quant else key
+
+
 def _listed_names(catalog: dict[str, Any]) -> dict[str, str]:
     """Each key as Ollama lists it; keys Ollama would refuse, or two keys naming one model, are
     configuration errors."""
     out: dict[str, str] = {}
     seen: dict[tuple[str, ...], str] = {}
     for key in catalog:
-        # A key in LM Studio's `<base>@<quant>` form is installed on Ollama under the name the team used
-        # when it moved there, `<base>-<quant>` (aibot/config/modelid.py; original-bot.md §2.3).
-        base, at, quant = key.rpartition("@")
-        name = ollama_names.parse(f"{base}-{quant}" if at and base and quant else key)
+        name = ollama_names.parse(installed_name(key))
         if not name.is_valid():
             raise SimConfigError(f"SimConfig.models: key {key!r} is not a valid Ollama model name "
                                  f"({SOURCE} types/model/name.go)")
