@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 
 from aibot.backends import ChatRequest, RequestFault, Timeouts, Unsupported, make_backend
+from aibot.backends.base import ModelUnavailable
 from aibot.postprocess import clean_reply
 from aibot.prompt import build_request
 from tests.real_llm import real_llm_servers  # noqa: F401  (fixture)
@@ -55,7 +56,7 @@ def test_health_and_listing(backends, real_llm_servers):  # noqa: F811
 def test_single_model_load_control(backends, real_llm_servers):  # noqa: F811
     backend, model = backends[0], real_llm_servers.models[0]
     assert backend.load(model).key == model            # the model it serves: a no-op
-    with pytest.raises(Unsupported, match="single model"):
+    with pytest.raises(ModelUnavailable, match="some-other-model"):   # permanent: it serves one model
         backend.load("some-other-model")
     with pytest.raises(Unsupported):
         backend.unload(model)
