@@ -4,6 +4,7 @@ answered exactly once and that no process outlives the demo."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
@@ -241,21 +242,43 @@ def test_replies_per_minute_uses_the_time_so_far_before_a_full_minute():
 
 
 def test_display_redraws_in_place_on_a_terminal_and_appends_lines_otherwise():
-    class Out(list):
-        def write(self, s):
-            self.append(s)
-
-        def flush(self):
-            pass
-
-    tty = Out()
+    tty = io.StringIO()
     d = Display(tty, tty=True)
     d.show(_snap())
+    d.say("a message above the block")
     d.show(_snap(phase="draining"))
-    assert "\x1b[3F" in tty[-1] and "draining" in tty[-1]
-    plain = Out()
+    d.close()
+    drawn = tty.getvalue()
+    assert "\x1b[2K" in drawn and "\x1b[1A" in drawn, "rich's Live moves the cursor up and clears lines"
+    assert drawn.index("a message above the block") < drawn.rindex("draining")
+    plain = io.StringIO()
     Display(plain, tty=False).show(_snap())
-    assert plain[0].count("\n") == 1 and "\x1b" not in plain[0]
+    assert plain.getvalue().count("\n") == 1 and "\x1b" not in plain.getvalue()
+
+
+def test_report_of_a_stopped_run_says_what_it_could_not_compute():
+    rec = _records()
+    rec["replies"] = []
+    rec["servers"] = [report.ServerRecord("s1", 4, 128 * GB, 60 * GB, {}, 0, loading=2)]
+    r = report.build_report(**{**rec, "baseline": [baseline.SequentialRun("switch", 0.0, 0, 0.0, 0.0, ())]},
+                            speed=1.0, seed=1)
+    text = report.format_report(r)
+    assert "2 load(s) were still running when the run stopped" in text
+    assert "models were already loaded" not in text
+    assert "not computed: no message was answered" in text and "aibot is - faster" not in text
+    assert "makespan 0ms" not in text
+
+
+def test_demo_entities_are_not_rate_limit_warnings(tmp_path):
+    from aibot.config.loader import check_config
+    from aibot.demo.users import demo_entity_configs
+    from aibot.stack import write_config
+
+    path = write_config(tmp_path / "c.json", servers=[{"name": "s", "url": "http://127.0.0.1:1", "kind": "lmstudio"}],
+                        entities=demo_entity_configs())
+    result = check_config(path)
+    assert not result.errors
+    assert not [w for w in result.warnings if "rateLimits" in str(w)], result.warnings
 
 
 # ---------------------------------------------------------------------------------------- real runs
