@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -147,3 +150,45 @@ class _NoConn:
 
     def __exit__(self, *exc):
         return False
+
+
+# --- the README, as a newcomer reads it ---------------------------------------------------------------
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def readme_test_command() -> str:
+    """The line `.ci/run` runs: the first line starting with 'pip install' after "Run the tests"."""
+    lines = README.read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("Run the tests"))
+    return next(line for line in lines[start:] if line.startswith("pip install"))
+
+
+def test_readme_test_command_needs_nothing_running():
+    cmd = readme_test_command()
+    assert "AIBOT_TEST_DATABASE_URL" not in cmd, "the command must not point at a Postgres that may not run"
+    extras = cmd.split("'")[1]
+    assert "embedded" in extras and "test" in extras, extras
+    ci = (README.parent / ".ci" / "run").read_text()
+    assert "Run the tests" in ci and 'bash -c "$cmd"' in ci, ".ci/run runs the README's command"
+
+
+def _code_blocks(lang: str) -> list[str]:
+    return re.findall(rf"```{lang}\n(.*?)```", README.read_text(), flags=re.S)
+
+
+def test_readme_walkthrough_config_and_enqueue_examples_work(tmp_path, clean_env):
+    [config] = [textwrap.dedent(b) for b in _code_blocks(r"\s*json") if "lmStudioServers" in b]
+    path = tmp_path / "config-aientities.json"
+    path.write_text(config)
+    env = {**clean_env, "AIBOT_CONFIG": str(path)}
+    check = aibot("config", "check", env=env)
+    assert check.returncode == 0 and "error" not in check.stdout.lower().replace("0 error", ""), check.stdout
+    examples = [line.strip() for block in _code_blocks(r"\s*sh") for line in block.splitlines()
+                if line.strip().startswith("echo '") and "aibot enqueue" in line]
+    assert len(examples) >= 2
+    for example in examples:
+        message = example.split("'")[1]
+        proc = aibot("enqueue", "--check", env=env, stdin=message + "\n")
+        assert proc.returncode == 0, proc.stderr
+        assert "would be: 1 new, 0 duplicate, 0 rejected, 0 ignored" in proc.stdout, proc.stdout

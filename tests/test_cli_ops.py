@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+from urllib.parse import quote
 
 import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
@@ -19,9 +20,13 @@ SECRET = "hunter2-sup3r-secret"
 
 
 def with_password(url: str) -> str:
-    """The test database URL with a password added (trust auth ignores it; the output must not show it)."""
+    """The test database URL with a password added (trust auth ignores it; the output must not show it).
+    A Unix-socket host (the embedded Postgres) goes in the query string, as libpq's URI form has it."""
     d = conninfo_to_dict(url)
-    return f"postgresql://{d.get('user', 'postgres')}:{SECRET}@{d.get('host', '127.0.0.1')}:{d.get('port', 5432)}/{d['dbname']}"
+    user, host, port = d.get("user", "postgres"), d.get("host", "127.0.0.1"), d.get("port", 5432)
+    if host.startswith("/"):
+        return f"postgresql://{user}:{SECRET}@/{d['dbname']}?host={quote(host, safe='')}&port={port}"
+    return f"postgresql://{user}:{SECRET}@{host}:{port}/{d['dbname']}"
 
 
 def cli(capsys, *argv: str) -> tuple[int, str, str]:

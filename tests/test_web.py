@@ -385,3 +385,32 @@ def test_frames_for_events_is_pure():
         {"type": "claimed", "data": {"itemId": 1, "serverId": 2, "worker": "w"}, "timestamp": 5},
         {"type": "deleted", "data": {"itemId": 3}, "timestamp": 5},
     ]
+
+
+def test_grafana_dashboard_queries_only_metrics_that_exist(conn, http):
+    """deploy/grafana-dashboard.json: valid JSON, every panel has a query, and every aibot_* series it
+    names is one /metrics serves (a renamed metric must not leave a silently empty panel)."""
+    import re
+    from pathlib import Path
+
+    seed(conn)
+    conn.execute("INSERT INTO aibot.model_loads (server_id, model, action, ok) SELECT id, 'm1', 'load', true "
+                 "FROM aibot.servers LIMIT 1")
+    text = http.get("/metrics").text
+    served = set(parse_metrics(text)) | {f.name for f in text_string_to_metric_families(text)}
+    dashboard = json.loads((Path(__file__).resolve().parent.parent / "deploy" / "grafana-dashboard.json").read_text())
+    panels = [p for p in dashboard["panels"] if p["type"] != "row"]
+    assert panels and all(p["targets"] and all(t["expr"] for t in p["targets"]) for p in panels)
+    used = {name for p in panels for t in p["targets"] for name in re.findall(r"\baibot_[a-z_]+", t["expr"])}
+    used |= set(re.findall(r"\baibot_[a-z_]+", json.dumps(dashboard["templating"])))
+    assert used and used <= served, used - served
+    assert {"aibot_jobs", "aibot_inflight", "aibot_server_accounted_bytes", "aibot_model_loads_total",
+            "aibot_workers", "aibot_job_latency_seconds"} <= used
+
+
+def test_workers_metric_counts_fresh_heartbeats_and_keeps_silent_roles_at_zero(conn, http):
+    conn.execute("INSERT INTO aibot.workers (worker_id, host, pid, role, started_at, heartbeat_at) VALUES "
+                 "('w1', 'h', 1, 'worker', now(), now()), ('w2', 'h', 2, 'worker', now(), now() - interval '5 min'), "
+                 "('b1', 'h', 3, 'bot', now(), now() - interval '5 min')")
+    samples = {lab["role"]: v for lab, v in parse_metrics(http.get("/metrics").text)["aibot_workers"]}
+    assert samples == {"worker": 1, "bot": 0}

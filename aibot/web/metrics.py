@@ -155,12 +155,13 @@ def model_loads(conn) -> Iterator[Metric]:
 @families
 def workers(conn) -> Iterator[Metric]:
     live = GaugeMetricFamily("aibot_workers", f"Registered processes by role with a heartbeat in the last "
-                                              f"{FRESH_HEARTBEAT_SECONDS} s.", labels=["role"])
+                                              f"{FRESH_HEARTBEAT_SECONDS} s (0 for a role whose processes all went "
+                                              "silent, so an alert sees it drop).", labels=["role"])
     by_role: dict[str, int] = {}
     for r in inspection.worker_status(conn):
         age = r["heartbeat_age_seconds"]
-        if age is not None and age < FRESH_HEARTBEAT_SECONDS:
-            by_role[r["role"]] = by_role.get(r["role"], 0) + 1
+        fresh = age is not None and age < FRESH_HEARTBEAT_SECONDS
+        by_role[r["role"]] = by_role.get(r["role"], 0) + fresh
     for role, n in sorted(by_role.items()):
         live.add_metric([role], n)
     yield live
