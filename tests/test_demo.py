@@ -8,6 +8,7 @@ import io
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -266,6 +267,9 @@ def test_report_of_a_stopped_run_says_what_it_could_not_compute():
     assert "2 load(s) were still running when the run stopped" in text
     assert "models were already loaded" not in text
     assert "not computed: no message was answered" in text and "aibot is - faster" not in text
+    r2 = report.build_report(**{**_records(), "servers": [report.ServerRecord("s1", 4, 128 * GB, 60 * GB, {"a": 1}, 1,
+                                                                              loading=1)]}, speed=1.0, seed=1)
+    assert "(+1 load(s) still running when the run stopped)" in report.format_report(r2)
     assert "makespan 0ms" not in text
 
 
@@ -356,11 +360,21 @@ class DemoProcess:
 def test_demo_against_a_test_database_answers_every_message_once_and_leaves_nothing(db_url, tmp_path):
     out = tmp_path / "report.json"
     demo = DemoProcess(["demo", "--speed", "0.01", "--messages", "30", "--seed", "5", "--interval", "0.5",
-                        "--json", str(out)], _env(AIBOT_DATABASE_URL=db_url))
+                        "--keep-logs", "--json", str(out)], _env(AIBOT_DATABASE_URL=db_url))
     with demo:
         rc = demo.wait(100)
     text = demo.output()
     assert rc == 0, text[-5000:]
+    # The log folder it names is there (--keep-logs), and its own config made no noise in it.
+    logs = Path(re.search(r"logs in (\S+) \(kept\)", text).group(1))
+    try:
+        assert f"Logs kept in {logs}" in text and logs.is_dir()
+        noise = "".join(f.read_text(errors="replace") for f in logs.iterdir() if f.is_file())
+        assert "aibot bot" in text and noise, "the processes' logs were written"
+        for line in ("rateLimits", "maximum number of running instances", " object at 0x"):
+            assert line not in noise, [x for x in noise.splitlines() if line in x][:3]
+    finally:
+        shutil.rmtree(logs.parent, ignore_errors=True)
     rep = json.loads(out.read_text())
     assert rep["posted"] == 30 and rep["answered_once"] == 30 and rep["all_answered_exactly_once"], rep
     assert rep["answered_twice_or_more"] == 0 and rep["unanswered"] == 0 and rep["job_states"] == {"done": 30}
@@ -436,6 +450,8 @@ def test_demo_without_a_database_url_uses_embedded_postgres_and_stops_it(tmp_pat
     text = demo.output()
     assert rc == 0, text[-5000:]
     assert "AIBOT_DATABASE_URL is not set, so the demo starts an embedded PostgreSQL" in text
+    logs = Path(re.search(r"logs in (\S+) \(deleted at the end unless the run fails", text).group(1))
+    assert not logs.exists() and "Logs kept" not in text
     rep = json.loads(out.read_text())
     database = rep["context"]["database"]
     assert database["kind"] == "embedded" and database["pgdata"] == str(pgdata)

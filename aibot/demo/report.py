@@ -288,6 +288,8 @@ def format_report(r: Report) -> str:
     out.append(_table([{"model": m, "loads": sum(by.values()), "where": ", ".join(f"{s} ×{n}" for s, n in by.items())}
                        for m, by in r.loads_per_model.items()], ["model", "loads", "where"],
                       title="Model loads", empty=loads_empty_note(r)))
+    if r.loads_per_model and r.loads_in_progress:
+        out.append(f"  (+{r.loads_in_progress} load(s) still running when the run stopped)")
     out.append("")
     out.append("Same messages, original bot (one sequential worker; computed from this run's recording, see docs/demo.md):")
     for b in r.baseline:
