@@ -25,11 +25,16 @@ SCHEMA = "aibot"
 APP_NAME = "aibot"
 
 
+class NoDatabaseConfigured(RuntimeError):
+    """Neither an explicit URL nor AIBOT_DATABASE_URL: the message says how to give one."""
+
+
 def database_url(explicit: str | None = None) -> str:
     url = explicit or os.environ.get("AIBOT_DATABASE_URL")
     if not url:
-        raise RuntimeError(
-            "no database configured: set AIBOT_DATABASE_URL (e.g. postgresql://user@127.0.0.1:5432/aibot)"
+        raise NoDatabaseConfigured(
+            "no database configured: set AIBOT_DATABASE_URL (e.g. postgresql://user@127.0.0.1:5432/aibot) "
+            "or pass --database-url"
         )
     return url
 

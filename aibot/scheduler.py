@@ -8,6 +8,12 @@ nothing but its own ticks.
 
 Schedules come from the environment, `AIBOT_SCHEDULE_<JOB>`: an interval (`10s`, `5m`, `1h`), a
 five-field cron expression (`*/5 * * * *`), or `off`.
+
+A tick that is still running when its next firing comes (a rebalance waiting on a cold load) makes that
+firing a no-op: one instance per job, missed firings coalesced. APScheduler logs every such skip as a
+warning ("maximum number of running instances reached"), up to one a second per job with the test
+schedules; they are expected, so they are counted instead and reported once, at INFO, when the long
+tick ends.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
+from apscheduler.events import EVENT_JOB_MAX_INSTANCES, JobSubmissionEvent
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
@@ -83,6 +90,20 @@ def tick_time(trigger, now: datetime) -> datetime:
     return trigger.get_next_fire_time(None, now - tolerance)
 
 
+class _ExpectedSkips(logging.Filter):
+    """Drops APScheduler's per-firing skip warning (apscheduler/schedulers/base.py `_process_jobs`, 3.11:
+    "Execution of job %s skipped: maximum number of running instances reached (%d)"); the Scheduler's
+    EVENT_JOB_MAX_INSTANCES listener counts the skips instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "maximum number of running instances reached" not in str(record.msg)
+
+
+_aps_logger = logging.getLogger("apscheduler.scheduler")
+if not any(isinstance(f, _ExpectedSkips) for f in _aps_logger.filters):
+    _aps_logger.addFilter(_ExpectedSkips())
+
+
 class Scheduler:
     def __init__(self, database: db.Database, *, name: str | None = None, env: dict | None = None,
                  schedules: list[Schedule] | None = None) -> None:
@@ -90,7 +111,10 @@ class Scheduler:
         self.name = name or log.default_worker_name("scheduler")
         self._aps = BackgroundScheduler(timezone=timezone.utc, job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 30})
         self.ran: dict[str, int] = {}
+        self.skipped: dict[str, int] = {}       # firings skipped because the previous tick still ran
+        self._skips_since: dict[str, int] = {}  # ... since that tick started, for its end-of-tick line
         self._lock = threading.Lock()
+        self._aps.add_listener(self._on_skip, EVENT_JOB_MAX_INSTANCES)
         env = os.environ if env is None else env
         self.triggers = {}
         for sched in SCHEDULES if schedules is None else schedules:
@@ -107,14 +131,27 @@ class Scheduler:
     def stop(self) -> None:
         self._aps.shutdown(wait=True)
 
+    def _on_skip(self, event: JobSubmissionEvent) -> None:
+        with self._lock:
+            self.skipped[event.job_id] = self.skipped.get(event.job_id, 0) + 1
+            self._skips_since[event.job_id] = self._skips_since.get(event.job_id, 0) + 1
+        logger.debug("%s: firing skipped, the previous tick is still running", event.job_id)
+
     def _run(self, sched: Schedule) -> None:
         trigger = self.triggers[sched.name]
         tick = tick_time(trigger, datetime.now(timezone.utc))
+        started = datetime.now(timezone.utc)
         with log.context(worker=self.name, job=f"tick:{sched.name}"):
             try:
                 self.run_tick(sched, tick)
             except Exception:
                 logger.exception("tick %s at %s failed", sched.name, tick.isoformat())
+            finally:
+                with self._lock:
+                    skips = self._skips_since.pop(sched.name, 0)
+                if skips:
+                    took = (datetime.now(timezone.utc) - started).total_seconds()
+                    logger.info("%s tick took %.0fs; %d firing(s) skipped while it ran", sched.name, took, skips)
 
     def run_tick(self, sched: Schedule, tick: datetime) -> bool:
         """Runs `sched` for `tick` unless another scheduler already took that tick; True if it ran."""

@@ -169,10 +169,9 @@ def save_plot(out_dir: Path, name: str, draw: Callable[[Any], None], *, size=(10
 
 
 def table(rows: Sequence[dict[str, Any]], columns: Sequence[Any], title: str | None = None) -> str:
-    from aibot.tables import Column, render
+    from aibot.cli.render import table as view, to_text
 
-    cols = [c if isinstance(c, Column) else Column(c) for c in columns]
-    return render(rows, cols, title=title)
+    return to_text(view(rows, columns, title=title)).rstrip("\n")
 
 
 def percentile(values: Iterable[float], q: float) -> float | None:

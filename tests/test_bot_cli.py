@@ -102,3 +102,24 @@ def test_bot_rejects_bad_flags(env, capsys):
     assert "AIBOT_CHAT_API_URL" in capsys.readouterr().err
     assert main(["bot", "--once", "--start-at", "tomorrow", "--chat-url", "http://x"]) == 2
     assert "--start-at" in capsys.readouterr().err
+
+
+def test_enqueue_check_shows_no_priority_for_an_ignored_message(env, monkeypatch, capsys):
+    """An ignored message creates no job, so it has no priority (it used to show the default 50)."""
+    feed(monkeypatch, [json.dumps({"id": "h1", "username": "ann", "text": "between humans"}), json.dumps(msg("a"))])
+    assert main(["enqueue", "--check"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[2]: line.split() for line in out.splitlines()[2:] if line.split()[:1] == ["line"]}
+    ignored = rows["h1"]
+    assert "ignored" in ignored and "50" not in ignored and ignored[ignored.index("ignored") + 1] == "-"
+    assert "new" in rows["a"]
+
+
+def test_bot_logs_where_it_reads_not_a_repr(env, conn, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="aibot.cli.bot")
+    assert main(["bot", "--once"]) == 0
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("bot reading"))
+    assert line.startswith("bot reading the aibot.inbox table (100 rows per poll), config ")
+    assert " object at 0x" not in line

@@ -3,26 +3,30 @@
 from __future__ import annotations
 
 import datetime as dt
+import io
 import os
 import socket
 import subprocess
 import sys
+from urllib.parse import quote
 
 import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from aibot import tables
-from aibot.cli import main
-from aibot.cli.status_cmd import CLEAR
+from aibot.cli import main, render
 from tests.test_inspection import seed, state_of
 
 SECRET = "hunter2-sup3r-secret"
 
 
 def with_password(url: str) -> str:
-    """The test database URL with a password added (trust auth ignores it; the output must not show it)."""
+    """The test database URL with a password added (trust auth ignores it; the output must not show it).
+    A Unix-socket host (the embedded Postgres) goes in the query string, as libpq's URI form has it."""
     d = conninfo_to_dict(url)
-    return f"postgresql://{d.get('user', 'postgres')}:{SECRET}@{d.get('host', '127.0.0.1')}:{d.get('port', 5432)}/{d['dbname']}"
+    user, host, port = d.get("user", "postgres"), d.get("host", "127.0.0.1"), d.get("port", 5432)
+    if host.startswith("/"):
+        return f"postgresql://{user}:{SECRET}@/{d['dbname']}?host={quote(host, safe='')}&port={port}"
+    return f"postgresql://{user}:{SECRET}@{host}:{port}/{d['dbname']}"
 
 
 def cli(capsys, *argv: str) -> tuple[int, str, str]:
@@ -36,24 +40,59 @@ def cli(capsys, *argv: str) -> tuple[int, str, str]:
 
 # --- tables ------------------------------------------------------------------------------------------
 
-def test_render_aligns_truncates_and_marks_missing():
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_plain_table_aligns_truncates_and_marks_missing():
     rows = [{"name": "alpha", "n": 3, "note": None}, {"name": "b", "n": 12345, "note": "x" * 100}]
-    text = tables.render(rows, ["name", "n", tables.Column("note", max_width=10)], title="T")
+    text = render.to_text(render.table(rows, ["name", "n", render.Column("note", max_width=10)], title="T"))
     lines = text.splitlines()
     assert lines[0] == "T"
-    assert lines[1].split() == ["NAME", "N", "NOTE"]
-    assert lines[3] == "  alpha      3  -"
-    assert lines[4] == "  b      12345  xxxxxxxxx…"
-    assert len({len(line) for line in lines[2:3]}) == 1
+    assert lines[1].split() == ["NAME", "N", "NOTE"] and set(lines[2]) == {"-", " "}
+    assert lines[3].split() == ["alpha", "3", "-"] and lines[4].split() == ["b", "12345", "xxxxxxxxx…"]
+    assert lines[3].index("3") == lines[4].index("12345") + 4, "numbers align right"
+    assert all(line == line.rstrip() for line in lines) and "\x1b" not in text
+    assert all(ch.isascii() for ch in text.replace("…", ""))
 
 
-def test_render_empty_and_formatters():
-    assert tables.render([], ["a"], title="X", empty="(nothing)") == "X\n  (nothing)"
-    assert [tables.fmt_seconds(s) for s in (0.42, 12, 185, 7800, 90000)] == ["0.4s", "12s", "3m05s", "2h10m", "1d1h"]
-    assert tables.fmt_bytes(64_000_000_000) == "64.0GB" and tables.fmt_bytes(512) == "512B"
-    row = [{"t": dt.datetime(2024, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc), "b": True, "s": "a\nb"}]
-    text = tables.render(row, ["t", "b", "s"])
+def test_plain_table_empty_markup_and_formatters():
+    assert render.to_text(render.table([], ["a"], title="X", empty="(nothing)")) == "X\n  (nothing)\n"
+    assert [render.fmt_seconds(s) for s in (0.42, 12, 185, 7800, 90000)] == ["0.4s", "12s", "3m05s", "2h10m", "1d1h"]
+    assert render.fmt_bytes(64_000_000_000) == "64.0GB" and render.fmt_bytes(512) == "512B"
+    row = [{"t": dt.datetime(2024, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc), "b": True, "s": "a\nb",
+            "r": "[SKIP] [bold]x[/bold]"}]
+    text = render.to_text(render.table(row, ["t", "b", "s", "r"]))
     assert "yes" in text and "a b" in text and "2024-01-0" in text
+    assert "[SKIP] [bold]x[/bold]" in text, "queue text is never read as markup"
+
+
+def test_terminal_table_has_colour_and_plain_forms_are_chosen(monkeypatch):
+    rows = [{"name": "alpha", "status": "healthy"}]
+    tty = Terminal()
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    render.print_(render.table(rows, ["name", "status"]), file=tty)
+    assert "\x1b[" in tty.getvalue() and "healthy" in tty.getvalue()
+    monkeypatch.setenv("NO_COLOR", "1")
+    assert render.is_plain(Terminal())
+    monkeypatch.delenv("NO_COLOR")
+    assert not render.is_plain(Terminal()) and render.is_plain(io.StringIO())
+    render.configure(plain=True)
+    try:
+        assert render.is_plain(Terminal())
+    finally:
+        render.configure(plain=False)
+
+
+def test_live_view_redraws_on_a_terminal(monkeypatch):
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    tty = Terminal()
+    frames = iter(["first frame", "second frame"])
+    assert render.live_loop(lambda: next(frames), interval=0, iterations=2, footer="Ctrl-C to quit", file=tty) == 0
+    out = tty.getvalue()
+    assert "\x1b[?1049h" in out and "\x1b[?1049l" in out, "the alternate screen, as top uses"
+    assert "first frame" in out and "second frame" in out and "Ctrl-C to quit" in out
 
 
 # --- status / top ------------------------------------------------------------------------------------
@@ -99,11 +138,11 @@ def test_unreachable_database_is_one_line_without_password(capsys):
     assert SECRET not in out + err and "Traceback" not in err
 
 
-def test_top_refreshes_with_a_clear_screen(conn, db_url, capsys):
+def test_top_when_not_a_terminal_prints_plain_snapshots(conn, db_url, capsys):
     seed(conn)
     code, out, _ = cli(capsys, "top", "--iterations", "3", "--interval", "0")
     assert code == 0
-    assert out.count(CLEAR) == 3 and out.count("aibot status") == 3
+    assert out.count("aibot status") == 3 and "\x1b" not in out
 
 
 def test_status_via_the_console_entry_point(conn, db_url):

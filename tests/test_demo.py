@@ -4,9 +4,11 @@ answered exactly once and that no process outlives the demo."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -241,21 +243,46 @@ def test_replies_per_minute_uses_the_time_so_far_before_a_full_minute():
 
 
 def test_display_redraws_in_place_on_a_terminal_and_appends_lines_otherwise():
-    class Out(list):
-        def write(self, s):
-            self.append(s)
-
-        def flush(self):
-            pass
-
-    tty = Out()
+    tty = io.StringIO()
     d = Display(tty, tty=True)
     d.show(_snap())
+    d.say("a message above the block")
     d.show(_snap(phase="draining"))
-    assert "\x1b[3F" in tty[-1] and "draining" in tty[-1]
-    plain = Out()
+    d.close()
+    drawn = tty.getvalue()
+    assert "\x1b[2K" in drawn and "\x1b[1A" in drawn, "rich's Live moves the cursor up and clears lines"
+    assert drawn.index("a message above the block") < drawn.rindex("draining")
+    plain = io.StringIO()
     Display(plain, tty=False).show(_snap())
-    assert plain[0].count("\n") == 1 and "\x1b" not in plain[0]
+    assert plain.getvalue().count("\n") == 1 and "\x1b" not in plain.getvalue()
+
+
+def test_report_of_a_stopped_run_says_what_it_could_not_compute():
+    rec = _records()
+    rec["replies"] = []
+    rec["servers"] = [report.ServerRecord("s1", 4, 128 * GB, 60 * GB, {}, 0, loading=2)]
+    r = report.build_report(**{**rec, "baseline": [baseline.SequentialRun("switch", 0.0, 0, 0.0, 0.0, ())]},
+                            speed=1.0, seed=1)
+    text = report.format_report(r)
+    assert "2 load(s) were still running when the run stopped" in text
+    assert "models were already loaded" not in text
+    assert "not computed: no message was answered" in text and "aibot is - faster" not in text
+    r2 = report.build_report(**{**_records(), "servers": [report.ServerRecord("s1", 4, 128 * GB, 60 * GB, {"a": 1}, 1,
+                                                                              loading=1)]}, speed=1.0, seed=1)
+    assert "(+1 load(s) still running when the run stopped)" in report.format_report(r2)
+    assert "makespan 0ms" not in text
+
+
+def test_demo_entities_are_not_rate_limit_warnings(tmp_path):
+    from aibot.config.loader import check_config
+    from aibot.demo.users import demo_entity_configs
+    from aibot.stack import write_config
+
+    path = write_config(tmp_path / "c.json", servers=[{"name": "s", "url": "http://127.0.0.1:1", "kind": "lmstudio"}],
+                        entities=demo_entity_configs())
+    result = check_config(path)
+    assert not result.errors
+    assert not [w for w in result.warnings if "rateLimits" in str(w)], result.warnings
 
 
 # ---------------------------------------------------------------------------------------- real runs
@@ -333,11 +360,21 @@ class DemoProcess:
 def test_demo_against_a_test_database_answers_every_message_once_and_leaves_nothing(db_url, tmp_path):
     out = tmp_path / "report.json"
     demo = DemoProcess(["demo", "--speed", "0.01", "--messages", "30", "--seed", "5", "--interval", "0.5",
-                        "--json", str(out)], _env(AIBOT_DATABASE_URL=db_url))
+                        "--keep-logs", "--json", str(out)], _env(AIBOT_DATABASE_URL=db_url))
     with demo:
         rc = demo.wait(100)
     text = demo.output()
     assert rc == 0, text[-5000:]
+    # The log folder it names is there (--keep-logs), and its own config made no noise in it.
+    logs = Path(re.search(r"logs in (\S+) \(kept\)", text).group(1))
+    try:
+        assert f"Logs kept in {logs}" in text and logs.is_dir()
+        noise = "".join(f.read_text(errors="replace") for f in logs.iterdir() if f.is_file())
+        assert "aibot bot" in text and noise, "the processes' logs were written"
+        for line in ("rateLimits", "maximum number of running instances", " object at 0x"):
+            assert line not in noise, [x for x in noise.splitlines() if line in x][:3]
+    finally:
+        shutil.rmtree(logs.parent, ignore_errors=True)
     rep = json.loads(out.read_text())
     assert rep["posted"] == 30 and rep["answered_once"] == 30 and rep["all_answered_exactly_once"], rep
     assert rep["answered_twice_or_more"] == 0 and rep["unanswered"] == 0 and rep["job_states"] == {"done": 30}
@@ -413,6 +450,8 @@ def test_demo_without_a_database_url_uses_embedded_postgres_and_stops_it(tmp_pat
     text = demo.output()
     assert rc == 0, text[-5000:]
     assert "AIBOT_DATABASE_URL is not set, so the demo starts an embedded PostgreSQL" in text
+    logs = Path(re.search(r"logs in (\S+) \(deleted at the end unless the run fails", text).group(1))
+    assert not logs.exists() and "Logs kept" not in text
     rep = json.loads(out.read_text())
     database = rep["context"]["database"]
     assert database["kind"] == "embedded" and database["pgdata"] == str(pgdata)

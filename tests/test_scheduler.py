@@ -85,3 +85,32 @@ def test_default_schedules_cover_the_issue():
     names = {s.name: s.default for s in scheduler.SCHEDULES}
     assert names == {"reclaim": "10s", "refresh": "15s", "rebalance": "30s", "probe": "2s",
                      "prune": "1h", "doorbell": "5s"}
+
+
+def test_a_long_tick_skips_firings_quietly_and_reports_them_once(database, caplog):
+    """APScheduler warns on every firing that finds the previous tick still running; those skips are
+    expected (one instance per job), so they are counted and summed up in one INFO line instead."""
+    import logging
+
+    release = threading.Event()
+    started = threading.Event()
+
+    def slow(_db):
+        started.set()
+        release.wait(20)
+
+    sched = Scheduler(database, name="sched-slow", schedules=[Schedule("slow-test", "100ms", slow, "test")])
+    caplog.set_level(logging.DEBUG)
+    sched.start()
+    try:
+        wait_for(started.is_set, timeout=10, message="the slow tick started")
+        wait_for(lambda: sched.skipped.get("slow-test", 0) >= 3, timeout=10, message="firings skipped")
+        release.set()
+        wait_for(lambda: any("firing(s) skipped while it ran" in r.getMessage() for r in caplog.records),
+                 timeout=10, message="the end-of-tick summary")
+    finally:
+        release.set()
+        sched.stop()
+    assert not [r for r in caplog.records if "maximum number of running instances" in r.getMessage()]
+    summary = next(r for r in caplog.records if "firing(s) skipped while it ran" in r.getMessage())
+    assert summary.levelno == logging.INFO and summary.getMessage().startswith("slow-test tick took")

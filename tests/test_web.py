@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import socket
 import time
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import ClientConnection, connect
 
 from aibot.cli import main
 from aibot.cli.serve_cmd import read_token
-from aibot.web import events, metrics, websocket
+from aibot.web import events
 from aibot.web.server import AppServer, ServeError, check_bind, host_of, origin_ok
 from tests.test_inspection import add_job, seed, state_of
 from tests.waiting import wait_for
@@ -36,7 +41,16 @@ def ws_url(server, query: str = "") -> str:
     return server.url.replace("http://", "ws://") + "/ws" + query
 
 
-def next_frame(client: websocket.Client, pred, timeout: float = 5.0) -> dict:
+def ws_connect(url: str, **kw) -> ClientConnection:
+    """A client from the `websockets` package (the server side is uvicorn's: two implementations)."""
+    return connect(url, open_timeout=5, close_timeout=5, **kw)
+
+
+def send_json(client: ClientConnection, obj) -> None:
+    client.send(json.dumps(obj))
+
+
+def next_frame(client: ClientConnection, pred, timeout: float = 5.0) -> dict:
     """The first frame matching `pred`, skipping others (e.g. periodic stats)."""
     deadline = time.monotonic() + timeout
     while True:
@@ -44,11 +58,20 @@ def next_frame(client: websocket.Client, pred, timeout: float = 5.0) -> dict:
         if left <= 0:
             raise AssertionError("no matching WebSocket frame before the deadline")
         try:
-            f = client.recv_json(timeout=left)
+            f = json.loads(client.recv(timeout=left))
         except TimeoutError:
             continue
         if pred(f):
             return f
+
+
+def parse_metrics(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
+    """Samples by name, through prometheus_client's own parser (which raises on a malformed line)."""
+    out: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out.setdefault(sample.name, []).append((sample.labels, sample.value))
+    return out
 
 
 # --- original monitor endpoints -------------------------------------------------------------------
@@ -137,7 +160,7 @@ def test_metrics_parse_and_report_the_views(conn, http):
                  "(%s, 'm1', 'load', true), (%s, 'm2', 'load', false)", (ids["s1"], ids["s1"], ids["s1"]))
     r = http.get("/metrics")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain; version=0.0.4")
-    parsed = metrics.parse(r.text)  # raises on any line that is not a comment or `name{labels} value`
+    parsed = parse_metrics(r.text)
 
     def value(name, **labels):
         matches = [v for lab, v in parsed[name] if all(lab.get(k) == str(x) for k, x in labels.items())]
@@ -161,14 +184,27 @@ def test_metrics_parse_and_report_the_views(conn, http):
         assert line.startswith("#") or line.startswith("aibot_")
 
 
-def test_metrics_label_escaping():
-    m = metrics.Metric("x", "gauge", "h")
-    m.add(1, server='a"b\\c\nd')
-    text = metrics.render([m])
-    assert 'x{server="a\\"b\\\\c\\nd"} 1' in text
-    assert metrics.parse(text)["x"][0][0]["server"] == 'a"b\\c\nd'
-    with pytest.raises(ValueError, match="line 1"):
-        metrics.parse("not a metric line at all")
+def test_metrics_label_escaping(conn, http):
+    from tests.test_inspection import add_server
+
+    hostile = 'a"b\\c\nd'
+    add_server(conn, hostile, memory_bytes=10, health="healthy")
+    r = http.get("/metrics")
+    assert 'aibot_server_memory_bytes{server="a\\"b\\\\c\\nd"} 10.0' in r.text
+    assert [lab["server"] for lab, _ in parse_metrics(r.text)["aibot_server_memory_bytes"]] == [hostile]
+
+
+def test_every_metric_has_help_and_type(conn, http):
+    seed(conn)
+    text = http.get("/metrics").text
+    names = {f.name for f in text_string_to_metric_families(text)}
+    assert names == {
+        "aibot_jobs", "aibot_queue_oldest_wait_seconds", "aibot_queue_runnable", "aibot_inflight", "aibot_slots",
+        "aibot_server_failures", "aibot_server_backoff_level", "aibot_server_up", "aibot_server_draining",
+        "aibot_server_memory_bytes", "aibot_server_accounted_bytes", "aibot_replies_per_minute",
+        "aibot_job_wait_seconds", "aibot_job_duration_seconds", "aibot_job_latency_seconds", "aibot_model_loads",
+        "aibot_workers"}, names
+    assert "# TYPE aibot_model_loads_total counter" in text and "# TYPE aibot_job_latency_seconds summary" in text
 
 
 def test_dashboard_is_served(http):
@@ -206,8 +242,10 @@ def test_token_is_checked_on_every_request(db_url, conn):
             assert c.get("/metrics").status_code == 401 and c.get("/").status_code == 401
             assert c.post(f"/api/jobs/{ids['q_bg']}/cancel").status_code == 401
             assert state_of(conn, ids["q_bg"]) == "queued"
-        with pytest.raises(websocket.WebSocketError, match="401"):
-            websocket.Client.connect(srv.url.replace("http", "ws") + "/ws", timeout=5)
+        with pytest.raises(InvalidStatus, match="401"):
+            ws_connect(srv.url.replace("http", "ws") + "/ws")
+        with pytest.raises(InvalidStatus, match="503"):  # admitted with the token; live events are off here
+            ws_connect(srv.url.replace("http", "ws") + f"/ws?token={TOKEN}")
     finally:
         srv.stop()
 
@@ -247,7 +285,7 @@ def test_read_token_sources(tmp_path):
 
 def test_websocket_frames_follow_the_queue(conn, server):
     sid = seed(conn)["s1"]
-    with websocket.Client.connect(ws_url(server), timeout=5) as ws:
+    with ws_connect(ws_url(server)) as ws:
         snap = next_frame(ws, lambda f: f["type"] == "snapshot")
         assert len(snap["data"]["items"]) == 5 and snap["data"]["stats"]["totalItems"] == 5
         assert set(snap) == {"type", "data", "timestamp"}
@@ -272,42 +310,32 @@ def test_websocket_frames_follow_the_queue(conn, server):
 
 def test_websocket_client_commands(conn, server):
     ids = seed(conn)
-    with websocket.Client.connect(ws_url(server), timeout=5) as ws:
+    with ws_connect(ws_url(server)) as ws:
         next_frame(ws, lambda f: f["type"] == "snapshot")
-        ws.send_json({"action": "delete", "itemId": ids["q_high"]})
+        send_json(ws, {"action": "delete", "itemId": ids["q_high"]})
         f = next_frame(ws, lambda f: f["type"] == "deleted")
         assert f["data"] == {"itemId": ids["q_high"]}
         assert state_of(conn, ids["q_high"]) == "cancelled"
 
-        ws.send_json({"action": "delete", "itemId": ids["running"]})
+        send_json(ws, {"action": "delete", "itemId": ids["running"]})
         f = next_frame(ws, lambda f: f["type"] == "error")
         assert "is running" in f["data"]["message"]
 
-        ws.send_json({"action": "explode"})
+        send_json(ws, {"action": "explode"})
         f = next_frame(ws, lambda f: f["type"] == "error")
         assert "action: 'explode' is not one of delete, clear" in f["data"]["message"]
 
-        ws.send_json({"action": "clear"})
+        send_json(ws, {"action": "clear"})
         f = next_frame(ws, lambda f: f["type"] == "snapshot")
         assert [it["id"] for it in f["data"]["items"]] == [ids["running"]]
 
 
 def test_websocket_ping_pong_and_close(server):
-    with websocket.Client.connect(ws_url(server), timeout=5) as ws:
+    with ws_connect(ws_url(server)) as ws:
         next_frame(ws, lambda f: f["type"] == "snapshot")
-        ws.sock.sendall(websocket.encode_frame(websocket.OP_PING, b"hi", mask=True))
-        ws.sock.settimeout(5)
-        while True:  # skip data frames until the pong
-            fin, op, payload = websocket.read_frame(ws.sock, require_mask=False)
-            if op == websocket.OP_PONG:
-                assert payload == b"hi"
-                break
+        assert ws.ping(b"hi").wait(5), "no pong for the ping"
         ws.close(1000, "bye")
-        while True:
-            fin, op, payload = websocket.read_frame(ws.sock, require_mask=False)
-            if op == websocket.OP_CLOSE:
-                assert payload[:2] == b"\x03\xe8"
-                break
+        assert ws.close_code == 1000
     wait_for(lambda: server.hub.subscriber_count == 0, timeout=5, message="subscriber removed after close")
 
 
@@ -322,22 +350,29 @@ def test_websocket_rejects_bad_handshake(server):
             if not chunk:
                 break
             data += chunk
-    text = data.decode()
-    assert text.startswith("HTTP/1.1 400") and "Sec-WebSocket-Key is not 16 base64-encoded bytes" in text
+    assert data.startswith(b"HTTP/1.1 400") and b"Sec-WebSocket-Key is not 16 base64-encoded bytes" in data, data
+    r = httpx.get(server.url + "/ws", timeout=5)
+    assert r.status_code == 400 and "Upgrade: websocket" in r.json()["error"]
 
 
-def test_websocket_protocol_helpers():
-    # RFC 6455 §1.3 example
-    assert websocket.accept_key("dGhlIHNhbXBsZSBub25jZQ==") == "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
-    a, b = socket.socketpair()
-    with a, b:
-        big = "x" * 70000
-        a.sendall(websocket.encode_frame(websocket.OP_TEXT, big.encode(), mask=True))
-        fin, op, payload = websocket.read_frame(b, require_mask=True)
-        assert fin and op == websocket.OP_TEXT and payload.decode() == big
-        a.sendall(websocket.encode_frame(websocket.OP_TEXT, b"x", mask=False))
-        with pytest.raises(websocket.WebSocketError, match="must be masked"):
-            websocket.read_frame(b, require_mask=True)
+def test_websocket_from_a_foreign_origin_is_refused(server):
+    with pytest.raises(InvalidStatus, match="403"):
+        ws_connect(ws_url(server), origin="http://evil.example")
+
+
+def test_a_subscriber_that_falls_behind_is_dropped():
+    """The listener thread never waits on a slow browser: past `max_pending` frames the client is dropped."""
+    loop = asyncio.new_event_loop()
+    try:
+        sub = events.Subscriber(loop, max_pending=3)
+        assert all(sub.offer({"n": i}) for i in range(5))     # handed to the loop, not yet queued
+        loop.run_until_complete(asyncio.sleep(0))             # the loop queues them: the 4th overflows
+        assert sub.dropped.is_set()
+        assert sub.offer({"n": 9}) is False
+        assert loop.run_until_complete(sub.next()) is None
+    finally:
+        loop.close()
+    assert sub.offer({"n": 10}) is False                      # a closed loop is a gone client, not an error
 
 
 def test_frames_for_events_is_pure():
@@ -350,3 +385,32 @@ def test_frames_for_events_is_pure():
         {"type": "claimed", "data": {"itemId": 1, "serverId": 2, "worker": "w"}, "timestamp": 5},
         {"type": "deleted", "data": {"itemId": 3}, "timestamp": 5},
     ]
+
+
+def test_grafana_dashboard_queries_only_metrics_that_exist(conn, http):
+    """deploy/grafana-dashboard.json: valid JSON, every panel has a query, and every aibot_* series it
+    names is one /metrics serves (a renamed metric must not leave a silently empty panel)."""
+    import re
+    from pathlib import Path
+
+    seed(conn)
+    conn.execute("INSERT INTO aibot.model_loads (server_id, model, action, ok) SELECT id, 'm1', 'load', true "
+                 "FROM aibot.servers LIMIT 1")
+    text = http.get("/metrics").text
+    served = set(parse_metrics(text)) | {f.name for f in text_string_to_metric_families(text)}
+    dashboard = json.loads((Path(__file__).resolve().parent.parent / "deploy" / "grafana-dashboard.json").read_text())
+    panels = [p for p in dashboard["panels"] if p["type"] != "row"]
+    assert panels and all(p["targets"] and all(t["expr"] for t in p["targets"]) for p in panels)
+    used = {name for p in panels for t in p["targets"] for name in re.findall(r"\baibot_[a-z_]+", t["expr"])}
+    used |= set(re.findall(r"\baibot_[a-z_]+", json.dumps(dashboard["templating"])))
+    assert used and used <= served, used - served
+    assert {"aibot_jobs", "aibot_inflight", "aibot_server_accounted_bytes", "aibot_model_loads_total",
+            "aibot_workers", "aibot_job_latency_seconds"} <= used
+
+
+def test_workers_metric_counts_fresh_heartbeats_and_keeps_silent_roles_at_zero(conn, http):
+    conn.execute("INSERT INTO aibot.workers (worker_id, host, pid, role, started_at, heartbeat_at) VALUES "
+                 "('w1', 'h', 1, 'worker', now(), now()), ('w2', 'h', 2, 'worker', now(), now() - interval '5 min'), "
+                 "('b1', 'h', 3, 'bot', now(), now() - interval '5 min')")
+    samples = {lab["role"]: v for lab, v in parse_metrics(http.get("/metrics").text)["aibot_workers"]}
+    assert samples == {"worker": 1, "bot": 0}

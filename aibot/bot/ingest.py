@@ -91,42 +91,10 @@ def ingest(conn, source_name: str, messages: Iterable[Incoming | Any], config: A
     Works on an autocommit connection (opens a transaction) or inside the caller's (a savepoint, so the
     caller's commit decides).
     """
-    from aibot.jobs import NewJob, enqueue_many
+    from aibot.jobs import enqueue_many
 
-    kind = backend_kind or naming_kind(config)
     aging = float(getattr(settings, "aging_seconds", 30.0) or 30.0)
-    outcomes: list[Outcome | None] = []
-    jobs: list[Any] = []
-    job_slots: list[int] = []           # index into outcomes for each job
-    keys: dict[tuple[str, str], int] = {}
-    for item in messages:
-        if not isinstance(item, Incoming):
-            item = Incoming(raw=item)
-        d = decide(item, config, backend_kind=kind)
-        if d.action == rules.IGNORE:
-            outcomes.append(Outcome(IGNORED, d.message_id, d.entity_id, item.label, d.reason))
-            continue
-        key = (d.message_id, d.entity_id)
-        if key in keys:  # the same message twice in one batch: the second is a duplicate
-            outcomes.append(Outcome(DUPLICATE, d.message_id, d.entity_id, item.label, d.reason,
-                                    priority=d.priority))
-            continue
-        keys[key] = len(outcomes)
-        job_slots.append(len(outcomes))
-        outcomes.append(None)
-        max_attempts = _max_attempts(config, d.entity_id)
-        if d.action == rules.JOB:
-            jobs.append(NewJob(source=source_name, source_message_id=d.message_id, entity_id=d.entity_id,
-                               model=d.model, priority=d.priority, payload=d.payload, message_at=d.message_at,
-                               max_attempts=max_attempts))
-        else:
-            jobs.append(NewJob(source=source_name, source_message_id=d.message_id, entity_id=d.entity_id,
-                               model=None, priority=d.priority, state="rejected", reason=d.reason,
-                               payload={"raw": rules.preview(item.raw, RAW_PREVIEW_CHARS), "label": item.label},
-                               message_at=None, max_attempts=max_attempts))
-        outcomes[-1] = Outcome(REJECTED if d.action == rules.REJECT else NEW, d.message_id, d.entity_id,
-                               item.label, d.reason if d.action == rules.REJECT else _warnings(d),
-                               priority=d.priority)
+    outcomes, jobs, job_slots = _plan(source_name, messages, config, backend_kind or naming_kind(config))
 
     with conn.transaction():
         ids = enqueue_many(conn, jobs, aging_seconds=aging) if jobs else []
@@ -154,6 +122,54 @@ def ingest(conn, source_name: str, messages: Iterable[Incoming | Any], config: A
     if result.outcomes:
         log.info("ingested %d %s message(s): %s", len(result.outcomes), source_name, result.summary())
     return result
+
+
+def judge(messages: Iterable[Incoming | Any], config: Any, *, backend_kind: str | None = None) -> IngestResult:
+    """What `ingest` would record for these messages, writing nothing (`aibot enqueue --check`): the
+    same decisions, except that duplicates of jobs already in the database cannot be seen."""
+    outcomes, _, _ = _plan("check", messages, config, backend_kind or naming_kind(config))
+    return IngestResult([o for o in outcomes if o is not None])
+
+
+def _plan(source_name: str, messages: Iterable[Incoming | Any], config: Any,
+          kind: str) -> tuple[list[Outcome | None], list[Any], list[int]]:
+    """Every message's outcome, the job rows to insert, and for each job row the index of its outcome
+    (which `ingest` turns into a duplicate when the insert finds the job already there). An ignored
+    message creates no job, so its outcome has no priority."""
+    from aibot.jobs import NewJob
+
+    outcomes: list[Outcome | None] = []
+    jobs: list[Any] = []
+    job_slots: list[int] = []
+    keys: dict[tuple[str, str], int] = {}
+    for item in messages:
+        if not isinstance(item, Incoming):
+            item = Incoming(raw=item)
+        d = decide(item, config, backend_kind=kind)
+        if d.action == rules.IGNORE:
+            outcomes.append(Outcome(IGNORED, d.message_id, d.entity_id, item.label, d.reason))
+            continue
+        key = (d.message_id, d.entity_id)
+        if key in keys:  # the same message twice in one batch: the second is a duplicate
+            outcomes.append(Outcome(DUPLICATE, d.message_id, d.entity_id, item.label, d.reason,
+                                    priority=d.priority))
+            continue
+        keys[key] = len(outcomes)
+        job_slots.append(len(outcomes))
+        max_attempts = _max_attempts(config, d.entity_id)
+        if d.action == rules.JOB:
+            jobs.append(NewJob(source=source_name, source_message_id=d.message_id, entity_id=d.entity_id,
+                               model=d.model, priority=d.priority, payload=d.payload, message_at=d.message_at,
+                               max_attempts=max_attempts))
+        else:
+            jobs.append(NewJob(source=source_name, source_message_id=d.message_id, entity_id=d.entity_id,
+                               model=None, priority=d.priority, state="rejected", reason=d.reason,
+                               payload={"raw": rules.preview(item.raw, RAW_PREVIEW_CHARS), "label": item.label},
+                               message_at=None, max_attempts=max_attempts))
+        outcomes.append(Outcome(REJECTED if d.action == rules.REJECT else NEW, d.message_id, d.entity_id,
+                                item.label, d.reason if d.action == rules.REJECT else _warnings(d),
+                                priority=d.priority))
+    return outcomes, jobs, job_slots
 
 
 def _warnings(d: rules.Decision) -> str | None:

@@ -41,6 +41,8 @@ class Batch:
 
 
 class Source(Protocol):
+    """`name` keys the stored read cursor; `str(source)` says where messages come from, for the log."""
+
     name: str
 
     def poll(self, conn, position: str | None) -> Batch: ...
@@ -129,6 +131,9 @@ class ChatSource:
     def __repr__(self) -> str:  # never show the token
         return f"ChatSource({self.base_url!r}, limit={self.limit})"
 
+    def __str__(self) -> str:
+        return f"the chat API at {self.base_url} ({self.base_limit} per page)"
+
     def close(self) -> None:
         self._client.close()
 
@@ -188,6 +193,9 @@ class InboxSource:
     def __init__(self, *, limit: int = 100, name: str = "inbox"):
         self.name = name
         self.limit = limit
+
+    def __str__(self) -> str:
+        return f"the aibot.inbox table ({self.limit} rows per poll)"
 
     def poll(self, conn, position: str | None) -> Batch:
         after = int(position) if position else 0

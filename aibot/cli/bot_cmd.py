@@ -113,7 +113,7 @@ def run(args) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             previous[sig] = signal.signal(sig, lambda *_: stop.set())
     scheduler = None if (args.no_scheduler or args.once) else _start_scheduler(settings)
-    log.info("bot reading %s (%r), config %s", source.name, source, config_path)
+    log.info("bot reading %s, config %s", source, config_path)
     try:
         stats = run_bot(settings, ConfigStore(config_path), source, stop, database=database,
                         poll_interval=args.poll_interval, once=args.once)

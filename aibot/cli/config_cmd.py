@@ -29,9 +29,15 @@ def register(sub) -> None:
 def run_check(args) -> int:
     path = args.path
     if path is None:
-        from aibot.settings import get_settings
+        from pathlib import Path
 
-        path = get_settings().config_path
+        from aibot.cli import CliError
+        from aibot.cli.bot_cmd import load_settings
+
+        path = load_settings().config_path
+        if not Path(path).exists():
+            raise CliError(f"no config at {path!r}: set AIBOT_CONFIG to config-aientities.json (or a directory of "
+                           "<id>.json files), or pass the path: aibot config check PATH")
     result = check_config(path)
     print(format_report(result), file=sys.stdout)
     if result.errors:

@@ -21,6 +21,8 @@ def register(sub) -> None:
                         "realistic: ~30 s cold loads, ~3 s replies)")
     p.add_argument("--keep-db", action="store_true",
                    help="keep the embedded demo database (aibot_demo) after the run for inspection")
+    p.add_argument("--keep-logs", action="store_true",
+                   help="keep the processes' log folder after the run (it is always kept when the run fails)")
     p.add_argument("--json", dest="json_path", metavar="PATH", help="also write the report as JSON")
     p.add_argument("--database-url", help="use this (empty) database instead of AIBOT_DATABASE_URL")
     p.add_argument("--drain-timeout", type=float, default=None, metavar="SECONDS",
@@ -37,7 +39,7 @@ def run(args) -> int:
         # The live block is the demo's output; INFO lines from the in-process simulators would scroll it away.
         logging.getLogger().setLevel(logging.WARNING)
     opts = DemoOptions(duration=args.duration, messages=args.messages, seed=args.seed, speed=args.speed,
-                       keep_db=args.keep_db, json_path=args.json_path, database_url=args.database_url,
+                       keep_db=args.keep_db, keep_logs=args.keep_logs, json_path=args.json_path, database_url=args.database_url,
                        drain_timeout=args.drain_timeout, interval=args.interval)
     try:
         return run_demo(opts)

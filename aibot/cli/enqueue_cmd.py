@@ -24,13 +24,11 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from aibot import db
-    from aibot.bot.ingest import IGNORED, NEW, REJECTED, IngestResult, Outcome, decide, ingest
-    from aibot.config.modelid import naming_kind
-    from aibot.bot.rules import IGNORE, REJECT
+    from aibot.bot.ingest import ingest, judge
     from aibot.bot.sources import parse_lines
     from aibot.cli import CliError
     from aibot.cli.bot_cmd import load_bot_config, load_settings
-    from aibot.tables import Column, render
+    from aibot.cli.render import Column, print_, table
 
     settings = load_settings()
     config = load_bot_config(args.config or settings.config_path)
@@ -46,14 +44,7 @@ def run(args) -> int:
         raise CliError(f"input is not UTF-8: {exc}") from None
 
     if args.check:
-        kind = naming_kind(config)
-        outcomes = []
-        for item in items:
-            d = decide(item, config, backend_kind=kind)
-            status = {IGNORE: IGNORED, REJECT: REJECTED}.get(d.action, NEW)
-            reason = d.reason if d.action != "job" else ("; ".join(d.warnings) or None)
-            outcomes.append(Outcome(status, d.message_id, d.entity_id, item.label, reason, None, d.priority))
-        result = IngestResult(outcomes)
+        result = judge(items, config)
     else:
         url = args.database_url or settings.database_url
         if not url:
@@ -63,7 +54,7 @@ def run(args) -> int:
 
     rows = [{"where": o.label, "message": o.message_id, "entity": o.entity_id, "outcome": o.status,
              "priority": o.priority, "job": o.job_id, "reason": o.reason} for o in result.outcomes]
-    print(render(rows, ["where", "message", "entity", "outcome", Column("priority", align="r"),
+    print_(table(rows, ["where", "message", "entity", "outcome", Column("priority", align="r"),
                         Column("job", align="r"), Column("reason", max_width=90)], empty="(no messages)"))
     print(("would be: " if args.check else "") + result.summary())
     return 0

@@ -6,7 +6,7 @@ import json
 
 from aibot import inspection
 from aibot.cli.status_cmd import open_db
-from aibot.tables import Column, render
+from aibot.cli.render import Column, print_, table
 
 
 def register(sub) -> None:
@@ -48,7 +48,7 @@ def run_list(args) -> int:
             rows = inspection.list_jobs(conn, state=args.state, entity=args.entity, limit=args.limit)
         except ValueError as exc:
             return _fail(exc)
-    print(render(rows, [
+    print_(table(rows, [
         "id", "state", Column("entity_id", "entity"), "model", Column("priority", "pri"), "band", "attempts",
         "server", Column("created_at", "created"), Column("finished_at", "finished"),
         Column("reason", max_width=40), Column("message", max_width=40),

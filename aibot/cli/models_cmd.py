@@ -3,12 +3,9 @@ loader (so an operator's load can never race the scheduler's or another operator
 
 from __future__ import annotations
 
-import threading
-import time
-
 from aibot import cluster, db, model_loader
+from aibot.cli.render import Column, Ticker, fmt_bytes, print_, table
 from aibot.sizing import GB
-from aibot.tables import Column, fmt_bytes, render
 
 
 def register(sub) -> None:
@@ -56,7 +53,7 @@ def run_list(args) -> int:
         for r in db.all_rows(conn, "cluster_instances", {"server_id": None}):
             c = counts.get((r["server_id"], r["model"]), {})
             rows.append({**r, "server": names.get(r["server_id"]), "slots": c.get("free", 0) + c.get("held", 0)})
-    print(render(rows, ["server", "model", "state", Column("size_bytes", "size", fmt_bytes), "parallel",
+    print_(table(rows, ["server", "model", "state", Column("size_bytes", "size", fmt_bytes), "parallel",
                         Column("context_length", "context"), "slots", Column("held", "in flight"),
                         Column("loaded_at", "loaded"), Column("last_used_at", "last used")],
                  empty="(no models known; run `aibot models list --refresh` or start the scheduler)"))
@@ -64,13 +61,12 @@ def run_list(args) -> int:
 
 
 class _Progress:
-    """Prints the loader's events, and a heartbeat while a slow cold load runs."""
+    """Prints the loader's events; while a cold load runs, a spinner with the elapsed time (a line every
+    few seconds when plain)."""
 
     def __init__(self, interval: float = 2.0):
         self.interval = interval
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._started = 0.0
+        self._ticker: Ticker | None = None
 
     def __call__(self, event: str, **info) -> None:
         server, model = info.get("server"), info.get("model")
@@ -80,10 +76,11 @@ class _Progress:
             print(f"evicting idle {model} from {server} to make room", flush=True)
         elif event == "loading":
             size = info.get("size_bytes")
-            print(f"loading {model} on {server}" + (f" (~{fmt_bytes(size)})" if size else "") + " ...", flush=True)
-            self._start_ticker()
+            self.close()
+            self._ticker = Ticker(f"loading {model} on {server}" + (f" (~{fmt_bytes(size)})" if size else "") + " ...",
+                                  interval=self.interval).__enter__()
         elif event == "loaded":
-            self._stop_ticker()
+            self.close()
             print(f"loaded {model} on {server} in {info.get('seconds', 0):.1f}s "
                   f"(parallel {info.get('parallel') or 1}, {fmt_bytes(info.get('size_bytes') or 0)})", flush=True)
         elif event == "ready":
@@ -93,25 +90,10 @@ class _Progress:
         elif event == "unloaded":
             print(f"unloaded {model} from {server}", flush=True)
 
-    def _start_ticker(self) -> None:
-        self._started = time.monotonic()
-        self._stop.clear()
-
-        def tick():
-            while not self._stop.wait(self.interval):
-                print(f"  ... {time.monotonic() - self._started:.0f}s", flush=True)
-
-        self._thread = threading.Thread(target=tick, daemon=True)
-        self._thread.start()
-
-    def _stop_ticker(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-
     def close(self) -> None:
-        self._stop_ticker()
+        if self._ticker is not None:
+            self._ticker.__exit__(None, None, None)
+            self._ticker = None
 
 
 def run_load(args) -> int:

@@ -4,7 +4,10 @@ host the Dramatiq command that can drive them all."""
 from __future__ import annotations
 
 from aibot import cluster, db, sizing
-from aibot.tables import Column, fmt_bytes, render
+from rich.console import Group
+from rich.text import Text
+
+from aibot.cli.render import Column, fmt_bytes, print_, table
 
 
 def register(sub) -> None:
@@ -35,11 +38,11 @@ def run(args) -> int:
             if summary:
                 print(f"refreshed: {summary}\n")
         p = cluster.plan(conn, processes=args.processes)
-    print(format_plan(p))
+    print_(format_plan(p))
     return 0
 
 
-def format_plan(p: cluster.Plan) -> str:
+def format_plan(p: cluster.Plan) -> Group:
     out = []
     rows = [{
         "server": s.name, "kind": s.kind, "state": _state(s), "ram": s.memory_bytes, "source": s.memory_source,
@@ -48,7 +51,7 @@ def format_plan(p: cluster.Plan) -> str:
         "limit": s.sizing.limited_by, "rows": sum(m.rows for m in s.models),
         "inflight": sum(m.held for m in s.models),
     } for s in p.servers]
-    out.append(render(rows, [
+    out.append(table(rows, [
         "server", "kind", "state", Column("ram", "RAM", fmt_bytes), Column("source", "RAM from"),
         Column("models", "models"), Column("parallel", "Σ parallel"), Column("bound", "memory bound"),
         Column("cap", "cap"), Column("slots", "slots"), Column("limit", "limited by"),
@@ -58,20 +61,20 @@ def format_plan(p: cluster.Plan) -> str:
     for s in p.servers:
         if not s.models:
             continue
-        out.append("")
-        out.append(render([{"model": m.model, "state": m.state, "size": m.size_bytes, "parallel": m.parallel,
+        out.append(Text(""))
+        out.append(table([{"model": m.model, "state": m.state, "size": m.size_bytes, "parallel": m.parallel,
                             "target": m.target, "rows": m.rows, "held": m.held} for m in s.models],
                           ["model", "state", Column("size", fmt=fmt_bytes), "parallel",
                            Column("target", "slots"), Column("rows", "slot rows"), Column("held", "in flight")],
                           title=f"{s.name}: {_arithmetic(s)}"))
-    out.append("")
-    out.append(f"Workers: {p.total_slots} slot(s) on usable servers. Each in-flight generation occupies one "
+    out.append(Text(""))
+    out.append(Text(f"Workers: {p.total_slots} slot(s) on usable servers. Each in-flight generation occupies one "
                f"worker thread while it waits on HTTP, so every worker host runs processes × threads >= "
-               f"{p.total_slots} (each host alone can fill every slot; losing a host costs no capacity):")
-    out.append(render([{"host": h.host, "live": h.live_processes or None, "command": h.command} for h in p.hosts],
+               f"{p.total_slots} (each host alone can fill every slot; losing a host costs no capacity):"))
+    out.append(table([{"host": h.host, "live": h.live_processes or None, "command": h.command} for h in p.hosts],
                       [Column("host", "worker host"), Column("live", "live processes"),
                        Column("command", max_width=80)]))
-    return "\n".join(out)
+    return Group(*out)
 
 
 def _state(s: cluster.ServerPlan) -> str:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 
 from aibot import db, log
+from aibot.cli.render import Column, print_, table
 
 
 def register(sub) -> None:
@@ -15,17 +17,22 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
+def schedule_table(environ):
+    """Every scheduled job with the schedule this process would use (AIBOT_SCHEDULE_<JOB>, else the default)."""
+    from aibot import scheduler
+
+    rows = [{"job": s.name, "schedule": environ.get(f"AIBOT_SCHEDULE_{s.name.upper()}", s.default),
+             "source": f"AIBOT_SCHEDULE_{s.name.upper()}" if f"AIBOT_SCHEDULE_{s.name.upper()}" in environ else "default",
+             "what": s.help} for s in scheduler.SCHEDULES]
+    return table(rows, ["job", "schedule", "source", Column("what", "what it does", max_width=90)])
+
+
 def run(args) -> int:
     from aibot import scheduler, tasks
     from aibot.cli import CliError
 
     if args.list:
-        import os
-
-        from aibot.tables import render
-
-        rows = [[s.name, os.environ.get(f"AIBOT_SCHEDULE_{s.name.upper()}", s.default), s.help] for s in scheduler.SCHEDULES]
-        print(render(["job", "schedule", "what it does"], rows))
+        print_(schedule_table(os.environ))
         return 0
     database = db.Database()
     if args.run_once:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aibot import inspection
 from aibot.cli.status_cmd import open_db
-from aibot.tables import Column, fmt_bytes, fmt_seconds, render
+from aibot.cli.render import Column, fmt_bytes, fmt_seconds, print_, table
 
 
 def register(sub) -> None:
@@ -29,7 +29,7 @@ def run_list(args) -> int:
     _, conn = open_db(args.database_url)
     with conn:
         rows = inspection.server_health(conn)
-    print(render(rows, [
+    print_(table(rows, [
         "name", "kind", "status", "enabled", "draining", "health", Column("failure_count", "failures"),
         Column("backoff_level", "backoff"), Column("backoff_left_seconds", "backoff left", fmt_seconds),
         Column("slots_used", "used"), Column("slots_total", "slots"), Column("models_loaded", "models"),

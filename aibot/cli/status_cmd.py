@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import sys
-import time
+
+from rich.console import Group
+from rich.text import Text
 
 from aibot import db, inspection
-from aibot.tables import Column, fmt_bytes, fmt_seconds, render
-
-CLEAR = "\x1b[H\x1b[2J"
+from aibot.cli.render import Column, fmt_bytes, fmt_seconds, live_loop, print_, table
 
 
 def register(sub) -> None:
@@ -51,63 +50,65 @@ def _secs(v):
     return fmt_seconds(v)
 
 
-def render_status(snap: dict, database_url: str, now: dt.datetime | None = None) -> str:
-    """The status report as text. Pure: the caller reads the snapshot; the URL is shown redacted."""
+def render_status(snap: dict, database_url: str, now: dt.datetime | None = None) -> Group:
+    """The status report. Pure: the caller reads the snapshot; the URL is shown redacted."""
     now = now or dt.datetime.now().astimezone()
-    out = [f"aibot status  {now.strftime('%Y-%m-%d %H:%M:%S')}  database {db.redact_url(database_url)}", ""]
+    out = [Text(f"aibot status  {now.strftime('%Y-%m-%d %H:%M:%S')}  database {db.redact_url(database_url)}",
+                style="bold"), Text("")]
 
     oldest = snap["oldest"]
     wait = oldest.get("oldest_wait_seconds")
-    out.append(f"QUEUE  queued {oldest.get('queued', 0)} (runnable {oldest.get('runnable', 0)}), "
-               f"running {len(snap['in_flight'])}, oldest waiting {fmt_seconds(wait) if wait is not None else '-'}")
-    out.append(render(snap["queue_depth"], ["state", "band", "jobs", "runnable"]))
-    out.append("")
+    out.append(table(snap["queue_depth"], ["state", "band", "jobs", "runnable"],
+                     title=f"QUEUE  queued {oldest.get('queued', 0)} (runnable {oldest.get('runnable', 0)}), "
+                           f"running {len(snap['in_flight'])}, "
+                           f"oldest waiting {fmt_seconds(wait) if wait is not None else '-'}"))
+    out.append(Text(""))
 
-    out.append(render(snap["throughput"], [
+    out.append(table(snap["throughput"], [
         Column("window_minutes", "window (min)"), "replies", "skipped", "dead",
         Column("replies_per_minute", "replies/min"),
         Column("p50_wait_seconds", "p50 wait", _secs), Column("p95_wait_seconds", "p95 wait", _secs),
         Column("p50_latency_seconds", "p50 latency", _secs), Column("p95_latency_seconds", "p95 latency", _secs),
     ], title="THROUGHPUT"))
-    out.append("")
+    out.append(Text(""))
 
-    out.append(render(snap["in_flight"], [
+    out.append(table(snap["in_flight"], [
         "id", Column("entity_id", "entity"), "model", Column("priority", "pri"), "server",
         Column("worker_id", "worker", max_width=32), Column("running_seconds", "running", _secs),
         Column("lease_left_seconds", "lease left", _secs), "attempts",
     ], title="IN FLIGHT"))
-    out.append("")
+    out.append(Text(""))
 
-    out.append(render(snap["servers"], [
+    out.append(table(snap["servers"], [
         "name", "status", "health", Column("failure_count", "failures"), Column("backoff_level", "backoff"),
         Column("backoff_left_seconds", "backoff left", _secs), Column("slots_used", "used"),
         Column("slots_total", "slots"), Column("memory_bytes", "memory", fmt_bytes),
         Column("accounted_bytes", "accounted", fmt_bytes), Column("last_error", "last error", max_width=40),
     ], title="SERVERS"))
-    out.append("")
+    out.append(Text(""))
 
-    out.append(render(snap["slots"], [
+    out.append(table(snap["slots"], [
         "server", "model", Column("instance_state", "state"), Column("size_bytes", "size", fmt_bytes),
         "parallel", Column("slots_used", "used"), Column("slots_total", "total"), Column("slots_free", "free"),
     ], title="MODELS AND SLOTS"))
-    out.append("")
+    out.append(Text(""))
 
-    out.append(render(snap["failed"], [
+    out.append(table(snap["failed"], [
         "id", "state", Column("entity_id", "entity"), "model", "attempts", Column("reason", max_width=50),
         Column("last_error", "last error", max_width=40), Column("finished_at", "finished"),
     ], title="DEAD AND REJECTED (newest first)"))
-    out.append("")
+    out.append(Text(""))
 
-    out.append(render(snap["entities"], [
+    out.append(table(snap["entities"], [
         Column("entity_id", "entity"), "queued", "running", "done", "skipped", "dead", "rejected", "cancelled",
     ], title="ENTITIES"))
-    out.append("")
+    out.append(Text(""))
 
-    out.append(render(snap["workers"], [
+    out.append(table(snap["workers"], [
         Column("worker_id", "worker", max_width=40), "role", "host", "pid",
         Column("heartbeat_age_seconds", "heartbeat", _secs),
     ], title="PROCESSES"))
-    return "\n".join(out) + "\n"
+    return Group(*out)
 
 
 def open_db(database_url: str | None):
@@ -124,30 +125,20 @@ def open_db(database_url: str | None):
         raise CliError(f"cannot connect to {db.redact_url(url)}: {detail}") from None
 
 
-def _report(conn, url: str, failed: int) -> str:
+def _report(conn, url: str, failed: int) -> Group:
     return render_status(inspection.status_snapshot(conn, failed_limit=failed), url)
 
 
 def run_status(args) -> int:
     url, conn = open_db(args.database_url)
     with conn:
-        sys.stdout.write(_report(conn, url, args.failed))
+        print_(_report(conn, url, args.failed))
     return 0
 
 
 def run_top(args) -> int:
+    """`aibot status` redrawn in place on a terminal; snapshots one after another when plain."""
     url, conn = open_db(args.database_url)
     with conn:
-        return _top_loop(conn, url, args)
-
-
-def _top_loop(conn, url: str, args) -> int:
-    n = 0
-    while True:
-        text = _report(conn, url, args.failed)
-        sys.stdout.write(CLEAR + text + f"\n(refreshing every {args.interval:g}s; Ctrl-C to quit)\n")
-        sys.stdout.flush()
-        n += 1
-        if args.iterations is not None and n >= args.iterations:
-            return 0
-        time.sleep(args.interval)  # the refresh period itself, not synchronisation
+        return live_loop(lambda: _report(conn, url, args.failed), interval=args.interval,
+                         iterations=args.iterations, footer=f"refreshing every {args.interval:g}s; Ctrl-C to quit")

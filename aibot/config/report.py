@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from aibot.cli.render import Column, to_text
+from aibot.cli.render import table as render_table
 from aibot.config.issues import Issue, short_repr
 from aibot.config.loader import LoadResult
 from aibot.config.modelid import UnresolvableModel, resolve_model_id
@@ -15,16 +17,11 @@ from aibot.config.models import GB, BotConfig
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]], *, max_width: int = 70) -> list[str]:
-    """Left-aligned columns; long cells are cut so one row stays one line."""
+    """Left-aligned columns (the CLI's plain table); long cells but the last are cut so one row stays one line."""
     last = len(headers) - 1
-    cells = [[c if len(c) <= max_width or i == last else c[: max_width - 3] + "..." for i, c in enumerate(row)]
-             for row in rows]
-    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    rule = ["-" * (w if i < last else min(w, max_width)) for i, w in enumerate(widths)]
-    lines = [fmt.format(*headers).rstrip(), fmt.format(*rule).rstrip()]
-    lines += [fmt.format(*r).rstrip() for r in cells]
-    return ["  " + line for line in lines]
+    columns = [Column(str(i), h, max_width=max_width if i < last else 10_000, align="l") for i, h in enumerate(headers)]
+    view = render_table([{str(i): c for i, c in enumerate(row)} for row in rows], columns, empty="(none)")
+    return to_text(view).rstrip("\n").splitlines()
 
 
 def _issue_rows(issues: Sequence[Issue]) -> list[list[str]]:

@@ -1,7 +1,8 @@
 """Live progress while the demo runs: a block redrawn in place on a terminal, one line per tick otherwise.
 
 Rendering is pure (`render_block`, `render_line` from a `Snapshot`), so it is testable and the same
-figures feed both forms; `Display` only decides how to put them on the screen.
+figures feed both forms; `Display` hands them to the CLI's live block (rich), which decides how to put
+them on the screen.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TextIO
 
-from aibot.tables import fmt_bytes
+from aibot.cli.render import LiveBlock, fmt_bytes
 
 STATE_ORDER = ("queued", "running", "done", "skipped", "dead", "rejected", "cancelled")
 
@@ -84,32 +85,18 @@ def replies_per_minute(reply_times: list[float], now: float, started: float, win
 
 
 class Display:
-    """Redraws the block in place on a TTY (ANSI cursor-up + clear line); prints a line per tick otherwise."""
+    """The block redrawn in place on a terminal (`tty`), a line per tick otherwise."""
 
     def __init__(self, stream: TextIO, tty: bool):
-        self.stream = stream
-        self.tty = tty
-        self._drawn = 0
+        self._block = LiveBlock(stream, plain=not tty)
 
     def show(self, snap: Snapshot) -> None:
-        if not self.tty:
-            self.stream.write(render_line(snap) + "\n")
-            self.stream.flush()
-            return
-        lines = render_block(snap)
-        out = []
-        if self._drawn:
-            out.append(f"\x1b[{self._drawn}F")
-        out.extend(f"\x1b[2K{line}\n" for line in lines)
-        if self._drawn > len(lines):
-            out.extend("\x1b[2K\n" for _ in range(self._drawn - len(lines)))
-            out.append(f"\x1b[{self._drawn - len(lines)}F")
-        self.stream.write("".join(out))
-        self.stream.flush()
-        self._drawn = len(lines)
+        self._block.show(render_block(snap), render_line(snap))
 
     def say(self, text: str) -> None:
-        """A message above the live block (the block is redrawn below it on the next tick)."""
-        self._drawn = 0
-        self.stream.write(text + "\n")
-        self.stream.flush()
+        """A message above the live block (the block stays below it)."""
+        self._block.say(text)
+
+    def close(self) -> None:
+        """Ends the live block, leaving its last state on the screen."""
+        self._block.close()

@@ -22,8 +22,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from aibot.cli.render import Column, fmt_bytes, fmt_seconds, table, to_text
 from aibot.demo.baseline import SequentialRun
-from aibot.tables import Column, fmt_bytes, fmt_seconds, render
 
 TERMINAL_STATES = frozenset({"done", "skipped", "dead", "rejected", "cancelled"})
 
@@ -64,6 +64,7 @@ class ServerRecord:
     peak_bytes: int
     loads: Mapping[str, int]            # model -> instances loaded during the run
     peak_in_flight: int
+    loading: int = 0                    # instances still loading when the run stopped
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,7 @@ class Report:
     servers: list[dict[str, Any]]
     loads_per_model: dict[str, dict[str, int]]
     baseline: list[BaselineFigures]
+    loads_in_progress: int = 0          # model loads still running when the run stopped
     notes: list[str] = field(default_factory=list)
     context: dict[str, Any] = field(default_factory=dict)   # database, workers, duration: how the run was set up
 
@@ -208,7 +210,8 @@ def build_report(*, posted: Sequence[PostRecord], jobs: Sequence[JobRecord], rep
                     "budget_bytes": s.budget_bytes,
                     "peak_ram_fraction": s.peak_bytes / s.budget_bytes if s.budget_bytes else None,
                     "within_budget": s.budget_bytes is None or s.peak_bytes <= s.budget_bytes,
-                    "loads": sum(s.loads.values()), "peak_in_flight": s.peak_in_flight} for s in servers]
+                    "loads": sum(s.loads.values()), "loading": s.loading,
+                    "peak_in_flight": s.peak_in_flight} for s in servers]
     for row in server_rows:
         if not row["within_budget"]:
             notes.append(f"{row['server']}: peak RAM {fmt_bytes(row['peak_ram_bytes'])} exceeded the budget "
@@ -225,7 +228,7 @@ def build_report(*, posted: Sequence[PostRecord], jobs: Sequence[JobRecord], rep
         slot_utilisation=busy / available if available else None,
         servers=server_rows, loads_per_model=loads_per_model(servers),
         baseline=[baseline_figures(run, makespan) for run in baseline],
-        notes=notes, context=dict(context or {}),
+        loads_in_progress=sum(s.loading for s in servers), notes=notes, context=dict(context or {}),
     )
 
 
@@ -252,6 +255,17 @@ BASELINE_LABEL = {
 }
 
 
+def _table(rows, columns, **kw) -> str:
+    return to_text(table(rows, columns, **kw)).rstrip("\n")
+
+
+def loads_empty_note(r: Report) -> str:
+    """Why the loads table is empty: every model was resident already, or the run stopped first."""
+    if r.loads_in_progress:
+        return f"(none finished; {r.loads_in_progress} load(s) were still running when the run stopped)"
+    return "(none: every model the messages needed was already loaded)"
+
+
 def format_report(r: Report) -> str:
     out = [f"aibot demo report  (seed {r.seed}, speed {r.speed:g}: every simulated duration × {r.speed:g}; "
            "times below are wall-clock seconds of this run)", ""]
@@ -266,22 +280,26 @@ def format_report(r: Report) -> str:
     out.append(f"Slots     utilisation {pct(r.slot_utilisation)} = busy {r.busy_slot_seconds:.1f} / available "
                f"{r.available_slot_seconds:.1f} slot-seconds")
     out.append("")
-    out.append(render(r.servers, [
+    out.append(_table(r.servers, [
         "server", "parallel", Column("peak_ram_bytes", "peak RAM", fmt_bytes), Column("budget_bytes", "budget", fmt_bytes),
         Column("peak_ram_fraction", "of budget", pct), Column("within_budget", "within"),
         Column("peak_in_flight", "peak in flight"), "loads"], title="Servers (simulator counters)"))
     out.append("")
-    out.append(render([{"model": m, "loads": sum(by.values()), "where": ", ".join(f"{s} ×{n}" for s, n in by.items())}
+    out.append(_table([{"model": m, "loads": sum(by.values()), "where": ", ".join(f"{s} ×{n}" for s, n in by.items())}
                        for m, by in r.loads_per_model.items()], ["model", "loads", "where"],
-                      title="Model loads", empty="(none: models were already loaded)"))
+                      title="Model loads", empty=loads_empty_note(r)))
+    if r.loads_per_model and r.loads_in_progress:
+        out.append(f"  (+{r.loads_in_progress} load(s) still running when the run stopped)")
     out.append("")
     out.append("Same messages, original bot (one sequential worker; computed from this run's recording, see docs/demo.md):")
     for b in r.baseline:
-        speedup = "-" if b.speedup is None else f"{b.speedup:.1f}×"
         out.append(f"  {BASELINE_LABEL.get(b.policy, b.policy)}")
+        if b.speedup is None or not b.makespan_seconds:
+            out.append("    not computed: no message was answered in this run, so there is nothing to replay")
+            continue
         out.append(f"    makespan {secs(b.makespan_seconds)} = generating {secs(b.service_seconds)} + {b.loads} load(s) "
                    f"{secs(b.load_seconds)} + idle; wait p50 {secs(b.p50_wait_seconds)}, p95 {secs(b.p95_wait_seconds)}"
-                   f"  → aibot is {speedup} faster")
+                   f"  → aibot is {b.speedup:.1f}× faster")
     if r.notes:
         out.append("")
         out.extend(f"NOTE: {n}" for n in r.notes)

@@ -30,6 +30,7 @@ from psycopg import sql
 from aibot import db, inspection, migrate, sizing, sqlfiles
 from aibot.demo import baseline, capacity, report
 from aibot.demo.embedded import DEMO_DATABASE, EmbeddedError, EmbeddedPostgres, default_pgdata
+from aibot.cli.render import is_plain
 from aibot.demo.progress import Display, ServerLine, Snapshot, replies_per_minute
 from aibot.demo.users import (DEMO_ENTITIES, Poster, WorkloadError, demo_entity_configs, message_count,
                               plan_messages)
@@ -50,6 +51,7 @@ class DemoOptions:
     seed: int = 1
     speed: float = 1.0
     keep_db: bool = False
+    keep_logs: bool = False
     json_path: str | None = None
     database_url: str | None = None
     drain_timeout: float | None = None   # wall seconds after posting ends; default 60 + 600 × speed
@@ -264,7 +266,7 @@ def run_demo(opts: DemoOptions, *, out: TextIO | None = None, environ: Mapping[s
     opts.validate()
     out = out or sys.stdout
     environ = os.environ if environ is None else environ
-    display = Display(out, tty=out.isatty())
+    display = Display(out, tty=not is_plain(out))
     say = display.say
     count = message_count(opts.messages, opts.duration)
     plan = plan_messages(opts.seed, count, opts.duration)
@@ -273,7 +275,7 @@ def run_demo(opts: DemoOptions, *, out: TextIO | None = None, environ: Mapping[s
     ctx: dict[str, Any] = {"duration_simulated_seconds": opts.duration, "messages": count, "seed": opts.seed,
                            "speed": opts.speed}
     workdir = Path(tempfile.mkdtemp(prefix="aibot-demo-"))
-    keep_logs = False
+    keep_logs = opts.keep_logs
     sim_configs = []
     with Interrupts() as intr:
         try:
@@ -318,7 +320,8 @@ def run_demo(opts: DemoOptions, *, out: TextIO | None = None, environ: Mapping[s
                 es.callback(watch.sample)          # runs before stack.stop: catch the latest children
                 stack.start_bot()
                 stack.start_workers(processes=choice.processes, threads=choice.threads, shutdown_timeout_ms=10_000)
-                say(f"Started `aibot bot` (with scheduler) and `{choice.command}`; logs in {workdir / 'logs'}")
+                say(f"Started `aibot bot` (with scheduler) and `{choice.command}`; logs in {workdir / 'logs'} "
+                    + ("(kept)" if opts.keep_logs else "(deleted at the end unless the run fails; --keep-logs keeps them)"))
                 say("Ctrl-C once: stop posting, drain and report. Twice: stop now.\n")
 
                 try:
@@ -339,8 +342,11 @@ def run_demo(opts: DemoOptions, *, out: TextIO | None = None, environ: Mapping[s
         finally:
             left = watch.kill_survivors()
             ctx["processes"] = {"started": sorted(watch.seen), "left_running": left}
+            display.close()
             if not keep_logs:
                 shutil.rmtree(workdir, ignore_errors=True)
+            elif rec.outcome not in ("timed out", "failed"):
+                say(f"Logs kept in {workdir / 'logs'}")
 
     if not rec.sim_stats:
         return 1
@@ -493,7 +499,8 @@ def compose_report(opts: DemoOptions, plan, rec: Recording, sim_configs, ctx: di
         servers.append(report.ServerRecord(cfg.name, cfg.parallel or 1, st["memory"]["budget_bytes"],
                                            st["memory"]["peak_bytes"],
                                            {m: c["loads"] for m, c in st["models"].items()},
-                                           st["server"]["peak_in_flight"]))
+                                           st["server"]["peak_in_flight"],
+                                           sum(c.get("loading_instances", 0) for c in st["models"].values())))
     runs = []
     if sim_configs:
         timing = baseline.Timing.from_sim_config(sim_configs[0])

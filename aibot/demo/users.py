@@ -57,8 +57,9 @@ class PlannedMessage:
 
 def demo_entity_configs() -> list[dict]:
     """The demo's entities in the original config format; maxTokens leaves the simulator's ~110-token
-    (≈ 3 s) replies intact."""
-    return [entity(eid, model, priority=prio, maxTokens=200, userPrompt="Reply in a few sentences.")
+    (≈ 3 s) replies intact. `rateLimits: {}` says on purpose that synthetic users are not throttled (a
+    missing key is a config warning, logged by every worker process)."""
+    return [entity(eid, model, priority=prio, rate_limits={}, maxTokens=200, userPrompt="Reply in a few sentences.")
             for eid, model, prio, _ in DEMO_ENTITIES]
 
 

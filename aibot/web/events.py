@@ -3,19 +3,20 @@
 One listener thread per `aibot serve` holds a dedicated connection on channel `aibot_events` (the
 triggers of 0005_inspection.sql) and fans frames out to every dashboard. The NOTIFY payload carries ids
 only, so `queued` items are read back in one query per batch. Each subscriber has a bounded outbound
-queue drained by its own writer thread: a slow browser is dropped instead of stalling the others.
+queue on the server's event loop, drained by that connection's sender task: a slow browser is dropped
+instead of stalling the others, and the listener thread never waits on a socket.
 If the listening connection breaks, events may have been missed, so after reconnecting every client
 gets a fresh snapshot.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
-import queue
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import psycopg
@@ -77,42 +78,53 @@ def snapshot_data(conn: psycopg.Connection) -> dict:
 
 
 class Subscriber:
-    """One WebSocket client: frames go through a bounded queue to a writer thread."""
+    """One WebSocket client: a bounded queue on the event loop that serves it.
 
-    def __init__(self, send: Callable[[dict], None], *, max_pending: int = 1000, name: str = "ws"):
-        self._send = send
-        self._q: queue.Queue[dict | None] = queue.Queue(maxsize=max_pending)
+    `offer` may be called from any thread (the listener thread, or the loop itself): the frame is
+    handed to the loop with `call_soon_threadsafe`, which keeps frames in offer order. `next()` is
+    awaited by the connection's sender task and returns None once the subscriber is stopped or dropped.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, *, max_pending: int = 1000, name: str = "ws"):
+        self.name = name
+        self._loop = loop
+        self._q: asyncio.Queue[dict | None] = asyncio.Queue(maxsize=max_pending + 1)  # +1: room for the stop marker
+        self._max = max_pending
         self.dropped = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"aibot-ws-writer-{name}", daemon=True)
-        self._thread.start()
 
     def offer(self, f: dict) -> bool:
         if self.dropped.is_set():
             return False
         try:
-            self._q.put_nowait(f)
-            return True
-        except queue.Full:
-            log.warning("dropping a WebSocket client that is %d frames behind", self._q.maxsize)
+            self._loop.call_soon_threadsafe(self._put, f)
+        except RuntimeError:  # the loop is closed: the connection is gone
             self.dropped.set()
             return False
+        return True
 
-    def _run(self) -> None:
-        while True:
-            f = self._q.get()
-            if f is None or self.dropped.is_set():
-                return
-            try:
-                self._send(f)
-            except OSError:
-                self.dropped.set()
-                return
+    def _put(self, f: dict | None) -> None:
+        """Runs on the loop. None wakes the sender so it sees `dropped` and ends."""
+        if f is not None and self.dropped.is_set():
+            return
+        if f is not None and self._q.qsize() >= self._max:
+            log.warning("dropping WebSocket client %s: %d frames behind", self.name, self._max)
+            self.dropped.set()
+            f = None
+        if not self._q.full():
+            self._q.put_nowait(f)
+
+    async def next(self) -> dict | None:
+        """The next frame to send, or None once the subscriber is stopped or dropped."""
+        if self.dropped.is_set():
+            return None
+        f = await self._q.get()
+        return None if self.dropped.is_set() else f
 
     def stop(self) -> None:
         self.dropped.set()
         try:
-            self._q.put_nowait(None)
-        except queue.Full:
+            self._loop.call_soon_threadsafe(self._put, None)
+        except RuntimeError:
             pass
 
 

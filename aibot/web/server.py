@@ -1,15 +1,26 @@
 """`aibot serve`: the original monitor's HTTP API, a WebSocket feed, /metrics and the dashboard.
 
-Stdlib `ThreadingHTTPServer`, one thread per request (a WebSocket keeps its thread). It binds to
-loopback by default; bound anywhere else it refuses to start without a token, and whenever a token is
-configured every request must carry it (`Authorization: Bearer …` or `?token=…`, the latter because
-browsers cannot set headers on a WebSocket). Without a token, only loopback Host headers are accepted
-(a DNS-rebinding page cannot reach the API) and state-changing requests must come from the same origin
-(a foreign page cannot POST /queue-clear to 127.0.0.1).
+A Starlette app on uvicorn: HTTP/1.1 (h11) and the WebSocket protocol (RFC 6455: handshake, framing,
+ping/pong, close) are the libraries'. uvicorn drives `wsproto` for WebSockets because its wsproto
+protocol completes a refused upgrade (the Denial Response extension) cleanly; its `websockets-sansio`
+protocol logs "ASGI callable returned without completing handshake" after every 401/403
+(uvicorn/protocols/websockets/websockets_sansio_impl.py:416 vs wsproto_impl.py:432, uvicorn 0.54.0).
+Endpoints that read Postgres are plain functions, which Starlette runs in its
+thread pool, so a slow query never blocks the event loop that carries the WebSocket frames.
+
+The server binds to loopback by default; bound anywhere else it refuses to start without a token, and
+whenever a token is configured every request must carry it (`Authorization: Bearer …` or `?token=…`,
+the latter because browsers cannot set headers on a WebSocket). Without a token, only loopback Host
+headers are accepted (a DNS-rebinding page cannot reach the API) and state-changing requests must come
+from the same origin (a foreign page cannot POST /queue-clear to 127.0.0.1). A WebSocket upgrade counts
+as state-changing (its client commands delete and clear jobs).
 """
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import contextlib
 import datetime as dt
 import decimal
 import hmac
@@ -22,25 +33,32 @@ import threading
 import time
 import urllib.parse
 import uuid
-from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import psycopg
+import uvicorn
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import HTTPConnection, Request
+from starlette.responses import Response
+from starlette.routing import Route, WebSocketRoute
+from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from aibot import db, inspection
-from aibot.web import events, metrics, websocket
+from aibot.web import events, metrics
 
 log = logging.getLogger("aibot.web")
 
 STATIC = Path(__file__).resolve().parent
-STATIC_FILES = {
-    "/": ("dashboard.html", "text/html; charset=utf-8"),
-    "/dashboard.js": ("dashboard.js", "text/javascript; charset=utf-8"),
-    "/dashboard.css": ("dashboard.css", "text/css; charset=utf-8"),
-}
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
+MAX_MESSAGE = 1 << 20          # largest WebSocket message a client may send (uvicorn's ws_max_size)
+PING_INTERVAL = 20.0           # WebSocket keep-alive ping; a client that misses it for PING_TIMEOUT is closed
+PING_TIMEOUT = 40.0
+COMMON_HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
 
 
 class ServeError(Exception):
@@ -65,12 +83,11 @@ def check_bind(host: str, token: str | None) -> None:
             "or bind 127.0.0.1")
 
 
-def bearer_token(headers, query: dict[str, list[str]]) -> str | None:
-    auth = headers.get("Authorization") or ""
+def bearer_token(headers: Mapping[str, str], query: Mapping[str, str]) -> str | None:
+    auth = headers.get("authorization") or ""
     if auth[:7].lower() == "bearer ":
         return auth[7:].strip()
-    values = query.get("token")
-    return values[0] if values else None
+    return query.get("token")
 
 
 def token_ok(expected: str | None, presented: str | None) -> bool:
@@ -96,6 +113,31 @@ def origin_ok(origin: str | None, host_header: str | None) -> bool:
     if not origin:
         return True  # not a browser (curl, scripts); they cannot be tricked by a foreign page
     return urllib.parse.urlsplit(origin).netloc.lower() == (host_header or "").lower()
+
+
+def admission_problem(conn: HTTPConnection, token: str | None) -> tuple[int, str] | None:
+    """(status, message) when the request must be refused, else None. The order matters: a foreign
+    Host is refused before the token is looked at, and the token before the Origin."""
+    host = conn.headers.get("host")
+    if not host_header_ok(host, token):
+        return 403, "Host: only loopback names are served without a token"
+    if not token_ok(token, bearer_token(conn.headers, conn.query_params)):
+        return 401, "unauthorized: send 'Authorization: Bearer <token>' or ?token=<token>"
+    changes_state = conn.scope["type"] == "websocket" or conn.scope.get("method") == "POST"
+    if changes_state and not origin_ok(conn.headers.get("origin"), host):
+        return 403, "Origin: cross-site requests may not change state"
+    return None
+
+
+def websocket_key_problem(key: str | None) -> str | None:
+    """RFC 6455 §4.2.1 item 5: the key must decode to 16 bytes, and a server must answer 400 otherwise.
+    wsproto (1.2) accepts any key, so this one rule of the handshake is checked here."""
+    try:
+        if len(base64.b64decode(key or "", validate=True)) == 16:
+            return None
+    except ValueError:
+        pass
+    return "Sec-WebSocket-Key is not 16 base64-encoded bytes"
 
 
 def to_json(obj: Any) -> bytes:
@@ -130,44 +172,23 @@ def job_id_param(text: str) -> int:
     return int(text)
 
 
-# --- the app -----------------------------------------------------------------------------------------
+def json_response(status: int, obj: Any, headers: Mapping[str, str] | None = None) -> Response:
+    return Response(to_json(obj), status_code=status, media_type="application/json", headers=dict(headers or {}))
 
-Route = tuple[str, re.Pattern, Callable[..., Any]]
+
+def error_response(status: int, message: str, **extra: Any) -> Response:
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return json_response(status, {"success": False, "error": message, **extra}, headers)
 
 
-class App:
-    """Request handling that does not depend on the socket layer: routes map to JSON producers."""
+# --- what the endpoints do (no HTTP in here) ---------------------------------------------------------
 
-    def __init__(self, database: db.Database, hub: events.EventHub | None, token: str | None):
+class Api:
+    """The monitor's operations as functions of query parameters and path ids, returning JSON objects."""
+
+    def __init__(self, database: db.Database, hub: events.EventHub | None):
         self.database = database
         self.hub = hub
-        self.token = token
-        self.routes: list[Route] = [
-            ("GET", re.compile(r"/queue-stats"), self.queue_stats),
-            ("POST", re.compile(r"/queue-delete/([^/]+)"), self.queue_delete),
-            ("POST", re.compile(r"/queue-clear"), self.queue_clear),
-            ("GET", re.compile(r"/health"), self.health),
-            ("GET", re.compile(r"/api/status"), self.api_status),
-            ("GET", re.compile(r"/api/servers"), self.api_servers),
-            ("GET", re.compile(r"/api/models"), self.api_models),
-            ("GET", re.compile(r"/api/jobs"), self.api_jobs),
-            ("GET", re.compile(r"/api/jobs/([^/]+)"), self.api_job),
-            ("POST", re.compile(r"/api/jobs/([^/]+)/retry"), self.api_retry),
-            ("POST", re.compile(r"/api/jobs/([^/]+)/cancel"), self.api_cancel),
-            ("GET", re.compile(r"/api/replies-per-minute"), self.api_rpm),
-        ]
-
-    def route(self, method: str, path: str) -> tuple[Callable[..., Any], tuple[str, ...]]:
-        allowed = []
-        for m, pattern, fn in self.routes:
-            match = pattern.fullmatch(path)
-            if match:
-                if m == method:
-                    return fn, match.groups()
-                allowed.append(m)
-        if allowed:
-            raise HttpError(405, f"{method} is not allowed on {path} (use {', '.join(allowed)})")
-        raise HttpError(404, f"no such endpoint: {path}")
 
     def _conn(self):
         return self.database.transaction()
@@ -213,10 +234,9 @@ class App:
             return {"models": inspection.slot_usage(conn)}
 
     def api_jobs(self, query) -> dict:
-        state = (query.get("state") or [None])[0]
-        entity = (query.get("entity") or [None])[0]
         with self._conn() as conn:
-            return {"jobs": inspection.list_jobs(conn, state=state, entity=entity, limit=_limit(query, 100))}
+            return {"jobs": inspection.list_jobs(conn, state=query.get("state"), entity=query.get("entity"),
+                                                 limit=_limit(query, 100))}
 
     def api_job(self, query, job_id: str) -> dict:
         with self._conn() as conn:
@@ -228,19 +248,15 @@ class App:
         return {"success": True, "job": row}
 
     def api_cancel(self, query, job_id: str) -> dict:
-        reason = (query.get("reason") or ["cancelled from the dashboard"])[0]
+        reason = query.get("reason") or "cancelled from the dashboard"
         with self._conn() as conn:
             row = inspection.discard_job(conn, job_id_param(job_id), reason)
         return {"success": True, "job": row}
 
     def api_rpm(self, query) -> dict:
-        minutes = (query.get("minutes") or ["60"])[0]
+        minutes = query.get("minutes") or "60"
         with self._conn() as conn:
             return {"series": inspection.replies_per_minute(conn, inspection.validate_limit(minutes, maximum=1440))}
-
-    def metrics_text(self) -> str:
-        with self._conn() as conn:
-            return metrics.exposition(conn)
 
     # WebSocket client commands (as the original: delete, clear)
 
@@ -267,164 +283,181 @@ class App:
             return events.frame("error", {"message": str(exc), "action": action, "itemId": msg.get("itemId")})
         return events.frame("error", {"message": f"action: {action!r} is not one of delete, clear"})
 
+    def snapshot(self) -> dict:
+        with self._conn() as conn:
+            return events.frame("snapshot", events.snapshot_data(conn))
+
 
 def _limit(query, default: int) -> int:
-    return inspection.validate_limit((query.get("limit") or [default])[0])
+    return inspection.validate_limit(query.get("limit") or default)
 
 
-class Handler(BaseHTTPRequestHandler):
-    server_version = "aibot"
-    protocol_version = "HTTP/1.1"
-    app: App  # set on the subclass made by AppServer
+# --- HTTP and WebSocket glue -------------------------------------------------------------------------
 
-    def log_message(self, fmt: str, *args: Any) -> None:
-        log.debug("%s %s", self.address_string(), fmt % tuple(redact_path(str(a)) for a in args))
+def _errors_as_json(path: str, call: Callable[[], Any]) -> Response:
+    """Maps the operator-facing errors to statuses; anything unexpected is a 500 without details."""
+    try:
+        return call()
+    except HttpError as exc:
+        return error_response(exc.status, str(exc), **exc.extra)
+    except (inspection.JobNotFound, inspection.ServerNotFound) as exc:
+        return error_response(404, str(exc))
+    except inspection.JobActionError as exc:
+        return error_response(409, str(exc))
+    except ValueError as exc:
+        return error_response(400, str(exc))
+    except (psycopg.OperationalError, TimeoutError) as exc:
+        log.warning("database unavailable for %s: %s", path, type(exc).__name__)
+        if path == "/health":
+            return json_response(503, {"status": "error", "error": "database unavailable", "timestamp": events.now_ms()})
+        return error_response(503, "database unavailable")
+    except Exception:
+        log.exception("error serving %s", path)
+        return error_response(500, "internal error (see the serve log)")
 
-    def _send(self, status: int, body: bytes, content_type: str, extra: dict[str, str] | None = None) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
-        self.send_header("X-Content-Type-Options", "nosniff")
-        for k, v in (extra or {}).items():
-            self.send_header(k, v)
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
 
-    def _json(self, status: int, obj: Any, extra: dict[str, str] | None = None) -> None:
-        self._send(status, to_json(obj), "application/json", extra)
+def _json_endpoint(fn: Callable[..., dict]) -> Callable[[Request], Response]:
+    """A sync Starlette endpoint (run in the thread pool) around an `Api` method."""
+    def endpoint(request: Request) -> Response:
+        return _errors_as_json(request.url.path,
+                               lambda: json_response(200, fn(request.query_params, **request.path_params)))
+    return endpoint
 
-    def _error(self, status: int, message: str, **extra: Any) -> None:
-        headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-        self._json(status, {"success": False, "error": message, **extra}, headers)
 
-    def _admit(self, parsed, query, *, changes_state: bool) -> bool:
-        app = self.app
-        if not host_header_ok(self.headers.get("Host"), app.token):
-            self._error(403, "Host: only loopback names are served without a token")
-            return False
-        if not token_ok(app.token, bearer_token(self.headers, query)):
-            self._error(401, "unauthorized: send 'Authorization: Bearer <token>' or ?token=<token>")
-            return False
-        if changes_state and not origin_ok(self.headers.get("Origin"), self.headers.get("Host")):
-            self._error(403, "Origin: cross-site requests may not change state")
-            return False
-        return True
+def _static(name: str, media_type: str) -> Callable[[Request], Response]:
+    def endpoint(request: Request) -> Response:
+        return Response((STATIC / name).read_bytes(), media_type=media_type)
+    return endpoint
 
-    def _drain_body(self) -> None:
-        n = int(self.headers.get("Content-Length") or 0)
-        if 0 < n <= 1 << 16:
-            self.rfile.read(n)
-        elif n:
-            self.close_connection = True
 
-    def do_GET(self) -> None:
-        self._dispatch("GET")
+class Admission:
+    """ASGI middleware: Host, token and Origin checks before any route runs, plus the common headers.
 
-    def do_POST(self) -> None:
-        self._drain_body()
-        self._dispatch("POST")
+    A refused WebSocket gets a real HTTP response (the ASGI WebSocket Denial Response extension, which
+    uvicorn implements), so a client sees 401/403 instead of a dropped connection.
+    """
 
-    def _dispatch(self, method: str) -> None:
-        parsed = urllib.parse.urlsplit(self.path)
-        query = urllib.parse.parse_qs(parsed.query)
-        path = parsed.path.rstrip("/") or "/"
-        is_ws = path == "/ws"
-        if not self._admit(parsed, query, changes_state=(method == "POST" or is_ws)):
+    def __init__(self, app: ASGIApp, token: str | None):
+        self.app = app
+        self.token = token
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
             return
-        try:
-            if is_ws:
-                self._websocket()
-                return
-            if method == "GET" and path in STATIC_FILES:
-                name, ctype = STATIC_FILES[path]
-                self._send(200, (STATIC / name).read_bytes(), ctype)
-                return
-            if method == "GET" and path == "/metrics":
-                self._send(200, self.app.metrics_text().encode("utf-8"), metrics.CONTENT_TYPE)
-                return
-            fn, args = self.app.route(method, path)
-            self._json(200, fn(query, *args))
-        except HttpError as exc:
-            self._error(exc.status, str(exc), **exc.extra)
-        except inspection.JobNotFound as exc:
-            self._error(404, str(exc))
-        except inspection.ServerNotFound as exc:
-            self._error(404, str(exc))
-        except inspection.JobActionError as exc:
-            self._error(409, str(exc))
-        except ValueError as exc:
-            self._error(400, str(exc))
-        except (psycopg.OperationalError, TimeoutError) as exc:
-            log.warning("database unavailable for %s %s: %s", method, path, type(exc).__name__)
-            if path == "/health":
-                self._json(503, {"status": "error", "error": "database unavailable", "timestamp": events.now_ms()})
+        conn = HTTPConnection(scope)
+        log.debug("%s %s", scope.get("method", "WS"), redact_path(str(conn.url.path) + "?" + conn.url.query))
+        problem = admission_problem(conn, self.token)
+        if problem is not None:
+            response = error_response(*problem)
+            if scope["type"] == "websocket":
+                await WebSocket(scope, receive, send).send_denial_response(response)
             else:
-                self._error(503, "database unavailable")
-        except Exception:
-            log.exception("error serving %s %s", method, path)
-            self._error(500, "internal error (see the serve log)")
+                await response(scope, receive, send)
+            return
 
-    # WebSocket
+        async def send_with_headers(message) -> None:
+            if message["type"] == "http.response.start":
+                message.setdefault("headers", [])
+                message["headers"] = list(message["headers"]) + [
+                    (k.lower().encode(), v.encode()) for k, v in COMMON_HEADERS.items()]
+            await send(message)
 
-    def _websocket(self) -> None:
-        problem = websocket.handshake_problem(self.command, self.headers)
+        await self.app(scope, receive, send_with_headers if scope["type"] == "http" else send)
+
+
+async def _http_exception(request: Request, exc: HTTPException) -> Response:
+    """Starlette's own 404/405 as the JSON errors the monitor's clients expect."""
+    if exc.status_code == 405:
+        allow = (exc.headers or {}).get("Allow", "")
+        allowed = ", ".join(m for m in allow.split(", ") if m != "HEAD")
+        return error_response(405, f"{request.method} is not allowed on {request.url.path} (use {allowed})")
+    if exc.status_code == 404:
+        return error_response(404, f"no such endpoint: {request.url.path}")
+    return error_response(exc.status_code, str(exc.detail))
+
+
+def build_app(database: db.Database, hub: events.EventHub | None, token: str | None) -> ASGIApp:
+    api = Api(database, hub)
+
+    async def ws_endpoint(websocket: WebSocket) -> None:
+        problem = websocket_key_problem(websocket.headers.get("sec-websocket-key"))
         if problem:
-            self._error(400, problem)
+            await websocket.send_denial_response(error_response(400, problem))
             return
-        hub = self.app.hub
         if hub is None:
-            self._error(503, "live events are disabled on this server")
+            await websocket.send_denial_response(error_response(503, "live events are disabled on this server"))
             return
-        self.send_response(101, "Switching Protocols")
-        self.send_header("Upgrade", "websocket")
-        self.send_header("Connection", "Upgrade")
-        self.send_header("Sec-WebSocket-Accept", websocket.accept_key(self.headers["Sec-WebSocket-Key"]))
-        self.end_headers()
-        self.wfile.flush()
-        self.close_connection = True
-        sock: socket.socket = self.connection
-        sock.settimeout(None)
-        ep = websocket.Endpoint(sock, is_client=False)
-        sub = events.Subscriber(ep.send_json, name=self.address_string())
+        await websocket.accept()
+        client = f"{websocket.client.host}:{websocket.client.port}" if websocket.client else "ws"
+        sub = events.Subscriber(asyncio.get_running_loop(), name=client)
         hub.subscribe(sub)  # before the snapshot, so no event falls between the two
+        sender = asyncio.create_task(_send_frames(websocket, sub))
         try:
-            with self.app.database.transaction() as conn:
-                sub.offer(events.frame("snapshot", events.snapshot_data(conn)))
-            self._ws_loop(ep, sub)
+            sub.offer(await run_in_threadpool(api.snapshot))
+            await _receive_commands(websocket, sub, api)
+        except WebSocketDisconnect:
+            pass
         finally:
             hub.unsubscribe(sub)
-            ep.close()
+            sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await sender
 
-    def _ws_loop(self, ep: websocket.Endpoint, sub: events.Subscriber) -> None:
-        ping_every = 20.0
-        self.connection.settimeout(ping_every)
-        missed = 0
-        while not sub.dropped.is_set():
-            try:
-                text = ep.recv()
-                missed = 0
-            except TimeoutError:
-                missed += 1
-                if missed > 2:
-                    return
-                ep.ping(str(time.time()).encode())
-                continue
-            except (websocket.WebSocketError, OSError, UnicodeDecodeError):
-                return
-            try:
-                msg = json.loads(text)
-            except ValueError:
-                sub.offer(events.frame("error", {"message": "frames must be JSON"}))
-                continue
-            reply = self.app.ws_command(msg)
-            if reply is not None:
-                sub.offer(reply)
+    def ws_over_http(request: Request) -> Response:
+        return error_response(400, "/ws is a WebSocket endpoint: send 'Upgrade: websocket'")
 
+    routes = [
+        Route("/", _static("dashboard.html", "text/html; charset=utf-8")),
+        Route("/dashboard.js", _static("dashboard.js", "text/javascript; charset=utf-8")),
+        Route("/dashboard.css", _static("dashboard.css", "text/css; charset=utf-8")),
+        Route("/metrics", lambda request: _errors_as_json("/metrics", lambda: metrics.response(database))),
+        WebSocketRoute("/ws", ws_endpoint),
+        Route("/ws", ws_over_http),
+        Route("/queue-stats", _json_endpoint(api.queue_stats)),
+        Route("/queue-delete/{job_id}", _json_endpoint(api.queue_delete), methods=["POST"]),
+        Route("/queue-clear", _json_endpoint(api.queue_clear), methods=["POST"]),
+        Route("/health", _json_endpoint(api.health)),
+        Route("/api/status", _json_endpoint(api.api_status)),
+        Route("/api/servers", _json_endpoint(api.api_servers)),
+        Route("/api/models", _json_endpoint(api.api_models)),
+        Route("/api/jobs", _json_endpoint(api.api_jobs)),
+        Route("/api/jobs/{job_id}", _json_endpoint(api.api_job)),
+        Route("/api/jobs/{job_id}/retry", _json_endpoint(api.api_retry), methods=["POST"]),
+        Route("/api/jobs/{job_id}/cancel", _json_endpoint(api.api_cancel), methods=["POST"]),
+        Route("/api/replies-per-minute", _json_endpoint(api.api_rpm)),
+    ]
+    app = Starlette(routes=routes, exception_handlers={HTTPException: _http_exception})
+    return Admission(app, token)
+
+
+async def _send_frames(websocket: WebSocket, sub: events.Subscriber) -> None:
+    """Writes the subscriber's frames until it is stopped or dropped, then closes the connection."""
+    while (f := await sub.next()) is not None:
+        await websocket.send_text(to_json(f).decode("utf-8"))
+    with contextlib.suppress(Exception):
+        await websocket.close(1008 if sub.dropped.is_set() else 1000)
+
+
+async def _receive_commands(websocket: WebSocket, sub: events.Subscriber, api: Api) -> None:
+    while True:
+        text = await websocket.receive_text()
+        try:
+            msg = json.loads(text)
+        except ValueError:
+            sub.offer(events.frame("error", {"message": "frames must be JSON"}))
+            continue
+        reply = await run_in_threadpool(api.ws_command, msg)
+        if reply is not None:
+            sub.offer(reply)
+
+
+# --- the server --------------------------------------------------------------------------------------
 
 class AppServer:
-    """The HTTP server plus its event hub; `start()` serves in background threads (tests, `aibot serve`)."""
+    """The app, its event hub and a uvicorn server on a socket bound at construction (so a port in use
+    fails here, and port 0 is known at once). `start()` serves in a background thread (tests);
+    `serve_forever()` serves in the calling thread, where uvicorn handles SIGINT/SIGTERM."""
 
     def __init__(self, database_url: str, *, host: str = "127.0.0.1", port: int = 4001, token: str | None = None,
                  stats_interval: float = 3.0, live_events: bool = True):
@@ -432,41 +465,61 @@ class AppServer:
         self.database_url = database_url
         self.database = db.Database(database_url)
         self.hub = events.EventHub(database_url, self.database, stats_interval=stats_interval) if live_events else None
-        self.app = App(self.database, self.hub, token)
-        handler = type("BoundHandler", (Handler,), {"app": self.app})
-        server_cls = type("AibotHTTPServer", (ThreadingHTTPServer,), {
-            "address_family": socket.AF_INET6 if ":" in host else socket.AF_INET, "daemon_threads": True})
-        self.httpd = server_cls((host, port), handler)
+        self.app = build_app(self.database, self.hub, token)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            self.sock.bind((host, port))
+        except OSError:
+            self.sock.close()
+            raise
+        self.sock.listen(128)
+        self.sock.set_inheritable(True)
+        # log_config=None: our logging setup stays; the access log is off because it would print ?token=.
+        # Keep-alive pings every PING_INTERVAL; a client that does not answer within PING_TIMEOUT is closed.
+        config = uvicorn.Config(self.app, ws="wsproto", http="h11", lifespan="off", log_config=None,
+                                access_log=False, ws_max_size=MAX_MESSAGE, ws_ping_interval=PING_INTERVAL,
+                                ws_ping_timeout=PING_TIMEOUT, timeout_graceful_shutdown=5)
+        self.uvicorn = uvicorn.Server(config)
+        # uvicorn's "Started/Finished server process" lines at INFO repeat what `aibot serve` prints itself.
+        if logging.getLogger("uvicorn.error").level == logging.NOTSET:
+            logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
         self._thread: threading.Thread | None = None
 
     @property
     def port(self) -> int:
-        return self.httpd.server_address[1]
+        return self.sock.getsockname()[1]
 
     @property
     def url(self) -> str:
-        host = self.httpd.server_address[0]
+        host = self.sock.getsockname()[0]
         host = "127.0.0.1" if host in ("0.0.0.0", "") else (f"[{host}]" if ":" in host else host)
         return f"http://{host}:{self.port}"
 
-    def start(self) -> AppServer:
+    def start(self, timeout: float = 10.0) -> AppServer:
         if self.hub:
             self.hub.start()
-        self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.1},
+        self._thread = threading.Thread(target=self.uvicorn.run, kwargs={"sockets": [self.sock]},
                                         name="aibot-serve", daemon=True)
         self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.uvicorn.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise ServeError(f"the HTTP server did not start on {self.url}")
+            time.sleep(0.01)  # polls a flag uvicorn sets; it offers no event to wait on
         return self
 
     def serve_forever(self) -> None:
         if self.hub:
             self.hub.start()
-        self.httpd.serve_forever()
+        self.uvicorn.run(sockets=[self.sock])
 
     def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self.uvicorn.should_exit = True
+        if self._thread:
+            self._thread.join(10)
         if self.hub:
             self.hub.stop()
+        self.sock.close()
         self.database.close()
-        if self._thread:
-            self._thread.join(5)
