@@ -102,6 +102,9 @@ def same_variant(a: str, b: str) -> bool:
     return bool(at_a and at_b) and base_a == base_b and quant_a.casefold() == quant_b.casefold()
 
 
+_announced: dict[str, str] = {}   # server URL -> the API level last logged for it
+
+
 class LMStudioBackend(OpenAICompatBackend):
     kind = "lmstudio"
     can_load = True
@@ -146,7 +149,10 @@ class LMStudioBackend(OpenAICompatBackend):
                 continue
             with self._lock:
                 self.api_level = level
-            log.info("LM Studio at %s speaks the %s API", self.http.display, level)
+            # A refresh builds a new backend every tick: say it once per server and level, not per tick.
+            if _announced.get(self.http.display) != level:
+                _announced[self.http.display] = level
+                log.info("LM Studio at %s speaks the %s API", self.http.display, level)
             return level, models
         raise BadResponse(f"{self.http.display} answers none of /api/v1/models, /api/v0/models, /v1/models; "
                           "is this an LM Studio server?")
