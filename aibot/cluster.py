@@ -185,7 +185,9 @@ def refresh_server(conn: psycopg.Connection, server_row: Mapping[str, Any], back
         found: dict[str, tuple[Offered, list[LoadedModel]]] = {}
         entries: dict[str, Offered] = {}
         claimed: set[str] = set()
-        for model in sorted(wanted | set(known)):
+        # Configured and queued names claim instances first: a row recorded under the server's own name
+        # (someone else's load) must never take an instance away from the name the jobs use.
+        for model in sorted(wanted) + sorted(set(known) - wanted):
             offered = identity.identify(backend, model, catalogue)
             if offered is not None:
                 entries[model] = offered
@@ -226,7 +228,7 @@ def refresh_server(conn: psycopg.Connection, server_row: Mapping[str, Any], back
                 "server_id": sid, "model": model, "state": _resident_state(primary.state, origin),
                 "size_bytes": size, "parallel": max(1, primary.parallel or 1),
                 "context_length": primary.context_length, "instance_id": primary.key, "instances": len(live),
-                "origin": origin, "ttl_seconds": primary.ttl_seconds})
+                "origin": origin, "ttl_seconds": primary.ttl_seconds, "loader": False})
             if row["inserted"]:
                 result.added.append(model)
         gone = db.all_rows(conn, "cluster_delete_vanished_instances", {"server_id": sid, "models": list(found)})

@@ -208,7 +208,8 @@ def _record_resident(conn: psycopg.Connection, sid: int, model: str, offered: Of
     db.run(conn, "cluster_upsert_instance", {
         "server_id": sid, "model": model, "state": "loaded", "size_bytes": size,
         "parallel": max(1, primary.parallel or 1), "context_length": primary.context_length,
-        "instance_id": primary.key, "instances": len(live), "origin": origin, "ttl_seconds": primary.ttl_seconds})
+        "instance_id": primary.key, "instances": len(live), "origin": origin, "ttl_seconds": primary.ttl_seconds,
+        "loader": True})
 
 
 def ensure_loaded(database, model: str, *, server: str | None = None,

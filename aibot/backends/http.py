@@ -161,9 +161,12 @@ def status_error(status: int, body_text: str, where: str) -> BackendError:
         return Unauthorized(f"{where}: HTTP {status} (check the server's token): {message}", status=status, body=body)
     if status == 408:
         return Timeout(f"{where}: HTTP 408 from server: {message}", status=status, body=body)
-    if status == 429 or status >= 500:
-        # The server answered, so it is reachable: a 5xx belongs to what was asked of it (a model's
-        # instance, on a chat request). A failing listing is still blamed on the server by its caller.
+    if status in (429, 503):
+        # Too busy or unavailable as a whole (Ollama's "server busy", a proxy's 503): the server's.
+        return ServerFault(f"{where}: HTTP {status}: {message}", status=status, body=body)
+    if status >= 500:
+        # The server answered, so it is reachable: a 500/502/504 belongs to what was asked of it (a
+        # model's instance, on a chat request). A failing listing is still blamed on the server by its caller.
         return _scoped(ServerFault(f"{where}: HTTP {status}: {message}", status=status, body=body), "model")
     if mentions_not_loaded(body_text):
         return ModelNotLoaded(f"{where}: model not loaded: {message}", status=status, body=body)

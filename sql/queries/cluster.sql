@@ -85,15 +85,16 @@ WHERE mi.model = %(model)s
 ORDER BY s.name;
 
 -- cluster_upsert_instance --
--- A model the server lists as resident, under the configured name; an eviction in progress
--- ('unloading') is not undone, and our own load in progress ('loading') is not declared done by a
--- listing that still says loading
+-- A model the server lists as resident, under the configured name. From a refresh, an eviction in
+-- progress ('unloading') is not undone and our own load in progress ('loading') is not declared done;
+-- the loader itself (%(loader)s), holding the model's lock, records what it found as it is.
 INSERT INTO model_instances (server_id, model, state, size_bytes, parallel, context_length, instance_id,
                              instances, origin, ttl_seconds)
 VALUES (%(server_id)s, %(model)s, %(state)s, %(size_bytes)s, %(parallel)s, %(context_length)s,
         %(instance_id)s, %(instances)s, %(origin)s, %(ttl_seconds)s)
 ON CONFLICT (server_id, model) DO UPDATE SET
-    state = CASE WHEN model_instances.state = 'unloading' THEN 'unloading'
+    state = CASE WHEN %(loader)s THEN EXCLUDED.state
+                 WHEN model_instances.state = 'unloading' THEN 'unloading'
                  WHEN model_instances.state = 'loading' AND EXCLUDED.state = 'loading' THEN 'loading'
                  WHEN model_instances.state = 'loading' AND model_instances.origin = 'aibot' THEN 'loading'
                  ELSE EXCLUDED.state END,
