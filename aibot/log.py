@@ -49,7 +49,10 @@ class ContextFilter(logging.Filter):
 
 
 def setup(level: str | int | None = None) -> None:
-    level = level or os.environ.get("AIBOT_LOG_LEVEL", "INFO")
+    """Installs aibot's handler on the root logger at `level` (the caller's settings: AIBOT_LOG_LEVEL)."""
+    level = level or "INFO"
+    if isinstance(level, str):
+        level = level.upper()
     root = logging.getLogger()
     if any(getattr(h, "_aibot", False) for h in root.handlers):
         root.setLevel(level)
@@ -64,12 +67,12 @@ def setup(level: str | int | None = None) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def adopt_handlers() -> None:
+def adopt_handlers(level: str | int | None = None) -> None:
     """Puts the context fields on handlers someone else installed (Dramatiq's worker processes log
-    through a pipe to the master); falls back to `setup()` when there are none."""
+    through a pipe to the master); falls back to `setup(level)` when there are none."""
     root = logging.getLogger()
     if not root.handlers:
-        setup()
+        setup(level)
         return
     for handler in root.handlers:
         if not any(isinstance(f, ContextFilter) for f in handler.filters):

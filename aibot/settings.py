@@ -1,12 +1,19 @@
-"""Process settings: where the database, broker, config file and chat API are, and worker knobs.
+"""Process settings: where the database, broker, config file and chat API are, and every process knob.
 
 These describe the deployment, not the personas, so they come from the environment (12-factor,
 systemd/launchd units, containers) and never from the entity JSON, which operators edit live and
-may share. An optional TOML file (`AIBOT_SETTINGS_FILE`, keys = the lowercase field names) holds the
-same values for hosts where a file is easier; the environment wins over it.
+may share. An optional TOML file (`AIBOT_SETTINGS_FILE`, keys = the field names) holds the same values
+for hosts where a file is easier; the environment wins over it.
 
-Secrets (the chat API token, passwords inside URLs) never appear in repr/str output, so logging a
-Settings object is safe. Tokens can come from `<VAR>_FILE` (Docker/systemd credentials style).
+This is the one place that reads aibot's environment variables: every field is one variable
+(`variable(field)`: `AIBOT_<FIELD>`, except `config_path` = `AIBOT_CONFIG`), plus the scheduled jobs'
+`AIBOT_SCHEDULE_<JOB>` collected into `schedules`. A malformed value is a SettingsError naming the
+variable (or the TOML key), never showing a secret. Other modules take a `Settings` (or call
+`get_settings()`) instead of reading `os.environ`; variables that are not aibot's (a server's own
+`tokenEnv`, `NO_COLOR`, Dramatiq's `dramatiq_*`) are read where they are used.
+
+Secrets (the chat API and serve tokens, passwords inside URLs) never appear in repr/str output, so
+logging a Settings object is safe. Secrets can come from `<VAR>_FILE` (Docker/systemd credentials).
 """
 
 from __future__ import annotations
@@ -21,17 +28,26 @@ from typing import Any, Protocol
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from aibot.log import default_worker_name
+from aibot.queue.policy import DEFAULT_AGING_SECONDS, validate_aging
 
 PREFIX = "AIBOT_"
 SETTINGS_FILE_VAR = "AIBOT_SETTINGS_FILE"
+SCHEDULE_PREFIX = "AIBOT_SCHEDULE_"
 # Fields that may also be given as <VAR>_FILE (a path whose contents are the value).
-FILE_CAPABLE = ("database_url", "broker_url", "chat_api_token")
-# Variable names that are not simply AIBOT_<FIELD> (kept as docs/internals.md names them).
+FILE_CAPABLE = ("database_url", "broker_url", "chat_api_token", "serve_token")
+# Variable names that are not simply AIBOT_<FIELD> (kept as the deployments name them).
 ENV_NAMES = {"config_path": "AIBOT_CONFIG"}
+#: The backend timeouts a deployment (or a chaos test) may lower: backend_<name>_timeout seconds.
+BACKEND_TIMEOUTS = ("connect", "read", "write", "total", "load")
 
 
-def env_var(field: str) -> str:
+def variable(field: str) -> str:
+    """The environment variable of a settings field."""
     return ENV_NAMES.get(field, PREFIX + field.upper())
+
+
+def schedule_variable(job: str) -> str:
+    return f"{SCHEDULE_PREFIX}{job.upper()}"
 
 
 class SettingsError(ValueError):
@@ -58,14 +74,57 @@ class Settings(BaseModel):
     config_path: str = "config-aientities.json"
     chat_api_url: str | None = None
     chat_api_token: SecretStr | None = None
+    chat_domain: str | None = None           # the chat's `domain` on replies (aibot.delivery.sinks)
+    sink: str | None = None                  # chat | postgres | dry-run; default: chat with a chat URL
     lease_seconds: int = Field(600, ge=1)
-    aging_seconds: float = Field(30.0, ge=0)
+    aging_seconds: float = DEFAULT_AGING_SECONDS
+    # Processes of one host share the environment: a set name is suffixed with the pid (`worker_id`).
     worker_name: str = Field(default_factory=default_worker_name)
+    worker_pool: int = Field(16, ge=1)       # connections per worker process
+    worker_sync_commit: bool = False         # wait for the WAL flush at every worker commit
+    stream: bool = True                      # stream replies (a shutdown can stop a generation between tokens)
+    invocation_budget_seconds: float = Field(30.0, gt=0)
+    actor_time_limit_seconds: float = Field(1200.0, gt=0)
+    shutdown_timeout: float = Field(30.0, ge=0)
+    backend_connect_timeout: float | None = Field(None, gt=0)
+    backend_read_timeout: float | None = Field(None, gt=0)
+    backend_write_timeout: float | None = Field(None, gt=0)
+    backend_total_timeout: float | None = Field(None, gt=0)
+    backend_load_timeout: float | None = Field(None, gt=0)
+    orphan_load_grace_seconds: float = Field(300.0, ge=0)
+    retention_seconds: float = Field(7 * 24 * 3600.0, gt=0)
+    schedules: dict[str, str] = Field(default_factory=dict)   # job -> schedule text (AIBOT_SCHEDULE_<JOB>)
+    serve_token: SecretStr | None = None
+    log_level: str | None = None
+    demo_pgdata: str | None = None           # where `aibot demo` keeps its embedded PostgreSQL
 
-    @field_validator("database_url", "broker_url", "chat_api_url", "config_path", mode="before")
+    @field_validator("database_url", "broker_url", "chat_api_url", "config_path", "chat_domain", "sink",
+                     "log_level", "demo_pgdata", mode="before")
     @classmethod
     def _blank_is_unset(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("sink", "log_level")
+    @classmethod
+    def _normalised(cls, value: str | None) -> str | None:
+        return None if value is None else value.strip().lower()
+
+    @field_validator("aging_seconds", mode="before")
+    @classmethod
+    def _aging_rule(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise ValueError(f"expected a number of seconds, got {value!r}") from None
+        return validate_aging(value)   # the queue's one rule: > 0 (0 is refused, not "no aging")
+
+    @field_validator("schedules", mode="before")
+    @classmethod
+    def _schedule_names(cls, value: Any) -> Any:
+        if isinstance(value, Mapping):
+            return {str(k).lower(): v for k, v in value.items()}
+        return value
 
     @model_validator(mode="before")
     @classmethod
@@ -84,6 +143,19 @@ class Settings(BaseModel):
         """The chat API token in clear, for the one place that sends it."""
         return None if self.chat_api_token is None else self.chat_api_token.get_secret_value()
 
+    def worker_id(self, role: str = "worker") -> str:
+        """The name this process registers under: `<worker_name>:<pid>` when a name was set (several
+        processes of one host share the environment, so the pid keeps names unique), else
+        `<role>@<host>:<pid>`."""
+        if "worker_name" in self.model_fields_set:
+            return f"{self.worker_name}:{os.getpid()}"
+        return default_worker_name(role)
+
+    def backend_timeouts(self) -> dict[str, float]:
+        """The backend timeouts this deployment overrides, by `aibot.backends.Timeouts` field name."""
+        return {name: value for name in BACKEND_TIMEOUTS
+                if (value := getattr(self, f"backend_{name}_timeout")) is not None}
+
     @classmethod
     def from_sources(cls, environ: Mapping[str, str] | None = None,
                      settings_file: str | os.PathLike[str] | None = None) -> Settings:
@@ -96,8 +168,13 @@ class Settings(BaseModel):
             for key, value in _read_toml(Path(file_name)).items():
                 values[key], origin[key] = value, f"{file_name}: {key}"
         for name in cls.model_fields:
-            var = env_var(name)
-            if var in env:
+            var = variable(name)
+            if name == "schedules":
+                found = {k[len(SCHEDULE_PREFIX):].lower(): v for k, v in env.items() if k.startswith(SCHEDULE_PREFIX)}
+                if found:
+                    values[name] = {**values.get(name, {}), **found}
+                    origin[name] = f"{SCHEDULE_PREFIX}<JOB>"
+            elif var in env:
                 values[name], origin[name] = env[var], var
             elif name in FILE_CAPABLE and f"{var}_FILE" in env:
                 values[name], origin[name] = _read_secret_file(f"{var}_FILE", env[f"{var}_FILE"]), f"{var}_FILE"
@@ -137,9 +214,12 @@ def _read_toml(path: Path) -> dict[str, Any]:
 def _read_secret_file(what: str, file_name: str) -> str:
     """A secret from a file, without the trailing newline editors add; errors never show contents."""
     try:
-        return Path(file_name).read_text(encoding="utf-8").rstrip("\r\n")
+        value = Path(file_name).read_text(encoding="utf-8").rstrip("\r\n")
     except OSError as exc:
         raise SettingsError(f"{what}: cannot read {file_name!r}: {exc.strerror or exc}") from None
+    if not value.strip():
+        raise SettingsError(f"{what}: {file_name!r} is empty")
+    return value
 
 
 @functools.lru_cache(maxsize=1)
@@ -152,17 +232,24 @@ def reset_settings() -> None:
     get_settings.cache_clear()
 
 
-def server_token(server: _HasTokenEnv, environ: Mapping[str, str] | None = None) -> str | None:
-    """The API token for a server whose config names `tokenEnv` (from that variable, or from the file
-    named by `<tokenEnv>_FILE`); None when the server needs none or the variable is unset."""
-    name = getattr(server, "token_env", None)
-    if not name:
-        return None
+def token_from_env(name: str, environ: Mapping[str, str] | None = None) -> str | None:
+    """A server's API token from the variable its config names in `tokenEnv`, or from the file named
+    by `<tokenEnv>_FILE`; None when the variable is unset or empty. These are the operator's own
+    variables, not aibot's settings."""
     env = os.environ if environ is None else environ
     value = env.get(name)
     if value:
         return value
     file_name = env.get(f"{name}_FILE")
     if file_name:
-        return _read_secret_file(f"{name}_FILE", file_name) or None
+        try:
+            return Path(file_name).read_text(encoding="utf-8").rstrip("\r\n") or None
+        except OSError as exc:
+            raise SettingsError(f"{name}_FILE: cannot read {file_name!r}: {exc.strerror or exc}") from None
     return None
+
+
+def server_token(server: _HasTokenEnv, environ: Mapping[str, str] | None = None) -> str | None:
+    """The API token for a server whose config names `tokenEnv`; None when it needs none."""
+    name = getattr(server, "token_env", None)
+    return token_from_env(name, environ) if name else None

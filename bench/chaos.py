@@ -21,8 +21,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from aibot import migrate  # noqa: E402
-from tests import pg  # noqa: E402
+from aibot.db import migrate  # noqa: E402
+from tests.support import pg  # noqa: E402
 from tests.chaos.harness import ChaosConfig, ChaosRun, write_result  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "chaos.json"

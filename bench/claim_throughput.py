@@ -28,7 +28,9 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
-from aibot import db, jobs, migrate
+from aibot import db
+from aibot.queue import jobs
+from aibot.db import migrate
 
 RESULTS = Path(__file__).resolve().parent / "results" / "claim_throughput.json"
 

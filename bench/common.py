@@ -43,13 +43,14 @@ import psycopg  # noqa: E402
 from psycopg import sql  # noqa: E402
 from psycopg.conninfo import conninfo_to_dict  # noqa: E402
 
-from aibot import db, migrate  # noqa: E402
+from aibot import db  # noqa: E402
+from aibot.db import migrate
 from aibot.sim import SimCluster  # noqa: E402
 from aibot.sim.chat import FakeChatServer  # noqa: E402
 from aibot.sim.cluster import ClusterSpec  # noqa: E402
 from aibot.sim.http import Request  # noqa: E402
 from aibot.sim.server import SimServer  # noqa: E402
-from aibot.stack import Stack, entity, write_config  # noqa: E402
+from aibot.harness import Stack, entity, write_config  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -429,11 +430,11 @@ class Deployment:
     def sync_cluster(self) -> dict[tuple[str, str], int]:
         """What the scheduler's refresh tick does (servers from config, loaded models, slot rows), run
         once here so the benchmark need not wait up to a whole refresh period."""
-        from aibot import cluster
+        from aibot.cluster import refresh
 
         database = db.Database(self.url, max_size=2)
         try:
-            cluster.refresh_all(database, config_path=self.config_path)
+            refresh.refresh_all(database, config_path=self.config_path)
         finally:
             database.close()
         return self.slots()

@@ -24,8 +24,11 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
-from aibot import db, jobs, migrate
-from aibot.sqlfiles import parse_query_file
+from aibot import db
+from aibot.ops import inspection
+from aibot.queue import jobs
+from aibot.db import migrate
+from aibot.db.queries import parse_query_file
 
 Q = parse_query_file((Path(__file__).with_suffix(".sql")).read_text(), "bench/notify_overhead.sql")
 
@@ -37,7 +40,7 @@ class Listener:
         self.count = 0
         self._stop = threading.Event()
         self._conn = psycopg.connect(url, autocommit=True)
-        db.run(self._conn, "ops_listen")
+        inspection.listen(self._conn)
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 

@@ -49,7 +49,7 @@ import psycopg  # noqa: E402
 from psycopg.rows import dict_row  # noqa: E402
 
 from aibot import db  # noqa: E402
-from aibot.stack import Stack, entity, write_config  # noqa: E402
+from aibot.harness import Stack, entity, write_config  # noqa: E402
 
 NAME = "overhead"
 MODEL = "bench-model"
@@ -245,11 +245,11 @@ def run_aibot(admin_url: str, args, workdir: Path, *, label: str = "aibot", extr
             resp_url, resp_pid = start_responder(stack, [MODEL])
             slots = args.processes * args.threads
             aibot_config(rundir / "config.json", resp_url, slots, args.entities)
-            from aibot import cluster
+            from aibot.cluster import refresh
 
             database = db.Database(url, max_size=2)
             try:
-                cluster.refresh_all(database, config_path=stack.config_path)
+                refresh.refresh_all(database, config_path=stack.config_path)
             finally:
                 database.close()
             got = harness.q1(url, "bench_aibot_slot_total")["n"]
@@ -586,7 +586,7 @@ def profile_round_trips(admin_url: str, args, workdir: Path) -> dict:
     from psycopg_pool import ConnectionPool
 
     from aibot.settings import Settings
-    from aibot.worker import Runtime
+    from aibot.worker.runtime import Runtime
 
     paths = {"runtime": workdir / "libpq-trace-runtime.txt", "sink": workdir / "libpq-trace-sink.txt"}
     with common.scratch_database(admin_url, "ovh_profile") as url, \
@@ -596,10 +596,10 @@ def profile_round_trips(admin_url: str, args, workdir: Path) -> dict:
         try:
             resp_url, _ = start_responder(stack, [MODEL])
             aibot_config(workdir / "profile-config.json", resp_url, 4, 1)
-            from aibot import cluster
+            from aibot.cluster import state as cluster
 
             database = db.Database(url, max_size=2)
-            cluster.refresh_all(database, config_path=stack.config_path)
+            refresh.refresh_all(database, config_path=stack.config_path)
             database.close()
             config = _load_config(stack.config_path)
             from aibot.bot.ingest import ingest

@@ -35,12 +35,13 @@ import common  # bench/common.py; also puts the repository on sys.path
 
 import httpx  # noqa: E402
 
-from aibot import cluster, db  # noqa: E402
+from aibot.cluster import refresh
+from aibot import db
 from aibot.backends import Timeouts, make_backend  # noqa: E402
 from aibot.bot.ingest import ingest  # noqa: E402
 from aibot.config import load_config, resolve_model_id  # noqa: E402
-from aibot.prompt import build_request  # noqa: E402
-from aibot.stack import Stack, entity, write_config  # noqa: E402
+from aibot.generation.prompt import build_request  # noqa: E402
+from aibot.harness import Stack, entity, write_config  # noqa: E402
 from bench.baselines import harness  # noqa: E402
 
 NAME = "real_inference"
@@ -159,7 +160,7 @@ def run_aibot(admin_url: str, config_path: str, config, llm, msgs, args, workdir
         os.environ["AIBOT_DATABASE_URL"] = url     # the ingest's doorbell asks which broker kind is in use
         database = db.Database(url, max_size=2)
         try:
-            cluster.refresh_all(database, config_path=config_path)
+            refresh.refresh_all(database, config_path=config_path)
         finally:
             database.close()
         slots = harness.q1(url, "bench_aibot_slot_total")["n"]

@@ -54,7 +54,7 @@ def entities() -> list[dict]:
 
 def calibrate(d: common.Deployment, rounds: int = 2) -> float:
     """S: uncontended generations straight at each server, timed at the server (no aibot involved)."""
-    from aibot import prompt
+    from aibot.generation import prompt
     from aibot.backends.factory import make_backend
 
     cfg = d.config()
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--speed: must be > 0, got {args.speed}")
 
     from aibot.sim.cluster import seed_spec
-    from aibot.sizing import worker_command
+    from aibot.cluster.sizing import worker_command
 
     spec = seed_spec(speed=args.speed, preload="all")
     with common.scratch_database(args.database_url, "seed") as url, \

@@ -51,7 +51,7 @@ def spec(speed: float):
 
 def capacity() -> tuple[int, int]:
     """(slots with two models resident, most models that fit with at least one slot) by aibot's sizing."""
-    from aibot.sizing import Budget, Instance, server_slots
+    from aibot.cluster.sizing import Budget, Instance, server_slots
 
     budget = Budget(memory_bytes=MEMORY_GB * GB)
     fits, slots2 = 0, 0

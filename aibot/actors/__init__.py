@@ -1,21 +1,22 @@
 """Dramatiq entry point: `dramatiq aibot.actors` on any host starts workers.
 
-Importing this module builds the broker from the environment (AIBOT_DATABASE_URL, or AIBOT_BROKER_URL
-for Redis/RabbitMQ) and declares the actors. Nothing connects until a worker boots.
+Importing this package builds the broker from the settings (`aibot.queue.broker`: the database URL,
+or AIBOT_BROKER_URL for Redis/RabbitMQ), adds the worker lifecycle middleware and declares the claim
+actor. Nothing connects until a worker boots. Only Dramatiq imports this package: the work itself is
+`aibot.worker.runtime`, which tests and benchmarks drive without a broker, and the doorbells enqueue
+the actor by name (`aibot.queue.doorbell`).
 """
 
 from __future__ import annotations
 
-import dramatiq
-
 from aibot import log
-from aibot.actors.broker import make_broker
 from aibot.actors.lifecycle import Lifecycle
+from aibot.queue import broker as brokers
+from aibot.settings import get_settings
 
-log.adopt_handlers()
-broker = make_broker()
+log.adopt_handlers(get_settings().log_level)
+broker = brokers.process_broker()
 broker.add_middleware(Lifecycle())
-dramatiq.set_broker(broker)
 
 from aibot.actors.claim import claim  # noqa: E402  (actors bind to the broker set above)
 

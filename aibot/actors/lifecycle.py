@@ -3,7 +3,7 @@
 - boot: build the shared Runtime, register the process in `aibot.workers`, start the heartbeat that
   renews the leases of every claim in flight (one thread per process, not one per job);
 - SIGTERM (Dramatiq's `before_worker_shutdown`): stop claiming, let generations in flight finish until
-  `AIBOT_SHUTDOWN_TIMEOUT` seconds (default 30), then release what is left back to the queue with the
+  `Settings.shutdown_timeout` (AIBOT_SHUTDOWN_TIMEOUT, default 30 s), then release what is left back to the queue with the
   attempt refunded and close the HTTP clients so blocked reads return; nothing is left `running`.
   A second SIGTERM makes Dramatiq exit at once; leases then recover whatever was in flight.
 """
@@ -12,16 +12,16 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import threading
 import time
 
 import dramatiq
-from psycopg.types.json import Jsonb
 
-from aibot import db, log
+from aibot import log
+from aibot.worker import registry
+from aibot.worker.runtime import Runtime
 
-logger = logging.getLogger("aibot.actors")
+logger = logging.getLogger(__name__)
 
 _runtime = None
 _runtime_lock = threading.Lock()
@@ -32,8 +32,6 @@ def runtime():
     global _runtime
     with _runtime_lock:
         if _runtime is None:
-            from aibot.worker import Runtime
-
             _runtime = Runtime()
         return _runtime
 
@@ -54,10 +52,8 @@ class Lifecycle(dramatiq.Middleware):
         rt = runtime()
         log.bind(worker=rt.worker_id)
         with rt.database.transaction() as conn:
-            db.run(conn, "worker_register", {
-                "worker_id": rt.worker_id, "host": socket.gethostname(), "pid": os.getpid(), "role": "worker",
-                "info": Jsonb({"threads": getattr(worker, "worker_threads", None), "lease_seconds": rt.lease_seconds}),
-            })
+            registry.register(conn, rt.worker_id, role="worker",
+                              info={"threads": getattr(worker, "worker_threads", None), "lease_seconds": rt.lease_seconds})
         self._heartbeat = threading.Thread(target=self._beat, args=(rt,), name="aibot-heartbeat", daemon=True)
         self._heartbeat.start()
         logger.info("worker ready (lease %.0fs, invocation budget %.0fs)", rt.lease_seconds, rt.budget_seconds)
@@ -69,14 +65,14 @@ class Lifecycle(dramatiq.Middleware):
             try:
                 rt.renew_leases()
                 with rt.database.transaction() as conn:
-                    db.run(conn, "worker_heartbeat", {"worker_id": rt.worker_id})
+                    registry.heartbeat(conn, rt.worker_id)
             except Exception as exc:  # the database may be restarting; leases have slack for that
                 logger.warning("heartbeat failed: %s", exc)
 
     def before_worker_shutdown(self, broker, worker) -> None:
         rt = runtime()
         rt.stopping.set()
-        timeout = float(os.environ.get("AIBOT_SHUTDOWN_TIMEOUT", "30"))
+        timeout = rt.settings.shutdown_timeout
         logger.info("shutting down: %d generation(s) in flight get %.0fs to finish", len(rt.inflight), timeout)
         threading.Thread(target=self._drain, args=(rt, timeout), name="aibot-drain", daemon=True).start()
 
@@ -98,7 +94,7 @@ class Lifecycle(dramatiq.Middleware):
             rt.release_all("worker stopped")
         try:
             with rt.database.transaction() as conn:
-                db.run(conn, "worker_unregister", {"worker_id": rt.worker_id})
+                registry.unregister(conn, rt.worker_id)
         except Exception as exc:
             logger.warning("could not unregister: %s", exc)
         rt.close()

@@ -1,26 +1,20 @@
-"""Builds the backend for a server kind, so callers never import a concrete backend class."""
+"""Builds the backend for a server, so callers never import a concrete backend class.
+
+`backend_for_server` is the one builder for both a configured server (`ServerConfig`) and an
+`aibot.servers` row: the kind picks the class from `aibot.backends.registry`, the token comes from the
+variable the server names. This module owns construction; it keeps no list of kinds.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
 
+from aibot.backends import registry
 from aibot.backends.base import Backend
 from aibot.backends.http import Timeouts
-from aibot.backends.llamacpp import LlamaCppBackend, LlamaCppRouterBackend
-from aibot.backends.lmstudio import LMStudioBackend
-from aibot.backends.ollama import OllamaBackend
-from aibot.backends.openai_compat import OpenAICompatBackend
 
-__all__ = ["BACKENDS", "Timeouts", "make_backend", "backend_for_server"]
-
-BACKENDS: dict[str, type] = {
-    "lmstudio": LMStudioBackend,
-    "llamacpp": LlamaCppBackend,
-    "llamacpp-router": LlamaCppRouterBackend,
-    "ollama": OllamaBackend,
-    "openai": OpenAICompatBackend,
-}
+__all__ = ["Timeouts", "make_backend", "backend_for_server"]
 
 
 def make_backend(kind: str, base_url: str, *, token: str | None = None, timeouts: Timeouts | None = None,
@@ -29,10 +23,7 @@ def make_backend(kind: str, base_url: str, *, token: str | None = None, timeouts
 
     `transport` is for tests that want an in-process httpx transport; production leaves it None.
     """
-    try:
-        cls = BACKENDS[kind]
-    except KeyError:
-        raise ValueError(f"unknown server kind {kind!r}; expected one of {', '.join(BACKENDS)}") from None
+    cls = registry.get(kind)
     return cls(base_url, token=token, timeouts=timeouts or Timeouts(), default_parallel=default_parallel,
                verify=verify, transport=transport)
 
@@ -44,9 +35,7 @@ def backend_for_server(server: Any, *, timeouts: Timeouts | None = None,
     Its token comes from the variable named in `token_env`, or the file named by `<token_env>_FILE`;
     a named but unset variable is an error (a silently missing token shows up later as 401s).
     """
-    from types import SimpleNamespace
-
-    from aibot.settings import server_token
+    from aibot.settings import token_from_env
 
     def get(key: str) -> Any:
         return server.get(key) if isinstance(server, Mapping) else getattr(server, key, None)
@@ -54,7 +43,7 @@ def backend_for_server(server: Any, *, timeouts: Timeouts | None = None,
     token = None
     token_env = get("token_env")
     if token_env:
-        token = server_token(SimpleNamespace(token_env=token_env), environ)
+        token = token_from_env(token_env, environ)
         if not token:
             raise ValueError(f"server {get('name')!r}: token_env {token_env!r} is not set in the environment "
                              f"(set {token_env} or {token_env}_FILE)")

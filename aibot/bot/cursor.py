@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from aibot import db
 
+queries = db.Queries(__name__)
+
 
 def load(conn, source: str) -> str | None:
-    row = db.one(conn, "cursor_get", {"source": source})
+    row = queries.one(conn, "cursor_get", {"source": source})
     return row["position"] if row else None
 
 
 def save(conn, source: str, position: str) -> None:
-    db.run(conn, "cursor_set", {"source": source, "position": position})
+    queries.run(conn, "cursor_set", {"source": source, "position": position})

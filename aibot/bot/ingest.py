@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from aibot import doorbell
+from aibot.queue import doorbell
 from aibot.bot import cursor as cursors
 from aibot.bot import rules
 from aibot.bot.sources import Incoming
@@ -91,9 +91,11 @@ def ingest(conn, source_name: str, messages: Iterable[Incoming | Any], config: A
     Works on an autocommit connection (opens a transaction) or inside the caller's (a savepoint, so the
     caller's commit decides).
     """
-    from aibot.jobs import enqueue_many
+    from aibot.queue.jobs import enqueue_many
+    from aibot.queue.policy import DEFAULT_AGING_SECONDS
 
-    aging = float(getattr(settings, "aging_seconds", 30.0) or 30.0)
+    # The settings validated it (> 0, `aibot.queue.policy.validate_aging`); enqueue checks it again.
+    aging = getattr(settings, "aging_seconds", DEFAULT_AGING_SECONDS)
     outcomes, jobs, job_slots = _plan(source_name, messages, config, backend_kind or naming_kind(config))
 
     with conn.transaction():
@@ -136,7 +138,7 @@ def _plan(source_name: str, messages: Iterable[Incoming | Any], config: Any,
     """Every message's outcome, the job rows to insert, and for each job row the index of its outcome
     (which `ingest` turns into a duplicate when the insert finds the job already there). An ignored
     message creates no job, so its outcome has no priority."""
-    from aibot.jobs import NewJob
+    from aibot.queue.jobs import NewJob
 
     outcomes: list[Outcome | None] = []
     jobs: list[Any] = []

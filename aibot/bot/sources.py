@@ -18,7 +18,8 @@ import httpx
 from aibot import db
 from aibot.bot import rules
 
-log = logging.getLogger("aibot.bot.sources")
+log = logging.getLogger(__name__)
+queries = db.Queries(__name__)
 
 
 class SourceError(Exception):
@@ -199,7 +200,7 @@ class InboxSource:
 
     def poll(self, conn, position: str | None) -> Batch:
         after = int(position) if position else 0
-        rows = db.all_rows(conn, "inbox_after", {"after": after, "limit": self.limit})
+        rows = queries.all(conn, "inbox_after", {"after": after, "limit": self.limit})
         if not rows:
             return Batch()
         return Batch(
@@ -213,7 +214,7 @@ class InboxSource:
 def add_to_inbox(conn, message: Any) -> int:
     from psycopg.types.json import Jsonb
 
-    return db.one(conn, "inbox_add", {"message": Jsonb(message)})["id"]
+    return queries.one(conn, "inbox_add", {"message": Jsonb(message)})["id"]
 
 
 # --- JSON lines (aibot enqueue) --------------------------------------------------------------------

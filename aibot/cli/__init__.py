@@ -41,11 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from aibot import settings
     from aibot.cli import render
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    log.setup(args.log_level)
+    settings.reset_settings()   # one invocation, one reading of the environment (tests run many in-process)
+    log.setup(args.log_level or _settings_log_level())
     render.configure(plain=args.plain)
     command = " ".join(w for w in (args.command, *_subcommand(args)) if w)
     try:
@@ -62,6 +64,16 @@ def main(argv: list[str] | None = None) -> int:
             return _fail(command, known, EXIT_USAGE)
         return _fail(command, f"unexpected {type(exc).__name__}: {_first_line(exc)} (rerun with --debug for the "
                               "traceback)", EXIT_BUG)
+
+
+def _settings_log_level() -> str:
+    """AIBOT_LOG_LEVEL, or INFO; a malformed setting is reported by the command that needs it."""
+    from aibot.settings import SettingsError, get_settings
+
+    try:
+        return get_settings().log_level or "INFO"
+    except SettingsError:
+        return "INFO"
 
 
 def _subcommand(args) -> list[str]:
@@ -83,8 +95,9 @@ def explain(exc: Exception) -> str | None:
     from psycopg import errors
 
     from aibot import db
+    from aibot.settings import SettingsError
 
-    if isinstance(exc, db.NoDatabaseConfigured):
+    if isinstance(exc, (db.NoDatabaseConfigured, SettingsError)):
         return str(exc)
     if isinstance(exc, (errors.UndefinedTable, errors.InvalidSchemaName, errors.UndefinedFunction,
                         errors.UndefinedColumn, errors.UndefinedObject)):

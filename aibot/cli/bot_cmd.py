@@ -84,7 +84,7 @@ def make_source(args, settings):
 
 
 def _start_scheduler(settings):
-    from aibot.scheduler import start_in_background
+    from aibot.scheduler.runner import start_in_background
 
     return start_in_background(settings)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from aibot import inspection
+from aibot.ops import inspection
 from aibot.cli.status_cmd import open_db
 from aibot.cli.render import Column, print_, table
 

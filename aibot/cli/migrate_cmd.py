@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from aibot import db, migrate
+from aibot import db
+from aibot.db import migrate
 
 
 def register(sub) -> None:

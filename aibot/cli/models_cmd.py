@@ -3,9 +3,11 @@ loader (so an operator's load can never race the scheduler's or another operator
 
 from __future__ import annotations
 
-from aibot import cluster, db, model_loader
+from aibot.cluster import loader, refresh
+from aibot.ops import inspection
+from aibot import db
 from aibot.cli.render import Column, Ticker, fmt_bytes, print_, table
-from aibot.sizing import GB
+from aibot.cluster.sizing import GB
 
 
 def register(sub) -> None:
@@ -23,7 +25,7 @@ def register(sub) -> None:
     load.add_argument("model")
     load.add_argument("--size-gb", type=float, default=None,
                       help="model size for the memory check when it was never seen loaded (default: last seen, else 15)")
-    load.add_argument("--wait", type=float, default=model_loader.DEFAULT_WAIT_SECONDS,
+    load.add_argument("--wait", type=float, default=loader.DEFAULT_WAIT_SECONDS,
                       help="seconds to wait for another loader of the same model")
     load.add_argument("--min-residency", type=float, default=120.0,
                       help="idle models loaded more recently than this many seconds are not evicted")
@@ -44,15 +46,10 @@ def run_list(args) -> int:
         if args.refresh:
             database = db.Database(url, max_size=2)
             try:
-                cluster.refresh_all(database)
+                refresh.refresh_all(database)
             finally:
                 database.close()
-        names = {s["id"]: s["name"] for s in db.all_rows(conn, "cluster_servers")}
-        counts = {(c["server_id"], c["model"]): c for c in db.all_rows(conn, "cluster_slot_counts", {"server_id": None})}
-        rows = []
-        for r in db.all_rows(conn, "cluster_instances", {"server_id": None}):
-            c = counts.get((r["server_id"], r["model"]), {})
-            rows.append({**r, "server": names.get(r["server_id"]), "slots": c.get("free", 0) + c.get("held", 0)})
+        rows = inspection.resident_models(conn)
     print_(table(rows, ["server", "model", "state", Column("size_bytes", "size", fmt_bytes), "parallel",
                         Column("context_length", "context"), "slots", Column("held", "in flight"),
                         Column("loaded_at", "loaded"), Column("last_used_at", "last used")],
@@ -102,11 +99,11 @@ def run_load(args) -> int:
     url = db.database_url(args.database_url)
     progress = _Progress()
     try:
-        res = model_loader.ensure_loaded(
+        res = loader.ensure_loaded(
             url, args.model, server=None if args.server == "any" else args.server, worker_id="cli",
             size_bytes=int(args.size_gb * GB) if args.size_gb else None, wait_s=args.wait,
             min_residency_s=args.min_residency, progress=progress)
-    except model_loader.LoadError as exc:
+    except loader.LoadError as exc:
         raise CliError(str(exc)) from None
     finally:
         progress.close()
@@ -120,9 +117,9 @@ def run_unload(args) -> int:
 
     url = db.database_url(args.database_url)
     try:
-        done = model_loader.unload(url, args.server, args.model, worker_id="cli", force=args.force,
+        done = loader.unload(url, args.server, args.model, worker_id="cli", force=args.force,
                                    progress=_Progress())
-    except model_loader.LoadError as exc:
+    except loader.LoadError as exc:
         raise CliError(str(exc)) from None
     if not done:
         print(f"{args.model} is not loaded on {args.server}")

@@ -3,9 +3,13 @@ host the Dramatiq command that can drive them all."""
 
 from __future__ import annotations
 
-from aibot import cluster, db, sizing
 from rich.console import Group
 from rich.text import Text
+
+from aibot import db
+from aibot.cluster import plan as plans
+from aibot.cluster import refresh, sizing
+from aibot.scheduler import jobs
 
 from aibot.cli.render import Column, fmt_bytes, print_, table
 
@@ -32,17 +36,17 @@ def run(args) -> int:
         if not args.no_refresh:
             database = db.Database(url, max_size=2)
             try:
-                summary = cluster.refresh_all(database, config_path=args.config)
+                summary = jobs.describe_refresh(refresh.refresh_all(database, config_path=args.config))
             finally:
                 database.close()
             if summary:
                 print(f"refreshed: {summary}\n")
-        p = cluster.plan(conn, processes=args.processes)
+        p = plans.plan(conn, processes=args.processes)
     print_(format_plan(p))
     return 0
 
 
-def format_plan(p: cluster.Plan) -> Group:
+def format_plan(p: plans.Plan) -> Group:
     out = []
     rows = [{
         "server": s.name, "kind": s.kind, "state": _state(s), "ram": s.memory_bytes, "source": s.memory_source,
@@ -77,13 +81,13 @@ def format_plan(p: cluster.Plan) -> Group:
     return Group(*out)
 
 
-def _state(s: cluster.ServerPlan) -> str:
+def _state(s: plans.ServerPlan) -> str:
     if not s.enabled:
         return "disabled"
     return s.health if s.usable or s.health == "down" else f"{s.health}, backed off/draining"
 
 
-def _arithmetic(s: cluster.ServerPlan) -> str:
+def _arithmetic(s: plans.ServerPlan) -> str:
     z = s.sizing
     if s.memory_bytes is None:
         return "RAM unknown, no memory bound (set capabilities.maxMemory)"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import threading
 
@@ -17,35 +16,39 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def schedule_table(environ):
+def schedule_table(settings):
     """Every scheduled job with the schedule this process would use (AIBOT_SCHEDULE_<JOB>, else the default)."""
-    from aibot import scheduler
+    from aibot.scheduler import jobs
+    from aibot.scheduler.runner import schedule_text
 
-    rows = [{"job": s.name, "schedule": environ.get(f"AIBOT_SCHEDULE_{s.name.upper()}", s.default),
-             "source": f"AIBOT_SCHEDULE_{s.name.upper()}" if f"AIBOT_SCHEDULE_{s.name.upper()}" in environ else "default",
-             "what": s.help} for s in scheduler.SCHEDULES]
+    rows = []
+    for s in jobs.schedules():
+        text, source = schedule_text(s, settings)
+        rows.append({"job": s.name, "schedule": text, "source": source, "what": s.help})
     return table(rows, ["job", "schedule", "source", Column("what", "what it does", max_width=90)])
 
 
 def run(args) -> int:
-    from aibot import scheduler, tasks
     from aibot.cli import CliError
+    from aibot.scheduler import jobs, runner
+    from aibot.settings import get_settings
 
     if args.list:
-        print_(schedule_table(os.environ))
+        print_(schedule_table(get_settings()))
         return 0
     database = db.Database()
     if args.run_once:
-        task = tasks.BY_NAME.get(args.run_once)
-        if task is None:
-            raise CliError(f"unknown job {args.run_once!r}; choose from {', '.join(tasks.BY_NAME)}")
-        print(task(database) or "nothing to do")
+        try:
+            sched = jobs.get(args.run_once)
+        except KeyError as exc:
+            raise CliError(exc.args[0]) from None
+        print(sched.body(database) or "nothing to do")
         database.close()
         return 0
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    sched = scheduler.Scheduler(database)
+    sched = runner.Scheduler(database)
     log.bind(worker=sched.name)
     sched.start()
     stop.wait()

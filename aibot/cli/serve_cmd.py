@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 from aibot import db
@@ -23,21 +22,24 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def read_token(token_file: Path | None, environ=os.environ) -> str | None:
-    """The serve token: --token-file, else AIBOT_SERVE_TOKEN, else the file named by AIBOT_SERVE_TOKEN_FILE."""
+def read_token(token_file: Path | None, environ=None) -> str | None:
+    """The serve token: --token-file, else the settings' `serve_token` (AIBOT_SERVE_TOKEN, or the file
+    named by AIBOT_SERVE_TOKEN_FILE)."""
     from aibot.cli import CliError
+    from aibot.settings import Settings, SettingsError
 
-    path = token_file or (Path(environ["AIBOT_SERVE_TOKEN_FILE"]) if environ.get("AIBOT_SERVE_TOKEN_FILE") else None)
-    if token_file is None and environ.get("AIBOT_SERVE_TOKEN"):
-        return environ["AIBOT_SERVE_TOKEN"].strip() or None
-    if path is None:
-        return None
+    if token_file is None:
+        try:
+            secret = Settings.from_sources(environ).serve_token
+        except SettingsError as exc:
+            raise CliError(str(exc)) from None
+        return None if secret is None else secret.get_secret_value().strip() or None
     try:
-        token = path.read_text().strip()
+        token = token_file.read_text().strip()
     except OSError as exc:
-        raise CliError(f"token file {str(path)!r} cannot be read: {exc.strerror}") from None
+        raise CliError(f"token file {str(token_file)!r} cannot be read: {exc.strerror}") from None
     if not token:
-        raise CliError(f"token file {str(path)!r} is empty")
+        raise CliError(f"token file {str(token_file)!r} is empty")
     return token
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from aibot import inspection
+from aibot.ops import inspection
 from aibot.cli.status_cmd import open_db
 from aibot.cli.render import Column, fmt_bytes, fmt_seconds, print_, table
 

@@ -8,7 +8,8 @@ import datetime as dt
 from rich.console import Group
 from rich.text import Text
 
-from aibot import db, inspection
+from aibot import db
+from aibot.ops import inspection
 from aibot.cli.render import Column, fmt_bytes, fmt_seconds, live_loop, print_, table
 
 

@@ -11,7 +11,6 @@ from aibot.config.issues import ConfigError, Issue
 from aibot.config.loader import LoadResult, check_config, load_config
 from aibot.config.modelid import UnresolvableModel, resolve_model_id
 from aibot.config.models import (
-    BACKEND_KINDS,
     GB,
     BotConfig,
     BotSettings,
@@ -26,7 +25,7 @@ from aibot.config.models import (
 from aibot.config.store import ConfigStore
 
 __all__ = [
-    "BACKEND_KINDS", "GB", "BotConfig", "BotSettings", "ClusterSettings", "ConfigError", "ConfigStore",
+    "GB", "BotConfig", "BotSettings", "ClusterSettings", "ConfigError", "ConfigStore",
     "Entity", "GlobalSettings", "Issue", "LoadResult", "Quantization", "QueueSettings", "RateLimits",
     "ServerConfig", "UnresolvableModel", "check_config", "load_config", "parse_color", "resolve_model_id",
     "unescape",

@@ -18,14 +18,6 @@ from aibot.config.issues import ConfigError, Issue
 if TYPE_CHECKING:
     from aibot.config.models import Entity
 
-# `openai` servers are generic; LM Studio is the common OpenAI-compatible server, so use its form.
-TEMPLATES: dict[str, str] = {
-    "lmstudio": "{base}@{quant}",
-    "openai": "{base}@{quant}",
-    "ollama": "{base}-{quant}",
-    "llamacpp": "{base}-{quant}",
-    "llamacpp-router": "{base}-{quant}",
-}
 SEPARATORS = ("@", "-")
 
 
@@ -34,10 +26,10 @@ class UnresolvableModel(ConfigError):
 
 
 def _template(kind: str) -> str:
-    try:
-        return TEMPLATES[kind]
-    except KeyError:
-        raise ValueError(f"unknown backend kind {kind!r}; expected one of {', '.join(TEMPLATES)}") from None
+    """The kind's `model_id_template`, declared by its backend class (`aibot.backends.registry`)."""
+    from aibot.backends import registry
+
+    return registry.model_id_template(kind)
 
 
 def _split(path: str, quant: str, base_model: str | None) -> str | None:

@@ -37,9 +37,6 @@ from aibot.config.issues import Issue
 GB = 1_000_000_000  # capabilities.maxMemory and the *GB settings are decimal gigabytes
 DEFAULT_USER_PROMPT = "Generate a response based on the conversation context."
 DEFAULT_CONTEXT_TOKEN_BUDGET = 8192 - 500  # the original DO-era bot's budget (doc 228)
-BACKEND_KINDS = ("lmstudio", "llamacpp", "llamacpp-router", "ollama", "openai")
-BackendKind = Literal["lmstudio", "llamacpp", "llamacpp-router", "ollama", "openai"]
-DEFAULT_PORTS = {"lmstudio": 1234, "ollama": 11434, "llamacpp": 8080, "llamacpp-router": 8080}
 
 
 def _aliases(*names: str) -> AliasChoices:
@@ -192,7 +189,7 @@ class ServerConfig(ConfigModel):
     ip: str | None = None
     port: int | None = Field(None, ge=1, le=65535)
     url: str | None = None  # filled in: http://ip:port
-    kind: BackendKind = "lmstudio"
+    kind: str = "lmstudio"  # one of aibot.backends.registry.kinds()
     enabled: bool = True
     capabilities: Capabilities = Field(default_factory=Capabilities)
     system_reserve_gb: float = Field(8.0, ge=0, validation_alias=_aliases(
@@ -206,6 +203,16 @@ class ServerConfig(ConfigModel):
     # Models the server keeps loaded before it evicts the least recently used one by itself, when the
     # server does not report it (llama.cpp router `--models-max`, Ollama OLLAMA_MAX_LOADED_MODELS).
     max_loaded_models: int | None = Field(None, ge=1)
+
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, value: str) -> str:
+        from aibot.backends import registry
+
+        if value not in registry.kinds():
+            raise ValueError(f"unknown server kind {value!r}; expected one of "
+                             f"{', '.join(repr(k) for k in registry.kinds())}")
+        return value
 
     @field_validator("url")
     @classmethod
@@ -222,7 +229,9 @@ class ServerConfig(ConfigModel):
         if self.url is None:
             if not self.ip:
                 raise ValueError("a server needs `ip` (with `port`) or `url`")
-            port = self.port if self.port is not None else DEFAULT_PORTS.get(self.kind)
+            from aibot.backends import registry
+
+            port = self.port if self.port is not None else registry.default_port(self.kind)
             if port is None:
                 raise ValueError(f"a server of kind {self.kind!r} needs an explicit `port` or `url`")
             self.port = port

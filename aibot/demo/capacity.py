@@ -13,7 +13,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from aibot import sizing
+from aibot.cluster import sizing
 
 
 @dataclass(frozen=True)

@@ -39,11 +39,14 @@ def default_pgdata(environ: Mapping[str, str], euid: int, home: str | os.PathLik
                    writable=os.access) -> Path:
     """Where the demo keeps its data directory (reused across runs, so initdb runs once).
 
-    `AIBOT_DEMO_PGDATA` wins. Otherwise a normal user gets `$XDG_DATA_HOME/aibot/pgdata` (default
-    `~/.local/share/aibot/pgdata`); root gets /var/lib/aibot/pgdata when /var/lib is writable, else
-    /tmp/aibot-pgdata, because pgserver opens read access on every parent of the data directory.
+    The settings' `demo_pgdata` (AIBOT_DEMO_PGDATA) wins. Otherwise a normal user gets
+    `$XDG_DATA_HOME/aibot/pgdata` (default `~/.local/share/aibot/pgdata`); root gets
+    /var/lib/aibot/pgdata when /var/lib is writable, else /tmp/aibot-pgdata, because pgserver opens read
+    access on every parent of the data directory.
     """
-    explicit = environ.get("AIBOT_DEMO_PGDATA", "").strip()
+    from aibot.settings import Settings
+
+    explicit = Settings.from_sources(environ).demo_pgdata
     if explicit:
         return Path(explicit).expanduser()
     if euid == 0:

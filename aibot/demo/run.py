@@ -27,7 +27,10 @@ import psutil
 import psycopg
 from psycopg import sql
 
-from aibot import db, inspection, migrate, sizing, sqlfiles
+from aibot import db
+from aibot.ops import inspection
+from aibot.cluster import sizing
+from aibot.db import migrate
 from aibot.demo import baseline, capacity, report
 from aibot.demo.embedded import DEMO_DATABASE, EmbeddedError, EmbeddedPostgres, default_pgdata
 from aibot.cli.render import is_plain
@@ -37,7 +40,10 @@ from aibot.demo.users import (DEMO_ENTITIES, Poster, WorkloadError, demo_entity_
 from aibot.sim import SimCluster
 from aibot.sim.chat import FakeChatServer
 from aibot.sim.cluster import seed_spec
-from aibot.stack import FAST_SCHEDULES, Stack, write_config
+from aibot.harness import FAST_SCHEDULES, Stack, write_config
+from aibot.settings import Settings
+
+queries = db.Queries(__name__)
 
 
 class DemoError(RuntimeError):
@@ -122,14 +128,14 @@ class DemoDatabase:
 
 
 def _sql_with_database(name: str, database: str) -> sql.Composed:
-    return sql.SQL(sqlfiles.query(name)).format(database=sql.Identifier(database))
+    return sql.SQL(queries.sql(name)).format(database=sql.Identifier(database))
 
 
 @contextlib.contextmanager
 def open_database(opts: DemoOptions, environ: Mapping[str, str], say: Callable[[str], None]) -> Iterator[DemoDatabase]:
     """The user's database if one is named (it must hold no aibot jobs or servers), else an embedded
     PostgreSQL in the user's data directory. Never falls back to a server that merely happens to run."""
-    url = opts.database_url or environ.get("AIBOT_DATABASE_URL", "").strip()
+    url = opts.database_url or Settings.from_sources(environ).database_url
     if url:
         origin = "--database-url" if opts.database_url else "AIBOT_DATABASE_URL"
         say(f"Database: {db.redact_url(url)} (from {origin})")
@@ -138,10 +144,10 @@ def open_database(opts: DemoOptions, environ: Mapping[str, str], say: Callable[[
         except Exception as exc:  # noqa: BLE001 - any connection failure is the user's to fix
             raise DemoError(f"cannot connect to {origin} {db.redact_url(url)}: {exc}") from None
         with conn:
-            if not db.one(conn, "demo_lock")["locked"]:
+            if not queries.one(conn, "demo_lock")["locked"]:
                 raise DemoError(f"another aibot demo is using {db.redact_url(url)}")
-            if db.one(conn, "demo_schema_present")["present"]:
-                rows = db.one(conn, "demo_existing_rows")
+            if queries.one(conn, "demo_schema_present")["present"]:
+                rows = queries.one(conn, "demo_existing_rows")
                 if rows["jobs"] or rows["servers"]:
                     raise DemoError(
                         f"{db.redact_url(url)} already holds {rows['jobs']} job(s) and {rows['servers']} server(s); "
@@ -166,7 +172,7 @@ def open_database(opts: DemoOptions, environ: Mapping[str, str], say: Callable[[
             raise DemoError(str(exc)) from None
         info["postmaster_pid"] = emb.pid
         with db.connect(admin_url, autocommit=True) as admin:
-            if not db.one(admin, "demo_lock")["locked"]:
+            if not queries.one(admin, "demo_lock")["locked"]:
                 raise DemoError(f"another aibot demo is running on the embedded PostgreSQL in {pgdata}")
             admin.execute(_sql_with_database("demo_drop_database", DEMO_DATABASE))
             admin.execute(_sql_with_database("demo_create_database", DEMO_DATABASE))
@@ -232,7 +238,7 @@ class Recording:
 
 def _snapshot(conn, sims: SimCluster, chat: FakeChatServer, *, started: float, elapsed: float, phase: str,
               posted: int, planned: int) -> tuple[Snapshot, int]:
-    rows = db.all_rows(conn, "demo_job_states")
+    rows = queries.all(conn, "demo_job_states")
     states = {r["state"]: r["jobs"] for r in rows}
     runnable = sum(r["runnable"] for r in rows)
     usage: dict[str, list[int]] = {}
@@ -257,7 +263,7 @@ def _snapshot(conn, sims: SimCluster, chat: FakeChatServer, *, started: float, e
 
 
 def _drained(conn, posted_ids: list[str]) -> bool:
-    row = db.one(conn, "demo_message_states", {"ids": posted_ids})
+    row = queries.one(conn, "demo_message_states", {"ids": posted_ids})
     return row["messages"] == len(posted_ids) and row["finished"] == row["jobs"]
 
 
@@ -476,7 +482,7 @@ def _collect(rec: Recording, database: DemoDatabase, chat: FakeChatServer, sims:
     while True:
         try:
             with db.connect(database.url, autocommit=True) as conn:
-                rec.jobs = db.all_rows(conn, "demo_jobs")
+                rec.jobs = queries.all(conn, "demo_jobs")
             return
         except psycopg.OperationalError as exc:
             if time.monotonic() > deadline:

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from aibot.stack import entity
+from aibot.harness import entity
 
 # (id, model, default priority, popularity weight). Uneven popularity makes the model mix realistic:
 # some models are hot, one is rarely asked for, so placement and loads have something to decide.

@@ -21,7 +21,8 @@ from typing import Any
 
 import psycopg
 
-from aibot import db, inspection
+from aibot import db
+from aibot.ops import inspection
 
 log = logging.getLogger("aibot.web.events")
 
@@ -185,7 +186,7 @@ class EventHub:
         while not self._stop.is_set():
             try:
                 with psycopg.connect(self._url, autocommit=True, application_name="aibot-serve-events") as conn:
-                    db.run(conn, "ops_listen")
+                    inspection.listen(conn)
                     self.listening.set()
                     backoff = 0.5
                     if missed and self.subscriber_count:

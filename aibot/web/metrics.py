@@ -20,7 +20,8 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_late
 from prometheus_client.registry import Collector, CollectorRegistry
 from starlette.responses import Response
 
-from aibot import db, inspection
+from aibot import db
+from aibot.ops import inspection
 
 WINDOW_MINUTES = 60
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4   # what Prometheus negotiates by default; the format generate_latest writes
@@ -122,13 +123,13 @@ def durations(conn) -> Iterator[Metric]:
                  f"Claim-to-finish time of jobs finished in the last {WINDOW_MINUTES} minutes.", "summary")
     latency = Metric("aibot_job_latency_seconds",
                      f"Message-to-reply time of jobs finished in the last {WINDOW_MINUTES} minutes.", "summary")
-    for r in db.all_rows(conn, "ops_job_durations", {"minutes": WINDOW_MINUTES}):
+    for r in inspection.job_durations(conn, WINDOW_MINUTES):
         q = _quantile(r["quantile"])
         if r["run_seconds"] is not None:
             run.add_sample(run.name, {"quantile": q}, float(r["run_seconds"]))
         if r["latency_seconds"] is not None:
             latency.add_sample(latency.name, {"quantile": q}, float(r["latency_seconds"]))
-    totals = db.one(conn, "ops_job_durations_totals", {"minutes": WINDOW_MINUTES})
+    totals = inspection.job_duration_totals(conn, WINDOW_MINUTES)
     for m, total in ((run, totals["run_sum"]), (latency, totals["latency_sum"])):
         if total is not None:
             m.add_sample(m.name + "_sum", {}, float(total))
@@ -147,7 +148,7 @@ def _quantile(value) -> str:
 def model_loads(conn) -> Iterator[Metric]:
     loads = CounterMetricFamily("aibot_model_loads", "Model loads and unloads recorded in model_loads.",
                                 labels=["server", "model", "action", "outcome"])
-    for r in db.all_rows(conn, "ops_model_loads"):
+    for r in inspection.model_loads(conn):
         loads.add_metric([r["server"], r["model"], r["action"], r["outcome"]], r["n"])
     yield loads
 

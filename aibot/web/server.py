@@ -48,7 +48,8 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from aibot import db, inspection
+from aibot import db
+from aibot.ops import inspection
 from aibot.web import events, metrics
 
 log = logging.getLogger("aibot.web")

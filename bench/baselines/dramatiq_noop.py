@@ -2,7 +2,7 @@
 
 `dramatiq bench.baselines.dramatiq_noop --processes P --threads T` (with BENCH_DATABASE_URL set) runs the
 workers; `enqueue(conn, n)` bulk-inserts n messages in the caller's transaction with the same named
-queries aibot's doorbell uses, so enqueueing is not what is measured. Every message is a full broker
+functions aibot's doorbell uses, so enqueueing is not what is measured. Every message is a full broker
 round trip (claim, run, ack) — exactly the per-job path aibot avoids by claiming jobs in a loop.
 """
 
@@ -20,7 +20,7 @@ ACTOR = "noop"
 if os.environ.get("BENCH_DATABASE_URL"):  # only the worker processes build a broker
     from dramatiq_postgres import PostgresBroker
 
-    # The same options as aibot.actors.broker.make_broker, so the comparison is like for like.
+    # The same options as aibot.queue.broker.make_broker, so the comparison is like for like.
     broker = PostgresBroker(url=os.environ["BENCH_DATABASE_URL"], results=False, poll_interval=1.0)
     dramatiq.set_broker(broker)
 
@@ -31,10 +31,10 @@ if os.environ.get("BENCH_DATABASE_URL"):  # only the worker processes build a br
 
 def enqueue(conn, n: int) -> None:
     """n messages for the no-op actor plus the wake-up NOTIFY, in the caller's transaction."""
-    from aibot import db
+    from aibot.queue import doorbell
 
     messages = [json.loads(Message(queue_name=QUEUE, actor_name=ACTOR, args=(), kwargs={}, options={}).encode())
                 for _ in range(n)]
     for start in range(0, n, 5000):
-        db.run(conn, "doorbell_insert", {"queue": QUEUE, "messages": json.dumps(messages[start:start + 5000])})
-    db.run(conn, "doorbell_notify", {"queue": QUEUE})
+        doorbell.insert_messages(conn, QUEUE, messages[start:start + 5000])
+    doorbell.notify(conn, QUEUE)

@@ -15,7 +15,7 @@ from pathlib import Path
 import psycopg
 from psycopg.rows import dict_row
 
-from aibot.sqlfiles import parse_query_file
+from aibot.db.queries import parse_query_file
 
 QUERIES = parse_query_file((Path(__file__).with_name("bench.sql")).read_text(), "bench/baselines/bench.sql")
 

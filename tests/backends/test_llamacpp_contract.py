@@ -25,7 +25,7 @@ from aibot.backends import make_backend
 from aibot.backends.base import ContextOverflow, LoadFailed, ModelUnavailable
 from aibot.backends.llamacpp import ModelLoading
 from aibot.sim import GB, ModelSpec, SimConfig, SimServer
-from tests.waiting import wait_for
+from tests.support.waiting import wait_for
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 FAST = Timeouts(connect=1, read=3, total=5, control=3, load=10, probe_connect=0.5, probe_total=1)

@@ -15,7 +15,7 @@ from aibot.backends.base import (Catalogue, InsufficientResources, LoadFailed, M
                                  Offered, RequestFault, find)
 from aibot.backends import ollama_names
 from aibot.backends.ollama import OllamaBackend
-from tests.test_backends_http import Scripted, send
+from tests.backends.test_http import Scripted, send
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "ollama"
 FAST = Timeouts(connect=1, read=2, total=3, control=3, load=3, probe_connect=0.5, probe_total=1)

@@ -13,13 +13,15 @@ import threading
 
 import pytest
 
-from aibot import db, model_loader
+from aibot import db
+from aibot.cluster import loader
+from aibot.cluster import state as cluster_state
 from aibot.sim import SimServer
 from aibot.sim.catalog import ModelSpec
 from aibot.sim.config import SimConfig
-from aibot.sizing import GB
-from tests.cluster_rows import register_sims
-from tests.waiting import wait_for
+from aibot.cluster.sizing import GB
+from tests.support.cluster_rows import register_sims
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -41,7 +43,7 @@ def test_losing_the_lock_connection_mid_load_does_not_load_twice(conn, db_url):
 
         def first() -> None:
             try:
-                model_loader.ensure_loaded(db_url, "m", worker_id="first")
+                loader.ensure_loaded(db_url, "m", worker_id="first")
             except Exception as exc:  # noqa: BLE001 - its connection is killed on purpose
                 errors.append(exc)
 
@@ -49,7 +51,7 @@ def test_losing_the_lock_connection_mid_load_does_not_load_twice(conn, db_url):
         t.start()
         wait_for(lambda: sim.model_stats("m")["loading_instances"] == 1, timeout=10, message="first load started")
         assert _terminate_lock_holders(conn) >= 1
-        model_loader.ensure_loaded(db_url, "m", worker_id="second")
+        loader.ensure_loaded(db_url, "m", worker_id="second")
         t.join(20)
         wait_for(lambda: sim.model_stats("m")["loading_instances"] == 0, timeout=10)
         assert sim.model_stats("m")["loaded_instances"] == 1, "the model was loaded twice"
@@ -67,10 +69,10 @@ def test_a_finished_orphan_load_is_adopted_not_repeated(conn, db_url):
         conn.execute("INSERT INTO model_instances (server_id, model, state, size_bytes, parallel) "
                      "SELECT id, 'm', 'loading', %s, 1 FROM servers WHERE name = 'mac'", (15 * GB,))
         sim.load("m", instant=True)
-        res = model_loader.ensure_loaded(db_url, "m", worker_id="next")
+        res = loader.ensure_loaded(db_url, "m", worker_id="next")
         assert sim.model_stats("m")["loaded_instances"] == 1, "the finished orphan load was repeated"
         assert res.server == "mac"
-        state = db.one(conn, "cluster_model_residency", {"model": "m"})
+        [state] = cluster_state.residency(conn, "m")
         assert state["state"] == "loaded", state
     finally:
         sim.stop()

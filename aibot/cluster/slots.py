@@ -1,0 +1,90 @@
+"""Rebalancing: the `slots` rows of every (server, model) kept equal to the sizing result.
+
+A claim can only take a slot row that exists, so the row count *is* the concurrency limit, for any
+number of workers on any number of hosts. The decisions are `aibot.cluster.sizing` and
+`aibot.cluster.placement` (pure); this module only applies them under the server's locks. It owns
+the slot rows' count; the claim (`aibot.queue`) owns who holds one.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+
+from aibot import db
+from aibot.cluster import state
+from aibot.cluster.placement import SlotChange, server_slot_changes, server_targets
+from aibot.cluster.sizing import Budget, server_slots
+
+logger = logging.getLogger(__name__)
+queries = db.Queries(__name__)
+
+
+@dataclass(frozen=True)
+class SlotDelta:
+    server_id: int
+    server: str
+    model: str
+    before: int          # active rows (free + held, not retired) before
+    after: int           # active rows after (the target, unless held rows still use the room)
+    change: SlotChange
+
+
+def _rebalance_server(conn: psycopg.Connection, server: Mapping[str, Any], demand: Mapping[str, int]) -> list[SlotDelta]:
+    deltas = []
+    with conn.transaction():
+        queries.run(conn, "cluster_rebalance_lock", {"server_id": server["id"]})
+        state.lock_server_slots(conn, server["id"])
+        instances = state.as_instances(state.instances(conn, server["id"]))
+        budget = Budget.from_row(server)
+        if server["enabled"]:
+            total = server_slots(budget, instances).slots
+            targets = server_targets(budget, instances, demand)
+        else:
+            total, targets = 0, {}
+        counts = {c["model"]: c for c in state.slot_counts(conn, server["id"])}
+        if any(c["retired_free"] for c in counts.values()):
+            queries.run(conn, "cluster_delete_stale_retired", {"server_id": server["id"]})
+        changes = server_slot_changes(total, targets, {m: (c["free"], c["held"], c["retired_held"])
+                                                        for m, c in counts.items()})
+        for model, change in sorted(changes.items()):
+            if change.empty:
+                continue
+            c = counts.get(model, {"free": 0, "held": 0})
+            params = {"server_id": server["id"], "model": model}
+            if change.add:
+                queries.run(conn, "cluster_add_slots", {**params, "n": change.add})
+            if change.unretire:
+                queries.run(conn, "cluster_unretire_slots", {**params, "n": change.unretire})
+            if change.delete_free:
+                queries.run(conn, "cluster_delete_free_slots", {**params, "n": change.delete_free})
+            if change.retire:
+                queries.run(conn, "cluster_retire_slots", {**params, "n": change.retire})
+            after = c["free"] + c["held"] + change.add + change.unretire - change.delete_free - change.retire
+            deltas.append(SlotDelta(server["id"], server["name"], model, c["free"] + c["held"], after, change))
+    return deltas
+
+
+def rebalance(conn: psycopg.Connection, demand: Mapping[str, int] | None = None, *,
+              server_id: int | None = None) -> list[SlotDelta]:
+    """Makes every (server, model)'s slot rows equal to the sizing result; returns what changed.
+
+    Each server is done in its own transaction holding its slot rows locked, so counts are exact while
+    concurrent claims (SKIP LOCKED) simply pass it by for those milliseconds. Free rows are added or
+    deleted; held rows beyond the new capacity are retired and vanish when their job releases them.
+    `demand` (queued jobs per model) steers the split when memory allows fewer slots than Σ parallel;
+    None reads it from the queue.
+    """
+    if demand is None:
+        demand = state.queued_demand(conn)
+    deltas = []
+    for server in state.servers(conn):
+        if server_id is None or server["id"] == server_id:
+            deltas.extend(_rebalance_server(conn, server, demand))
+    for d in deltas:
+        logger.info("slots %s/%s: %d -> %d", d.server, d.model, d.before, d.after)
+    return deltas

@@ -1,0 +1,188 @@
+"""Connections to the aibot database, and the one executor of named queries.
+
+Every connection sets `search_path` to the `aibot` schema first, so named queries can say `jobs`
+instead of `aibot.jobs` and operators can run them as-is in psql after `SET search_path = aibot`.
+
+Named queries are run only through `Queries`, bound to the package of the module that creates it
+(`queries = db.Queries(__name__)`): it knows that package's files under `sql/queries/<package>/` and
+no others, so a module cannot run another package's query; it asks that package's functions instead.
+This package owns connections, pools and the query files; it knows nothing of jobs or servers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import threading
+import time
+import weakref
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg_pool import ConnectionPool
+
+from aibot.db import queries as _files
+
+SCHEMA = "aibot"
+APP_NAME = "aibot"
+
+
+class NoDatabaseConfigured(RuntimeError):
+    """Neither an explicit URL nor AIBOT_DATABASE_URL: the message says how to give one."""
+
+
+def database_url(explicit: str | None = None) -> str:
+    """`explicit`, else the process settings' `database_url` (AIBOT_DATABASE_URL)."""
+    from aibot.settings import get_settings
+
+    url = explicit or get_settings().database_url
+    if not url:
+        raise NoDatabaseConfigured(
+            "no database configured: set AIBOT_DATABASE_URL (e.g. postgresql://user@127.0.0.1:5432/aibot) "
+            "or pass --database-url"
+        )
+    return url
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced, for logs and status output."""
+    url = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+    return re.sub(r"(password\s*=\s*)(\S+)", r"\1***", url)
+
+
+def _configure(conn: psycopg.Connection) -> None:
+    conn.execute(f"SET search_path = {SCHEMA}, public")
+    conn.commit()
+
+
+def connect(url: str | None = None, *, autocommit: bool = False, **kw: Any) -> psycopg.Connection:
+    conn = psycopg.connect(
+        database_url(url), autocommit=autocommit, row_factory=dict_row, application_name=APP_NAME, **kw
+    )
+    if autocommit:
+        conn.execute(f"SET search_path = {SCHEMA}, public")
+    else:
+        _configure(conn)
+    return conn
+
+
+IDLE_CHECK_SECONDS = 2.0
+_returned_at: "weakref.WeakKeyDictionary[psycopg.Connection, float]" = weakref.WeakKeyDictionary()
+
+
+def _mark_returned(conn: psycopg.Connection) -> None:
+    _returned_at[conn] = time.monotonic()
+
+
+def _check_if_idle(conn: psycopg.Connection) -> None:
+    """Pings a pooled connection only if it sat idle a while.
+
+    A ping on every checkout was a fifth of a worker's time per job; a connection used a moment ago
+    is known good, and one broken since (a Postgres restart) fails its next statement, which the pool
+    then discards. Idle ones, the likely victims of a restart, are still checked before use.
+    """
+    if time.monotonic() - _returned_at.get(conn, 0.0) > IDLE_CHECK_SECONDS:
+        ConnectionPool.check_connection(conn)
+
+
+def _configure_async_commit(conn: psycopg.Connection) -> None:
+    conn.execute(f"SET search_path = {SCHEMA}, public")
+    _session.run(conn, "session_async_commit")
+    conn.commit()
+
+
+def make_pool(url: str | None = None, *, min_size: int = 1, max_size: int = 8, name: str = "aibot",
+              async_commit: bool = False) -> ConnectionPool:
+    """`async_commit`: the pool's sessions do not wait for the WAL flush at commit (set once per
+    connection, not per transaction); for callers whose writes are safe to lose on a Postgres crash."""
+    pool = ConnectionPool(
+        database_url(url),
+        min_size=min_size,
+        max_size=max_size,
+        kwargs={"row_factory": dict_row, "application_name": APP_NAME},
+        configure=_configure_async_commit if async_commit else _configure,
+        check=_check_if_idle,
+        reset=_mark_returned,
+        name=name,
+        open=False,
+    )
+    pool.open(wait=True, timeout=30)
+    return pool
+
+
+class Queries:
+    """The named queries of one package, and the only way to run them.
+
+    `Queries(__name__)` in `aibot.cluster.state` binds to `sql/queries/cluster/`; a name from another
+    package's files is a KeyError naming the package that owns it.
+    """
+
+    def __init__(self, module: str) -> None:
+        self.package = _files.owner_of(module)
+
+    def sql(self, name: str) -> str:
+        mine = _files.package_queries(self.package)
+        if name in mine:
+            return mine[name]
+        owner = _files.all_queries().get(name, (None,))[0]
+        where = f"it belongs to aibot.{owner}; call that package" if owner else "no package defines it"
+        raise KeyError(f"aibot.{self.package} has no named query {name!r} "
+                       f"(sql/queries/{self.package}/): {where}")
+
+    def run(self, conn: psycopg.Connection, name: str, params: Mapping[str, Any] | None = None) -> psycopg.Cursor:
+        """Executes the named query and returns the cursor."""
+        return conn.execute(self.sql(name), params or {})
+
+    def one(self, conn: psycopg.Connection, name: str, params: Mapping[str, Any] | None = None) -> dict | None:
+        return self.run(conn, name, params).fetchone()
+
+    def all(self, conn: psycopg.Connection, name: str, params: Mapping[str, Any] | None = None) -> list[dict]:
+        return self.run(conn, name, params).fetchall()
+
+    def __repr__(self) -> str:
+        return f"Queries({self.package!r})"
+
+
+_session = Queries(__name__)
+
+
+class Database:
+    """A lazily opened pool shared by the threads of one process.
+
+    Dramatiq forks worker processes after importing the actors module, so the pool must not be
+    opened at import time; `pool` opens it on first use in the process that uses it.
+    """
+
+    def __init__(self, url: str | None = None, *, max_size: int = 8, async_commit: bool = False):
+        self._url = url
+        self._max_size = max_size
+        self._async_commit = async_commit
+        self._pool: ConnectionPool | None = None
+        self._pid: int | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def url(self) -> str:
+        return database_url(self._url)
+
+    @property
+    def pool(self) -> ConnectionPool:
+        with self._lock:
+            if self._pool is None or self._pid != os.getpid():
+                self._pool = make_pool(self._url, max_size=self._max_size, async_commit=self._async_commit)
+                self._pid = os.getpid()
+            return self._pool
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[psycopg.Connection]:
+        with self.pool.connection() as conn:
+            yield conn
+
+    def close(self) -> None:
+        with self._lock:
+            if self._pool is not None and self._pid == os.getpid():
+                self._pool.close()
+            self._pool = None

@@ -1,0 +1,54 @@
+"""Token counting for the context budget: the server's tokenizer when it has one, else an estimate.
+
+The estimate is the one the original DO-era bot used (doc 228): characters / 4, rounded up. It errs
+high for English and low for dense scripts (CJK, emoji), which is why a server tokenizer wins when a
+backend offers one (llama.cpp `/tokenize`). Each message also costs a fixed overhead for the chat
+template's role markers, so a hundred tiny turns cannot sneak past the budget.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+log = logging.getLogger(__name__)
+
+CHARS_PER_TOKEN = 4
+MESSAGE_OVERHEAD = 4  # template tokens per message (e.g. "<start_of_turn>user\n" ... "<end_of_turn>\n")
+
+TokenCounter = Callable[[str], "int | None"]
+
+
+def estimate_tokens(text: str) -> int:
+    """ceil(len(text) / 4); 0 for the empty string."""
+    return -(-len(text) // CHARS_PER_TOKEN)
+
+
+def make_counter(count_tokens: TokenCounter | None) -> Callable[[str], int]:
+    """A counter that uses `count_tokens` and falls back to the estimate when it returns None or fails.
+
+    A failing tokenizer must not fail the generation: the estimate is good enough to stay in budget.
+    After the first failure the server is not asked again for this counter's lifetime.
+    """
+    if count_tokens is None:
+        return estimate_tokens
+    broken = False
+
+    def count(text: str) -> int:
+        nonlocal broken
+        if not broken:
+            try:
+                n = count_tokens(text)
+            except Exception as exc:  # any tokenizer failure degrades to the estimate
+                broken = True
+                log.warning("token counter failed (%s); using the chars/4 estimate", type(exc).__name__)
+            else:
+                if isinstance(n, int) and not isinstance(n, bool) and n >= 0:
+                    return n
+        return estimate_tokens(text)
+
+    return count
+
+
+def message_tokens(content: str, count: Callable[[str], int]) -> int:
+    return count(content) + MESSAGE_OVERHEAD

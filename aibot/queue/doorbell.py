@@ -1,0 +1,95 @@
+"""Wake-ups ("doorbells") for the claim actor.
+
+A doorbell is a Dramatiq message with no arguments: it means "there may be work you can claim". The
+jobs table is the queue; doorbells only decide how many claim-actor invocations run. We ring at most
+as many as there are claims that could succeed right now (free usable slots matched with runnable
+jobs), minus doorbells already waiting, so a burst of 10,000 jobs creates a handful of messages, not
+10,000. Busy invocations keep claiming directly after each job, so they need no doorbell.
+
+With the default dramatiq-postgres broker the messages are inserted in the caller's transaction: a job
+and its wake-up commit together, and a rolled-back ingest leaves no stray wake-up. Other brokers get
+the messages enqueued right away (not transactional); the scheduler's doorbell tick covers any gap.
+Either way the message names the claim actor (`ACTOR` on `QUEUE`) instead of importing it: the actor
+lives in the Dramatiq entry point (`aibot.actors`), which depends on this module, never the reverse.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import psycopg
+from dramatiq import Message
+
+from aibot import db
+from aibot.queue import broker
+
+log = logging.getLogger(__name__)
+queries = db.Queries(__name__)
+
+QUEUE = "aibot"
+ACTOR = "claim"
+
+
+def matchable(conn: psycopg.Connection) -> int:
+    return queries.one(conn, "doorbell_matchable")["matchable"]
+
+
+def ring(conn: psycopg.Connection, n: int | None = None) -> int:
+    """Rings up to the number of claims that could succeed now; returns how many were rung.
+
+    `n` is how much new work the caller just added: 0 skips the (cheap) capacity query entirely.
+    """
+    if n == 0:
+        return 0
+    want = matchable(conn)
+    if want <= 0:
+        # Nothing claimable, but work may wait for a model no server holds: one wake-up makes a
+        # worker come up empty and start its demand loader now rather than at the next rebalance tick.
+        if not queries.one(conn, "doorbell_unplaced_demand")["waiting"]:
+            return 0
+        want = 1
+    if _broker_is_postgres():
+        outstanding = queries.one(conn, "doorbell_outstanding", {"queue": QUEUE})["n"]
+        count = want - outstanding
+        if count <= 0:
+            return 0
+        insert_messages(conn, QUEUE, [_message() for _ in range(count)])
+        notify(conn, QUEUE)
+        return count
+    # Another broker: enqueue through Dramatiq itself, by actor name.
+    process_broker = broker.process_broker()
+    process_broker.declare_queue(QUEUE)
+    for _ in range(want):
+        process_broker.enqueue(_claim_message())
+    return want
+
+
+def insert_messages(conn: psycopg.Connection, queue: str, messages: list[dict]) -> None:
+    """Inserts Dramatiq messages (their JSON encoding) into dramatiq-postgres' queue table in the
+    caller's transaction, the row shape dramatiq-postgres writes itself."""
+    queries.run(conn, "doorbell_insert", {"queue": queue, "messages": json.dumps(messages)})
+
+
+def notify(conn: psycopg.Connection, queue: str) -> None:
+    """Wakes idle dramatiq-postgres consumers of `queue` when the caller's transaction commits."""
+    queries.run(conn, "doorbell_notify", {"queue": queue})
+
+
+def _claim_message() -> Message:
+    """What `claim.send()` would enqueue: a message for the claim actor, with no arguments."""
+    return Message(queue_name=QUEUE, actor_name=ACTOR, args=(), kwargs={}, options={})
+
+
+def _message() -> dict:
+    """The JSON dramatiq-postgres stores for a claim message: Dramatiq's own encoding of it."""
+    return json.loads(_claim_message().encode())
+
+
+def _broker_is_postgres() -> bool:
+    """The default broker is dramatiq-postgres on the jobs' own database (the caller's connection);
+    only a broker URL of another kind (AIBOT_BROKER_URL) selects another."""
+    from aibot.settings import get_settings
+
+    url = get_settings().broker_url
+    return not url or broker.broker_kind(url) == "postgres"

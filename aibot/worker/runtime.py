@@ -1,0 +1,489 @@
+"""The claim actor's work: claim a job and a slot, generate, deliver, complete.
+
+The happy path is two short transactions per job: the claim, and one UPDATE that completes the job
+with its reply. A reply is stored ahead of completion only when delivery fails, so the retry
+delivers it without generating again.
+
+One `Runtime` per worker process holds what every invocation shares: the database pool, the hot-
+reloaded entity config, HTTP clients per server, the sink, and the set of claims in flight (which a
+heartbeat thread renews and a shutdown releases). The actor itself (aibot/actors/claim.py) is a thin
+shell around `Runtime.run_invocation`.
+
+Every state change goes through `aibot.queue.jobs` with the claim's fencing token, so a worker whose
+lease was taken over can neither complete nor deliver: the sink's reply id is derived from the job,
+which makes the rare double delivery (lease lost *during* the POST) a no-op at the chat server.
+
+Owns no table and no SQL: it composes the queue (claims, rate limits, doorbells), the cluster
+(server rows, health, demand loads), generation and delivery. It builds no broker, so tests and
+benchmarks run it in-process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+import psycopg
+
+from aibot import db, log
+from aibot.backends.base import Backend, BackendError, ContextOverflow, ModelNotLoaded, ServerFault
+from aibot.backends.factory import Timeouts, backend_for_server
+from aibot.cluster import health, loader
+from aibot.cluster import state as cluster_state
+from aibot.config import ConfigStore
+from aibot.delivery.sinks import SinkError, make_sink
+from aibot.generation import postprocess, prompt, tokens
+from aibot.queue import doorbell, jobs, ratelimit
+from aibot.settings import Settings, get_settings
+
+logger = logging.getLogger(__name__)
+
+
+def backend_timeouts(settings: Settings) -> Timeouts | None:
+    """The worker's backend timeouts (AIBOT_BACKEND_<NAME>_TIMEOUT), or None for the backends' defaults.
+
+    The default read timeout (120 s) suits a real cold model load; a chaos run or a cluster of fast
+    servers wants a hung server to cost seconds, so the deployment may lower it.
+    """
+    values = settings.backend_timeouts()
+    return Timeouts(**values) if values else None
+
+
+EMPTY_CLAIM_RETRIES = 2
+
+
+class GenerationAborted(Exception):
+    """The job was handed back (shutdown) while its reply was still streaming in."""
+
+
+@dataclass
+class InFlight:
+    job_id: int
+    token: object
+    released: threading.Event = field(default_factory=threading.Event)
+
+
+class InFlightRegistry:
+    """Claims this process holds; the heartbeat renews them and shutdown releases them."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._items: dict[int, InFlight] = {}
+
+    def add(self, job_id: int, token) -> InFlight:
+        item = InFlight(job_id, token)
+        with self._lock:
+            self._items[job_id] = item
+        return item
+
+    def remove(self, job_id: int) -> None:
+        with self._lock:
+            self._items.pop(job_id, None)
+
+    def snapshot(self) -> list[InFlight]:
+        with self._lock:
+            return list(self._items.values())
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._items)
+
+
+class BackendCache:
+    """One HTTP client per server, rebuilt when the server's URL, kind or token variable changes."""
+
+    def __init__(self, timeouts=None) -> None:
+        self._lock = threading.Lock()
+        self._clients: dict[int, tuple[tuple, Backend]] = {}
+        self._timeouts = timeouts
+
+    def get(self, server: dict) -> Backend:
+        key = (server["kind"], server["url"], server.get("token_env"), server.get("default_parallel"))
+        with self._lock:
+            cached = self._clients.get(server["id"])
+            if cached and cached[0] == key:
+                return cached[1]
+            if cached:
+                cached[1].close()
+            backend = backend_for_server(server, timeouts=self._timeouts)
+            self._clients[server["id"]] = (key, backend)
+            return backend
+
+    def close_all(self) -> None:
+        with self._lock:
+            for _, backend in self._clients.values():
+                try:
+                    backend.close()
+                except Exception:  # pragma: no cover - best effort at shutdown
+                    pass
+            self._clients.clear()
+
+
+class DemandLoader:
+    """Loads models that queued work needs and no usable server holds, off the actor threads.
+
+    An idle claim kicks it; at most one pass runs per process at a time and passes are at least
+    `min_interval` apart. The loader itself is single-flight cluster-wide (advisory lock per server and
+    model), so many workers kicking at once still cause one load per model.
+    """
+
+    def __init__(self, runtime: "Runtime", min_interval: float = 1.0) -> None:
+        self.runtime = runtime
+        self.min_interval = min_interval
+        self._lock = threading.Lock()
+        self._running = False
+        self._last = 0.0
+
+    def kick(self) -> None:
+        with self._lock:
+            if self._running or time.monotonic() - self._last < self.min_interval:
+                return
+            self._running = True
+            self._last = time.monotonic()
+        threading.Thread(target=self._pass, name="aibot-demand-loader", daemon=True).start()
+
+    def _pass(self) -> None:
+        try:
+            with log.context(worker=self.runtime.worker_id):
+                loaded, failed = loader.load_for_demand(self.runtime.database, worker_id=self.runtime.worker_id)
+                if loaded:
+                    logger.info("loaded for queued work: %s", ", ".join(loaded))
+                    with self.runtime.transaction() as conn:
+                        doorbell.ring(conn)
+        except Exception:
+            logger.exception("demand loading failed")
+        finally:
+            with self._lock:
+                self._running = False
+
+
+class Runtime:
+    def __init__(self, settings: Settings | None = None, *, role: str = "worker") -> None:
+        self.settings = settings or get_settings()
+        self.worker_id = self.settings.worker_id(role)
+        self.async_commit = not self.settings.worker_sync_commit
+        self.database = db.Database(self.settings.database_url, max_size=self.settings.worker_pool,
+                                    async_commit=self.async_commit)
+        self.config = ConfigStore(self.settings.config_path)
+        self.sink = make_sink(self.settings)
+        self.backends = BackendCache(backend_timeouts(self.settings))
+        self.inflight = InFlightRegistry()
+        self.stopping = threading.Event()
+        self.lease_seconds = float(self.settings.lease_seconds)
+        self.budget_seconds = float(self.settings.invocation_budget_seconds)
+        self._servers: dict[int, tuple[float, dict]] = {}
+        self._servers_lock = threading.Lock()
+        # server id, or (server id, model) -> monotonic time of our last fault there
+        self._faulted: dict[int | tuple[int, str], float] = {}
+        self._loader = DemandLoader(self)
+        self.stream = self.settings.stream
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[psycopg.Connection]:
+        """A worker transaction. Unless `worker_sync_commit` (AIBOT_WORKER_SYNC_COMMIT=1) the sessions commit
+        asynchronously (set once per connection): a crash of Postgres itself may then forget the last
+        fraction of a second of claims and completions, which leases and the sink's job-derived reply
+        ids absorb (the job runs again, its repeat post is a no-op), and in return no worker waits for a
+        WAL flush per job.
+
+        The block is one transaction, so several changes (a failure, its server fault, the cancelled
+        rate reservation) commit together; the two single-statement steps of the happy path (claim,
+        completion) use `database.transaction()` directly and skip the savepoint round trips.
+        """
+        with self.database.transaction() as conn, conn.transaction():
+            yield conn
+
+    # --- one actor invocation -------------------------------------------------------------------
+
+    def run_invocation(self) -> int:
+        """Claims and processes jobs until none is claimable or the time budget is spent.
+
+        Going straight on to the next claim keeps the per-job overhead to two short transactions
+        instead of a broker round trip per job; the budget keeps one invocation from hogging a thread
+        forever, and the doorbell it rings on leaving hands the work to a fresh one.
+        """
+        deadline = time.monotonic() + self.budget_seconds
+        done = 0
+        while not self.stopping.is_set():
+            claim = self._claim()
+            if claim is None:
+                self._on_idle()
+                return done
+            self.process(claim)
+            done += 1
+            if time.monotonic() >= deadline:
+                with self.transaction() as conn:
+                    doorbell.ring(conn)
+                return done
+        return done
+
+    def _claim(self) -> jobs.Claim | None:
+        """A claim, retried briefly when it came back empty although claimable work exists: rows
+        locked by other claimers or by a rebalance are skipped (SKIP LOCKED), and giving up then would
+        leave a free slot idle until the next doorbell."""
+        for attempt in range(EMPTY_CLAIM_RETRIES + 1):
+            with self.database.transaction() as conn:
+                claim = jobs.claim(conn, self.worker_id, lease_seconds=self.lease_seconds, use_slots=True)
+                if claim is not None or attempt == EMPTY_CLAIM_RETRIES or doorbell.matchable(conn) <= 0:
+                    return claim
+            time.sleep(0.005 * (attempt + 1))
+        return None
+
+    def process(self, claim: jobs.Claim) -> None:
+        server = self._server(claim.server_id) if claim.server_id is not None else None
+        item = self.inflight.add(claim.job_id, claim.token)
+        try:
+            with log.context(worker=self.worker_id, job=claim.job_id, entity=claim.entity_id, model=claim.model,
+                             server=server["name"] if server else None):
+                self._process(claim, server, item)
+        except Exception:
+            logger.exception("unexpected error; the job's lease will expire and it will be retried")
+        finally:
+            self.inflight.remove(claim.job_id)
+
+    def _process(self, claim: jobs.Claim, server: dict | None, item: InFlight) -> None:
+        if claim.reply is not None:
+            logger.info("delivering a stored reply (earlier delivery failed)")
+            self._deliver(claim, claim.reply, started_at=None)
+            return
+        cfg = self.config.get()
+        entity = cfg.entity(claim.entity_id)
+        if entity is None or not entity.enabled:
+            why = "unknown entity" if entity is None else "entity disabled"
+            with self.transaction() as conn:
+                jobs.reject(conn, claim.job_id, claim.token, f"{why}: {claim.entity_id!r}")
+            logger.warning("rejected: %s", why)
+            return
+        if server is None:  # a slot-less claim without a stored reply cannot generate
+            with self.transaction() as conn:
+                jobs.release(conn, claim.job_id, claim.token)
+            return
+        if entity.rate_limits is not None:
+            with self.transaction() as conn:
+                retry_at = ratelimit.reserve(conn, entity, claim.job_id)
+                if retry_at is not None:
+                    jobs.release(conn, claim.job_id, claim.token, available_at=retry_at)
+            if retry_at is not None:
+                logger.info("rate limited; deferred until %s", retry_at.isoformat())
+                return
+
+        payload = claim.payload
+        ais = payload.get("ais") or {}
+        try:
+            backend = self._backend(server)
+        except BackendError as exc:
+            self._generation_failed(claim, server, exc, item)
+            return
+        try:
+            request = self._fit(backend, claim, entity, cfg, payload, ais)
+        except ValueError as exc:  # no prompt can be built, or none fits the instance: for good
+            why = f"cannot build the request: {exc}"
+            with self.transaction() as conn:
+                jobs.reject(conn, claim.job_id, claim.token, why)
+                ratelimit.cancel(conn, claim.job_id)
+            logger.warning("rejected: %s", why)
+            return
+        started = time.monotonic()
+        started_at = _now()
+        try:
+            raw = self._generate(backend, request, item)
+        except ContextOverflow as exc:
+            # Our count was off (no server tokenizer): deterministic, so the job is rejected now
+            # rather than retried into the same wall (it does not burn attempts on other servers).
+            why = f"the prompt does not fit the context of {claim.instance or claim.model} on {server['name']}: {exc}"
+            with self.transaction() as conn:
+                jobs.reject(conn, claim.job_id, claim.token, why)
+                ratelimit.cancel(conn, claim.job_id)
+            logger.warning("rejected: %s", why)
+            return
+        except BackendError as exc:
+            self._generation_failed(claim, server, exc, item)
+            return
+        except GenerationAborted:
+            logger.info("generation stopped at shutdown; the job is back in the queue")
+            return
+        self._server_ok(server, claim.model)
+        text = postprocess.clean_reply(raw, entity, cfg.global_settings)
+        if text is None:
+            with self.transaction() as conn:
+                jobs.complete(conn, claim.job_id, claim.token, state="skipped",
+                              reason="model answered [SKIP]" if "[SKIP]" in raw else "empty reply after post-processing")
+                ratelimit.cancel(conn, claim.job_id)
+            logger.info("no reply to post (%.2fs)", time.monotonic() - started)
+            return
+        reply = {
+            "text": text,
+            "username": ais.get("name") or entity.username,
+            "color": ais.get("color") or entity.color,
+            "entity": entity.id,
+            "model": claim.model,
+            "server": server["name"],
+            "generated_at": _now().isoformat(),
+        }
+        logger.info("generated %d chars in %.2fs", len(text), time.monotonic() - started)
+        if item.released.is_set():
+            logger.warning("not delivering: the job was handed back at shutdown and will run again")
+            return
+        self._deliver(claim, reply, started_at=started_at)
+
+    def _fit(self, backend: Backend, claim: jobs.Claim, entity, cfg, payload: dict, ais: dict):
+        """The request, with its history trimmed to the serving instance's context (per request: per
+        slot on llama.cpp) minus the reply's max_tokens. The chars/4 estimate decides first; when the
+        prompt comes near the budget the server's own tokenizer (where it has one) decides instead.
+        Raises ValueError (PromptTooLong) when even the prompt and the message alone cannot fit."""
+        budget = prompt.context_budget(claim.context_length, entity.max_tokens, entity.context_token_budget)
+        model = claim.instance or claim.model
+
+        def build(count_tokens=None):
+            return prompt.build_request(
+                entity, text=payload.get("text", ""), sender=payload.get("username", ""),
+                context_lines=payload.get("context", []), model=model, global_settings=cfg.global_settings,
+                token_budget=budget, count_tokens=count_tokens, ai_name=ais.get("name"))
+
+        request = build()
+        if budget is None:
+            return request
+        count = tokens.estimate_tokens
+        if prompt.prompt_tokens(request, count) > budget // 2:
+            counter = tokens.make_counter(lambda text: backend.tokenize(model, text))
+            request, count = build(counter), counter
+        need = prompt.prompt_tokens(request, count)
+        if need > budget:
+            raise prompt.PromptTooLong(
+                f"the prompt and the message alone need {need} tokens, but {model} on its server allows "
+                f"{budget} (context {claim.context_length} per request − max_tokens − template margin)")
+        return request
+
+    def _deliver(self, claim: jobs.Claim, reply: dict, *, started_at: datetime | None) -> None:
+        try:
+            reply_id = self.sink.deliver(claim.job_id, claim.payload, reply)
+        except SinkError as exc:
+            # Keep the reply so the retry only delivers it. An outage of the sink is not the job's
+            # fault (no attempt burnt); a sink that rejects the reply outright (4xx) is.
+            with self.transaction() as conn:
+                jobs.store_reply(conn, claim.job_id, claim.token, reply)
+                state = jobs.fail(conn, claim.job_id, claim.token, f"delivery failed: {exc}",
+                                  server_fault=getattr(exc, "retryable", True))
+            logger.warning("delivery failed (%s); job is %s, the stored reply will be re-sent", exc, state)
+            return
+        generated_at = datetime.fromisoformat(reply["generated_at"]) if reply.get("generated_at") else None
+        with self.database.transaction() as conn:
+            ok = jobs.finish_delivered(conn, claim.job_id, claim.token, reply,
+                                       started_at=started_at, generated_at=generated_at)
+        if ok:
+            logger.info("delivered as %s", reply_id)
+        else:
+            logger.warning("delivered as %s but the lease was lost; the sink's reply id makes a repeat a no-op", reply_id)
+
+    def _generate(self, backend: Backend, request, item: InFlight) -> str:
+        """The reply text. Streamed (unless `stream` is off, AIBOT_STREAM=0) so that a shutdown past its timeout stops
+        the generation between tokens; closing the stream tells the server the client is gone (LM
+        Studio then stops generating) and frees its slot at once."""
+        if not self.stream:
+            return backend.chat(request).text
+        parts: list[str] = []
+        deltas = backend.chat_stream(request)
+        try:
+            for delta in deltas:
+                if item.released.is_set():
+                    raise GenerationAborted()
+                parts.append(delta)
+        finally:
+            deltas.close()
+        return "".join(parts)
+
+    def _backend(self, server: dict) -> Backend:
+        try:
+            return self.backends.get(server)
+        except ValueError as exc:  # e.g. its token variable is unset: the server is unusable, not the job
+            raise ServerFault(str(exc)) from None
+
+    def _generation_failed(self, claim: jobs.Claim, server: dict, exc: BackendError, item: InFlight) -> None:
+        """Blames the scope the fault belongs to: a connection-level fault backs the server off for
+        everyone; a fault of this model there (a cut stream, a 5xx from its instance) backs off only
+        the (server, model) pair; a request fault is the job's. Neither server nor model faults burn
+        the job's attempts."""
+        if item.released.is_set():
+            # Shutdown handed the job back and closed our HTTP clients: not the server's fault.
+            logger.info("generation aborted at shutdown; the job is back in the queue")
+            return
+        # A model the server does not hold is our stale view of the cluster, not the job's fault.
+        server_fault = exc.server_fault or isinstance(exc, ModelNotLoaded)
+        scope = "model" if isinstance(exc, ModelNotLoaded) else exc.scope
+        error = f"{type(exc).__name__}: {exc}"
+        with self.transaction() as conn:
+            if scope == "server":
+                self._faulted[server["id"]] = time.monotonic()
+                health.record_fault(conn, server["id"], error)
+            elif scope == "model":
+                self._faulted[(server["id"], claim.model)] = time.monotonic()
+                health.record_model_fault(conn, server["id"], claim.model, error)
+            state = jobs.fail(conn, claim.job_id, claim.token, error, server_fault=server_fault)
+            ratelimit.cancel(conn, claim.job_id)
+        logger.warning("generation failed (%s, %s scope); job is now %s", error, scope, state)
+
+    def _server_ok(self, server: dict, model: str) -> None:
+        """Resets the shared failure counts of the server and of (server, model), but only if this
+        process saw them fail recently: an UPDATE per reply on a shared row would be a hot spot."""
+        if server["id"] in self._faulted or (server["id"], model) in self._faulted:
+            with self.transaction() as conn:
+                if self._faulted.pop(server["id"], None) is not None:
+                    health.record_ok(conn, server["id"])
+                if self._faulted.pop((server["id"], model), None) is not None:
+                    health.record_model_ok(conn, server["id"], model)
+
+    def _server(self, server_id: int) -> dict:
+        now = time.monotonic()
+        with self._servers_lock:
+            cached = self._servers.get(server_id)
+            if cached and now - cached[0] < 10.0:
+                return cached[1]
+        with self.database.transaction() as conn:
+            row = cluster_state.server_by_id(conn, server_id)
+        if row is None:
+            raise LookupError(f"server id {server_id} is not in aibot.servers")
+        with self._servers_lock:
+            self._servers[server_id] = (now, row)
+        return row
+
+    def _on_idle(self) -> None:
+        """Nothing claimable: if queued work waits for a model no server holds, start a load."""
+        self._loader.kick()
+
+    # --- process lifecycle ----------------------------------------------------------------------
+
+    def renew_leases(self) -> None:
+        items = self.inflight.snapshot()
+        if not items:
+            return
+        with self.database.transaction() as conn:
+            for item in items:
+                if not item.released.is_set():
+                    jobs.renew(conn, item.job_id, item.token, self.lease_seconds)
+
+    def release_all(self, reason: str) -> int:
+        """Hands every in-flight job back to the queue with its attempt refunded (shutdown deadline)."""
+        released = 0
+        items = self.inflight.snapshot()
+        if not items:
+            return 0
+        with self.database.transaction() as conn:
+            for item in items:
+                item.released.set()
+                if jobs.release(conn, item.job_id, item.token):
+                    released += 1
+        logger.warning("released %d in-flight job(s): %s", released, reason)
+        return released
+
+    def close(self) -> None:
+        self.backends.close_all()
+        self.database.close()
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
