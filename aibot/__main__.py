@@ -1,3 +1,5 @@
+"""`python -m aibot`: the same command line as `aibot` (the harness starts processes this way)."""
+
 import sys
 
 from aibot.cli import main

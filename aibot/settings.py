@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -58,12 +59,14 @@ class _HasTokenEnv(Protocol):
     token_env: str | None
 
 
-def _redact_url(url: str | None) -> str | None:
-    if url is None:
-        return None
-    from aibot.db import redact_url  # lazy: keeps `import aibot.settings` free of psycopg
+def redact_url(url: str) -> str:
+    """A database or broker URL with any password replaced, for logs and status output."""
+    url = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+    return re.sub(r"(password\s*=\s*)(\S+)", r"\1***", url)
 
-    return redact_url(url)
+
+def _redact_url(url: str | None) -> str | None:
+    return None if url is None else redact_url(url)
 
 
 class Settings(BaseModel):

@@ -29,6 +29,7 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 from aibot import db
+from aibot.settings import redact_url
 from aibot.queue import jobs
 from aibot.db import migrate
 
@@ -153,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     with psycopg.connect(args.database_url, autocommit=True) as admin:
         admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     url = make_conninfo(args.database_url, dbname=name)
-    print(f"scratch database {name} on {db.redact_url(args.database_url)}", file=sys.stderr)
+    print(f"scratch database {name} on {redact_url(args.database_url)}", file=sys.stderr)
     try:
         migrate.migrate(url)
         add_slots(url, args.slots)

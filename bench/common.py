@@ -44,6 +44,7 @@ from psycopg import sql  # noqa: E402
 from psycopg.conninfo import conninfo_to_dict  # noqa: E402
 
 from aibot import db  # noqa: E402
+from aibot.settings import redact_url
 from aibot.db import migrate
 from aibot.sim import SimCluster  # noqa: E402
 from aibot.sim.chat import FakeChatServer  # noqa: E402
@@ -121,7 +122,7 @@ def command_line() -> str:
     args = []
     for a in sys.argv:
         if "://" in a:
-            a = db.redact_url(a)
+            a = redact_url(a)
         elif a.startswith(str(REPO) + os.sep):
             a = os.path.relpath(a, REPO)
         args.append(shlex.quote(a))
@@ -263,7 +264,7 @@ def scratch_database(admin_url: str, label: str) -> Iterator[str]:
     with psycopg.connect(admin_url, autocommit=True) as admin:
         admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     url = url_with_dbname(admin_url, name)
-    log(f"scratch database {name} on {db.redact_url(admin_url)}")
+    log(f"scratch database {name} on {redact_url(admin_url)}")
     try:
         migrate.migrate(url)
         yield url

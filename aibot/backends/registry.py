@@ -21,6 +21,12 @@ from __future__ import annotations
 import importlib
 import pkgutil
 import threading
+from pathlib import Path
+
+# This package, found from this file: importing `aibot.backends` here would make a cycle with its
+# `__init__`, which imports the factory, which imports this registry.
+_PACKAGE = __name__.rpartition(".")[0]
+_PACKAGE_DIR = Path(__file__).resolve().parent
 
 _lock = threading.RLock()
 _kinds: dict[str, type] = {}
@@ -36,11 +42,9 @@ def _discover() -> None:
     with _lock:
         if _discovered:
             return
-        import aibot.backends as package
-
         found: dict[str, type] = {}
-        for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda i: i.name):
-            module = importlib.import_module(f"{package.__name__}.{info.name}")
+        for info in sorted(pkgutil.iter_modules([str(_PACKAGE_DIR)]), key=lambda i: i.name):
+            module = importlib.import_module(f"{_PACKAGE}.{info.name}")
             for obj in vars(module).values():
                 if _declares_kind(obj) and obj.__module__ == module.__name__:
                     _add(found, obj)

@@ -95,6 +95,7 @@ def explain(exc: Exception) -> str | None:
     from psycopg import errors
 
     from aibot import db
+    from aibot.settings import redact_url
     from aibot.settings import SettingsError
 
     if isinstance(exc, (db.NoDatabaseConfigured, SettingsError)):
@@ -105,7 +106,7 @@ def explain(exc: Exception) -> str | None:
                 "against it (AIBOT_DATABASE_URL)")
     if isinstance(exc, psycopg.OperationalError):
         detail = (str(exc).strip().splitlines() or ["?"])[-1]
-        return (f"cannot reach the database: {db.redact_url(detail)}; check AIBOT_DATABASE_URL and that "
+        return (f"cannot reach the database: {redact_url(detail)}; check AIBOT_DATABASE_URL and that "
                 "Postgres is running")
     return None
 

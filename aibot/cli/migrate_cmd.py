@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from aibot import db
+from aibot.settings import redact_url
 from aibot.db import migrate
 
 
@@ -19,8 +20,8 @@ def run(args) -> int:
         todo = migrate.pending(url)
         for m in todo:
             print(f"pending  {m.name}")
-        print(f"{len(todo)} pending migration(s) on {db.redact_url(url)}")
+        print(f"{len(todo)} pending migration(s) on {redact_url(url)}")
         return 0
     applied = migrate.migrate(url, progress=lambda m: print(f"applying {m.name} ...", flush=True))
-    print(f"{len(applied)} migration(s) applied; {db.redact_url(url)} is up to date")
+    print(f"{len(applied)} migration(s) applied; {redact_url(url)} is up to date")
     return 0

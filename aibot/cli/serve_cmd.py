@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 
 from aibot import db
+from aibot.settings import redact_url
 
 log = logging.getLogger("aibot.cli.serve")
 
@@ -57,7 +58,7 @@ def run(args) -> int:
         raise CliError(str(exc)) from None
     except OSError as exc:
         raise CliError(f"cannot bind {args.host}:{args.port}: {exc.strerror}") from None
-    print(f"aibot serve: {server.url}/ (dashboard), /metrics, /ws; database {db.redact_url(url)}"
+    print(f"aibot serve: {server.url}/ (dashboard), /metrics, /ws; database {redact_url(url)}"
           + ("; token required" if token else ""), flush=True)
     try:
         server.serve_forever()

@@ -9,6 +9,7 @@ from rich.console import Group
 from rich.text import Text
 
 from aibot import db
+from aibot.settings import redact_url
 from aibot.ops import inspection
 from aibot.cli.render import Column, fmt_bytes, fmt_seconds, live_loop, print_, table
 
@@ -54,7 +55,7 @@ def _secs(v):
 def render_status(snap: dict, database_url: str, now: dt.datetime | None = None) -> Group:
     """The status report. Pure: the caller reads the snapshot; the URL is shown redacted."""
     now = now or dt.datetime.now().astimezone()
-    out = [Text(f"aibot status  {now.strftime('%Y-%m-%d %H:%M:%S')}  database {db.redact_url(database_url)}",
+    out = [Text(f"aibot status  {now.strftime('%Y-%m-%d %H:%M:%S')}  database {redact_url(database_url)}",
                 style="bold"), Text("")]
 
     oldest = snap["oldest"]
@@ -123,7 +124,7 @@ def open_db(database_url: str | None):
         return url, db.connect(url, autocommit=True)
     except psycopg.OperationalError as exc:
         detail = (str(exc).strip().splitlines() or ["?"])[-1]
-        raise CliError(f"cannot connect to {db.redact_url(url)}: {detail}") from None
+        raise CliError(f"cannot connect to {redact_url(url)}: {detail}") from None
 
 
 def _report(conn, url: str, failed: int) -> Group:

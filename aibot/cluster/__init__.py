@@ -15,3 +15,6 @@ A one-way chain; a module imports only modules listed before it (tests/test_arch
 Owns the tables `servers`, `model_instances`, `slots`, `model_loads`, `model_catalog` and
 `model_health`; never touches jobs except to read queued demand.
 """
+
+#: The chain above, bottom first: a module may import only the modules before it.
+CHAIN = ("sizing", "placement", "configured", "health", "state", "slots", "loader", "refresh", "plan")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import threading
 import time
 import weakref
@@ -25,6 +24,7 @@ from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
 from aibot.db import queries as _files
+from aibot.settings import get_settings
 
 SCHEMA = "aibot"
 APP_NAME = "aibot"
@@ -36,8 +36,6 @@ class NoDatabaseConfigured(RuntimeError):
 
 def database_url(explicit: str | None = None) -> str:
     """`explicit`, else the process settings' `database_url` (AIBOT_DATABASE_URL)."""
-    from aibot.settings import get_settings
-
     url = explicit or get_settings().database_url
     if not url:
         raise NoDatabaseConfigured(
@@ -45,12 +43,6 @@ def database_url(explicit: str | None = None) -> str:
             "or pass --database-url"
         )
     return url
-
-
-def redact_url(url: str) -> str:
-    """The URL with any password replaced, for logs and status output."""
-    url = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
-    return re.sub(r"(password\s*=\s*)(\S+)", r"\1***", url)
 
 
 def _configure(conn: psycopg.Connection) -> None:
@@ -127,8 +119,8 @@ class Queries:
         mine = _files.package_queries(self.package)
         if name in mine:
             return mine[name]
-        owner = _files.all_queries().get(name, (None,))[0]
-        where = f"it belongs to aibot.{owner}; call that package" if owner else "no package defines it"
+        owner = _files.all_queries().get(name)
+        where = f"it belongs to {owner.module}; call that module" if owner else "no package defines it"
         raise KeyError(f"aibot.{self.package} has no named query {name!r} "
                        f"(sql/queries/{self.package}/): {where}")
 

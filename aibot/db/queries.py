@@ -6,9 +6,10 @@ Query files follow procrastinate's format::
     -- one line saying why the query exists
     SELECT ... %(param)s ...;
 
-Queries are owned per package: `sql/queries/<package>/<module>.sql` holds what the modules of
-`aibot.<package>` run, and only `aibot.db.Queries` bound to that package can run them. Names stay
-unique across all packages, so a name found in a log or in psql points at one file.
+Queries are owned per package: `sql/queries/<package>/<module>.sql` holds what the module
+`aibot.<package>.<module>` runs (`<package>/<package>.sql` for the package's own `__init__`), and only
+`aibot.db.Queries` bound to that package can run them. Names stay unique across all packages, so a
+name found in a log or in psql points at one file.
 
 In a source checkout (editable install) the tree is the repository's `sql/`; in a wheel it is
 packaged as `aibot/sql/`. This module owns the file format and the lookup; it runs nothing.
@@ -19,6 +20,7 @@ from __future__ import annotations
 import functools
 import re
 from pathlib import Path
+from typing import NamedTuple
 
 _PKG = Path(__file__).resolve().parent.parent   # the aibot package
 _HEADER = re.compile(r"^-- ([a-z0-9_]+) --$", re.MULTILINE)
@@ -79,13 +81,23 @@ def packages() -> list[str]:
     return sorted(p.name for p in (sql_root() / "queries").iterdir() if p.is_dir())
 
 
+class NamedQuery(NamedTuple):
+    package: str      # the package whose executor runs it
+    module: str       # the module its file is named after, the one that runs it
+    path: Path
+    sql: str
+
+
 @functools.cache
-def all_queries() -> dict[str, tuple[str, str]]:
-    """{name: (owning package, sql)} over every package; a name defined by two packages is an error."""
-    found: dict[str, tuple[str, str]] = {}
+def all_queries() -> dict[str, NamedQuery]:
+    """Every named query of every package; a name defined by two packages is an error."""
+    found: dict[str, NamedQuery] = {}
     for package in packages():
-        for name, sql in package_queries(package).items():
-            if name in found:
-                raise ValueError(f"query {name!r} is defined by both {found[name][0]} and {package}")
-            found[name] = (package, sql)
+        mine = package_queries(package)
+        for path in query_files(package):
+            module = f"aibot.{package}" if path.stem == package else f"aibot.{package}.{path.stem}"
+            for name in parse_query_file(path.read_text(), str(path)):
+                if name in found:
+                    raise ValueError(f"query {name!r} is defined by both {found[name].path} and {path}")
+                found[name] = NamedQuery(package, module, path, mine[name])
     return found

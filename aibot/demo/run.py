@@ -28,6 +28,7 @@ import psycopg
 from psycopg import sql
 
 from aibot import db
+from aibot.settings import redact_url
 from aibot.ops import inspection
 from aibot.cluster import sizing
 from aibot.db import migrate
@@ -138,23 +139,23 @@ def open_database(opts: DemoOptions, environ: Mapping[str, str], say: Callable[[
     url = opts.database_url or Settings.from_sources(environ).database_url
     if url:
         origin = "--database-url" if opts.database_url else "AIBOT_DATABASE_URL"
-        say(f"Database: {db.redact_url(url)} (from {origin})")
+        say(f"Database: {redact_url(url)} (from {origin})")
         try:
             conn = db.connect(url, autocommit=True)
         except Exception as exc:  # noqa: BLE001 - any connection failure is the user's to fix
-            raise DemoError(f"cannot connect to {origin} {db.redact_url(url)}: {exc}") from None
+            raise DemoError(f"cannot connect to {origin} {redact_url(url)}: {exc}") from None
         with conn:
             if not queries.one(conn, "demo_lock")["locked"]:
-                raise DemoError(f"another aibot demo is using {db.redact_url(url)}")
+                raise DemoError(f"another aibot demo is using {redact_url(url)}")
             if queries.one(conn, "demo_schema_present")["present"]:
                 rows = queries.one(conn, "demo_existing_rows")
                 if rows["jobs"] or rows["servers"]:
                     raise DemoError(
-                        f"{db.redact_url(url)} already holds {rows['jobs']} job(s) and {rows['servers']} server(s); "
+                        f"{redact_url(url)} already holds {rows['jobs']} job(s) and {rows['servers']} server(s); "
                         "the demo needs an empty database so it cannot disturb a deployment: create one "
                         "(e.g. createdb aibot_demo) and point AIBOT_DATABASE_URL at it, or unset "
                         "AIBOT_DATABASE_URL to use an embedded PostgreSQL")
-            yield DemoDatabase(url, "external", {"url": db.redact_url(url), "origin": origin})
+            yield DemoDatabase(url, "external", {"url": redact_url(url), "origin": origin})
         return
 
     pgdata = default_pgdata(environ, os.geteuid() if hasattr(os, "geteuid") else 1, Path.home())

@@ -13,6 +13,7 @@ from aibot.sim import SimCluster
 from aibot.sim.chat import FakeChatServer
 from aibot.sim.cluster import seed_spec
 from aibot.harness import FAST_SCHEDULES, Stack, entity, write_config
+from tests.support import accounting
 from tests.support.waiting import wait_for
 
 
@@ -75,5 +76,7 @@ def deployment(db_url: str, tmp_path: Path, *, ents: list[dict] | None = None, s
         })
         try:
             yield Deployment(stack, sims, chat, db_url, config_path)
+            # Whatever the test did, the cluster's reported memory is the sizing's, server by server.
+            assert accounting.mismatches(db_url) == []
         finally:
             stack.stop()
