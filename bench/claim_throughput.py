@@ -79,7 +79,7 @@ def enqueue(url: str, source: str, n: int) -> None:
 
 
 def add_slots(url: str, n: int) -> None:
-    # Bench fixture: stands in for what aibot.cluster's rebalancer maintains.
+    # Bench fixture: stands in for what aibot.cluster.slots' rebalancer maintains.
     with db.connect(url, autocommit=True) as conn:
         for name, count in (("bench-a", n // 2), ("bench-b", n - n // 2)):
             sid = conn.execute("INSERT INTO aibot.servers (name, url, health) VALUES (%s, %s, 'healthy') RETURNING id",

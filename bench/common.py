@@ -5,7 +5,7 @@ lines, tables, JSON and PNG output.
 Why everything runs in one process (except aibot itself): the simulators, the fake chat server and
 the enqueueing all share one clock (`time.perf_counter`), so "enqueued → first byte at the server →
 reply at the chat" are differences of one clock, with no cross-process skew. aibot runs exactly as an
-operator runs it: `dramatiq aibot.actors` and `aibot scheduler` subprocesses (aibot.stack).
+operator runs it: `dramatiq aibot.actors` and `aibot scheduler` subprocesses (aibot.harness).
 
 The machine the numbers come from is small and shared (2 cores), so every benchmark compares aibot and
 its baseline *in the same run* and reports ratios; absolute seconds are printed only as context.

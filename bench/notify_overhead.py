@@ -3,7 +3,7 @@
     python bench/notify_overhead.py --database-url postgresql://postgres@127.0.0.1:5432/postgres
 
 Creates a scratch database (dropped at the end), migrates it, then for several rounds, alternating
-the order, enqueues N jobs and times N sequential `aibot.jobs.claim()` calls (and N `complete()` calls)
+the order, enqueues N jobs and times N sequential `aibot.queue.jobs.claim()` calls (and N `complete()` calls)
 with the state trigger enabled and disabled. A separate connection LISTENs and drains the channel
 throughout, as `aibot serve` does. Prints per-call medians and the with/without ratio.
 """

@@ -1,4 +1,4 @@
--- Statements used only by bench/notify_overhead.py (parsed with aibot.sqlfiles.parse_query_file).
+-- Statements used only by bench/notify_overhead.py (parsed with aibot.db.queries.parse_query_file).
 
 -- bench_triggers_off --
 -- Claims and completions without the NOTIFY trigger (the baseline)

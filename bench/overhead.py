@@ -596,7 +596,7 @@ def profile_round_trips(admin_url: str, args, workdir: Path) -> dict:
         try:
             resp_url, _ = start_responder(stack, [MODEL])
             aibot_config(workdir / "profile-config.json", resp_url, 4, 1)
-            from aibot.cluster import state as cluster
+            from aibot.cluster import refresh
 
             database = db.Database(url, max_size=2)
             refresh.refresh_all(database, config_path=stack.config_path)
@@ -607,8 +607,7 @@ def profile_round_trips(admin_url: str, args, workdir: Path) -> dict:
             with db.connect(url, autocommit=True) as conn:
                 ingest(conn, "chat", human_messages(0, 5, ["e1"]), config,
                        settings=SimpleNamespace(aging_seconds=30.0))
-            os.environ["AIBOT_SINK"] = args.sink
-            rt = Runtime(Settings(database_url=url, config_path=stack.config_path, lease_seconds=600))
+            rt = Runtime(Settings(database_url=url, config_path=stack.config_path, lease_seconds=600, sink=args.sink))
             def traced_db(trace_file):
                 """A one-connection pool (so prepared-statement names are unambiguous) traced to a file."""
                 def configure(conn):

@@ -113,6 +113,29 @@ def test_the_cluster_chain_is_one_way():
                     f"{MODULES[module]}:{line}: {module} imports {target}, which is not below it in the chain")
 
 
+TOOLING = ("aibot.cli", "aibot.harness", "aibot.demo")     # commands and test/bench tooling, on top
+
+
+def test_production_code_imports_no_tooling():
+    """The packages that run a deployment never import the CLI, the harness or the demo (the config
+    report, for one, is the CLI's: `aibot.cli.config_report`)."""
+    for module in MODULES:
+        if module.startswith(TOOLING) or module in ("aibot.__main__",):
+            continue
+        for target, line in imports(module):
+            assert not target.startswith(TOOLING), f"{MODULES[module]}:{line}: {module} imports {target}"
+
+
+def test_only_dramatiq_imports_the_actors():
+    """`aibot.actors` builds the broker and declares the actor on import: nothing else may import it
+    (doorbells name the actor; the runtime lives in `aibot.worker`)."""
+    for module in MODULES:
+        if module.startswith("aibot.actors"):
+            continue
+        for target, line in imports(module):
+            assert not target.startswith("aibot.actors"), f"{MODULES[module]}:{line}: {module} imports {target}"
+
+
 # --- named queries --------------------------------------------------------------------------------------
 
 QUERIES = query_files.all_queries()        # name -> (owning package, sql)

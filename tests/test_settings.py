@@ -112,3 +112,75 @@ def test_server_token(tmp_path):
     f.write_text(SECRET + "\n")
     assert server_token(server, {"GPU_TOKEN_FILE": str(f)}) == SECRET
     assert server_token(ServerConfig(ip="h"), {"GPU_TOKEN": SECRET}) is None
+
+
+def test_every_field_has_one_variable():
+    from aibot.settings import variable
+
+    names = {variable(f) for f in Settings.model_fields}
+    assert len(names) == len(Settings.model_fields)
+    assert variable("config_path") == "AIBOT_CONFIG" and variable("worker_pool") == "AIBOT_WORKER_POOL"
+    assert variable("backend_read_timeout") == "AIBOT_BACKEND_READ_TIMEOUT"
+
+
+def test_process_knobs_from_the_environment():
+    s = Settings.from_sources({
+        "AIBOT_WORKER_POOL": "6", "AIBOT_WORKER_SYNC_COMMIT": "1", "AIBOT_STREAM": "0",
+        "AIBOT_INVOCATION_BUDGET_SECONDS": "10", "AIBOT_SHUTDOWN_TIMEOUT": "5", "AIBOT_ACTOR_TIME_LIMIT_SECONDS": "60",
+        "AIBOT_BACKEND_READ_TIMEOUT": "0.5", "AIBOT_ORPHAN_LOAD_GRACE_SECONDS": "0.3",
+        "AIBOT_RETENTION_SECONDS": "3600", "AIBOT_SCHEDULE_REFRESH": "5s", "AIBOT_SINK": "Dry-Run",
+        "AIBOT_CHAT_DOMAIN": "example.org", "AIBOT_LOG_LEVEL": "debug",
+    })
+    assert (s.worker_pool, s.worker_sync_commit, s.stream) == (6, True, False)
+    assert (s.invocation_budget_seconds, s.shutdown_timeout, s.actor_time_limit_seconds) == (10, 5, 60)
+    assert s.backend_timeouts() == {"read": 0.5} and s.orphan_load_grace_seconds == 0.3
+    assert (s.retention_seconds, s.schedules) == (3600, {"refresh": "5s"})
+    assert (s.sink, s.chat_domain, s.log_level) == ("dry-run", "example.org", "debug")
+
+
+@pytest.mark.parametrize("var, value", [
+    ("AIBOT_WORKER_POOL", "0"), ("AIBOT_STREAM", "sometimes"), ("AIBOT_BACKEND_READ_TIMEOUT", "-1"),
+    ("AIBOT_INVOCATION_BUDGET_SECONDS", "soon"), ("AIBOT_RETENTION_SECONDS", "0"),
+])
+def test_a_malformed_knob_names_its_variable(var, value):
+    with pytest.raises(SettingsError, match=var):
+        Settings.from_sources({var: value})
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "soon"])
+def test_aging_zero_is_refused_by_the_queues_one_rule(value):
+    """0 would not mean "no aging" but "priority counts for nothing"; settings apply the queue's rule."""
+    with pytest.raises(SettingsError, match="AIBOT_AGING_SECONDS") as info:
+        Settings.from_sources({"AIBOT_AGING_SECONDS": value})
+    if value != "soon":
+        assert "aging_seconds must be a finite number > 0" in str(info.value)
+
+
+def test_worker_id_is_the_set_name_with_the_pid_else_role_at_host():
+    import os
+
+    assert Settings.from_sources({"AIBOT_WORKER_NAME": "gpu-a"}).worker_id() == f"gpu-a:{os.getpid()}"
+    assert Settings.from_sources({}).worker_id("bot").startswith("bot@")
+
+
+def test_a_settings_files_broker_is_the_one_doorbells_and_workers_use(tmp_path, monkeypatch):
+    from aibot.queue import broker, doorbell
+
+    toml = tmp_path / "aibot.toml"
+    toml.write_text('database_url = "postgresql://db/aibot"\nbroker_url = "redis://127.0.0.1:6379/3"\n')
+    for var in ("AIBOT_DATABASE_URL", "AIBOT_BROKER_URL"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AIBOT_SETTINGS_FILE", str(toml))
+    reset_settings()
+    assert broker.broker_url() == "redis://127.0.0.1:6379/3" and broker.broker_kind() == "redis"
+    assert not doorbell._broker_is_postgres(), "the ingest's doorbells go through the Redis broker, not SQL"
+    toml.write_text('database_url = "postgresql://db/aibot"\n')
+    reset_settings()
+    assert broker.broker_url() == "postgresql://db/aibot" and doorbell._broker_is_postgres()
+
+
+def test_an_empty_secret_file_is_an_error_naming_it(tmp_path):
+    empty = tmp_path / "token"
+    empty.write_text("\n")
+    with pytest.raises(SettingsError, match="AIBOT_SERVE_TOKEN_FILE.*is empty"):
+        Settings.from_sources({"AIBOT_SERVE_TOKEN_FILE": str(empty)})

@@ -25,7 +25,7 @@ the original's duplicate-message bug, §5.9), it is dropped; then only the newes
 then the oldest lines are dropped until the prompt fits `token_budget` (default: the entity's
 `context_token_budget`). The prompt and the current message are never dropped, even if they alone
 exceed the budget. Cost of a message = tokens of its content + `tokens.MESSAGE_OVERHEAD`; tokens come
-from `count_tokens` (e.g. a backend's `tokenize`) or the chars/4 estimate (`aibot.tokens`).
+from `count_tokens` (e.g. a backend's `tokenize`) or the chars/4 estimate (`aibot.generation.tokens`).
 
 Stop sequences: `global_stop_sequences` then the entity's `stop_sequences`, duplicates removed (both
 already unescaped by `aibot.config`). Sampler params: only those the entity sets.

@@ -1,4 +1,4 @@
-"""The durable job queue in Postgres (`aibot.jobs`).
+"""The durable job queue in Postgres (the `aibot.jobs` table).
 
 Why it looks like this: workers on several hosts claim with `FOR UPDATE SKIP LOCKED` so they never wait
 on each other; each claim carries a fresh token that every later call must present, so a worker whose

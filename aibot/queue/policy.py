@@ -26,7 +26,7 @@ class RetryPolicy:
     A job failure (bad answer, timeout, malformed request) backs off exponentially from `base_seconds`
     to `cap_seconds`, by the attempt count. A server fault is not the job's fault: it gets a short
     delay (by its server-fault count) so the job moves to another server holding the model soon,
-    while the server itself is backed off cluster-wide by `aibot.health`.
+    while the server itself is backed off cluster-wide by `aibot.cluster.health`.
     """
 
     base_seconds: float = 2.0

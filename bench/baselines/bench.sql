@@ -1,5 +1,5 @@
 -- Statements used only by bench/overhead.py, bench/real_inference.py and bench/baselines/ (parsed with
--- aibot.sqlfiles.parse_query_file). Schema-qualified: the benchmarks connect without aibot's search_path.
+-- aibot.db.queries.parse_query_file). Schema-qualified: the benchmarks connect without aibot's search_path.
 
 -- bench_xact_counts --
 -- Server-side commits and row changes of one database: transactions per job, measured, not estimated

@@ -1,4 +1,4 @@
-"""Reply post-processing (aibot.postprocess): pure, with hypothesis properties."""
+"""Reply post-processing (aibot.generation.postprocess): pure, with hypothesis properties."""
 
 from __future__ import annotations
 

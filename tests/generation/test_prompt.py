@@ -1,4 +1,4 @@
-"""Request building (aibot.prompt) and the token estimate (aibot.tokens): pure, no I/O."""
+"""Request building (aibot.generation.prompt) and the token estimate (aibot.generation.tokens): pure, no I/O."""
 
 from __future__ import annotations
 

@@ -115,3 +115,27 @@ def test_a_long_tick_skips_firings_quietly_and_reports_them_once(database, caplo
     assert not [r for r in caplog.records if "maximum number of running instances" in r.getMessage()]
     summary = next(r for r in caplog.records if "firing(s) skipped while it ran" in r.getMessage())
     assert summary.levelno == logging.INFO and summary.getMessage().startswith("slow-test tick took")
+
+
+def test_schedules_come_from_the_settings_and_errors_name_the_variable(database):
+    from aibot.settings import Settings, SettingsError
+
+    sched = Scheduler(database, name="s", settings=Settings.from_sources({"AIBOT_SCHEDULE_PRUNE": "off",
+                                                                         "AIBOT_SCHEDULE_REFRESH": "5s"}))
+    assert "prune" not in sched.triggers and sched.triggers["refresh"].interval == timedelta(seconds=5)
+    with pytest.raises(SettingsError, match="AIBOT_SCHEDULE_REFRESH: schedule 'every tuesday'"):
+        Scheduler(database, settings=Settings.from_sources({"AIBOT_SCHEDULE_REFRESH": "every tuesday"}))
+    with pytest.raises(SettingsError, match="AIBOT_SCHEDULE_REFERSH: no such scheduled job"):
+        Scheduler(database, settings=Settings.from_sources({"AIBOT_SCHEDULE_REFERSH": "5s"}))
+
+
+def test_jobs_are_declared_once_and_the_harness_schedules_derive_from_them():
+    from aibot.harness import FAST_SCHEDULES
+
+    assert FAST_SCHEDULES == {s.variable: s.fast for s in jobs.schedules() if s.fast}
+    assert FAST_SCHEDULES == {"AIBOT_SCHEDULE_RECLAIM": "1s", "AIBOT_SCHEDULE_REFRESH": "1s",
+                              "AIBOT_SCHEDULE_REBALANCE": "1s", "AIBOT_SCHEDULE_PROBE": "1s",
+                              "AIBOT_SCHEDULE_DOORBELL": "1s"}
+    assert all(callable(s.body) and s.help for s in jobs.schedules())
+    with pytest.raises(KeyError, match="unknown job 'nope'; choose from reclaim, refresh"):
+        jobs.get("nope")
