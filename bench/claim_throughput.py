@@ -29,9 +29,9 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 from aibot import db
-from aibot.settings import redact_url
-from aibot.queue import jobs
 from aibot.db import migrate
+from aibot.queue import jobs
+from aibot.settings import redact_url
 
 RESULTS = Path(__file__).resolve().parent / "results" / "claim_throughput.json"
 

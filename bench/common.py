@@ -44,14 +44,14 @@ from psycopg import sql  # noqa: E402
 from psycopg.conninfo import conninfo_to_dict  # noqa: E402
 
 from aibot import db  # noqa: E402
-from aibot.settings import redact_url
 from aibot.db import migrate
+from aibot.harness import Stack, entity, write_config  # noqa: E402
+from aibot.settings import redact_url
 from aibot.sim import SimCluster  # noqa: E402
 from aibot.sim.chat import FakeChatServer  # noqa: E402
 from aibot.sim.cluster import ClusterSpec  # noqa: E402
 from aibot.sim.http import Request  # noqa: E402
 from aibot.sim.server import SimServer  # noqa: E402
-from aibot.harness import Stack, entity, write_config  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"

@@ -25,10 +25,10 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 from aibot import db
-from aibot.ops import inspection
-from aibot.queue import jobs
 from aibot.db import migrate
 from aibot.db.queries import parse_query_file
+from aibot.ops import inspection
+from aibot.queue import jobs
 
 Q = parse_query_file((Path(__file__).with_suffix(".sql")).read_text(), "bench/notify_overhead.sql")
 

@@ -35,10 +35,10 @@ import common  # bench/common.py; also puts the repository on sys.path
 
 import httpx  # noqa: E402
 
-from aibot.cluster import refresh
 from aibot import db
 from aibot.backends import Timeouts, make_backend  # noqa: E402
 from aibot.bot.ingest import ingest  # noqa: E402
+from aibot.cluster import refresh
 from aibot.config import load_config, resolve_model_id  # noqa: E402
 from aibot.generation.prompt import build_request  # noqa: E402
 from aibot.harness import Stack, entity, write_config  # noqa: E402

@@ -54,8 +54,8 @@ def entities() -> list[dict]:
 
 def calibrate(d: common.Deployment, rounds: int = 2) -> float:
     """S: uncontended generations straight at each server, timed at the server (no aibot involved)."""
-    from aibot.generation import prompt
     from aibot.backends.factory import make_backend
+    from aibot.generation import prompt
 
     cfg = d.config()
     ent = cfg.entity("e1")
@@ -188,8 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.speed <= 0:
         p.error(f"--speed: must be > 0, got {args.speed}")
 
-    from aibot.sim.cluster import seed_spec
     from aibot.cluster.sizing import worker_command
+    from aibot.sim.cluster import seed_spec
 
     spec = seed_spec(speed=args.speed, preload="all")
     with common.scratch_database(args.database_url, "seed") as url, \

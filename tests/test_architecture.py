@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-import aibot
 from aibot import cluster
+import aibot
 from aibot.db import queries as query_files
 
 PACKAGE = Path(aibot.__file__).resolve().parent

@@ -20,9 +20,9 @@ from types import SimpleNamespace
 import httpx
 import pytest
 
-from aibot.cluster import refresh
 from aibot import db
 from aibot.bot.ingest import ingest
+from aibot.cluster import refresh
 from aibot.config import load_config
 from aibot.harness import Stack, entity, write_config
 from tests.real_llm import parse_metrics, real_llm_servers  # noqa: F401  (fixture)

@@ -14,11 +14,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from aibot.queue import doorbell
 from aibot.bot import cursor as cursors
 from aibot.bot import rules
 from aibot.bot.sources import Incoming
 from aibot.config.modelid import naming_kind
+from aibot.queue import doorbell
 
 log = logging.getLogger("aibot.bot.ingest")
 

@@ -95,8 +95,8 @@ def explain(exc: Exception) -> str | None:
     from psycopg import errors
 
     from aibot import db
-    from aibot.settings import redact_url
     from aibot.settings import SettingsError
+    from aibot.settings import redact_url
 
     if isinstance(exc, (db.NoDatabaseConfigured, SettingsError)):
         return str(exc)

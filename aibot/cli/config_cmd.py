@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import sys
 
-from aibot.config.loader import check_config
 from aibot.cli.config_report import format_report
+from aibot.config.loader import check_config
 
 
 def register(sub) -> None:
@@ -49,8 +49,8 @@ def run_check(args) -> int:
 
 def _live(config) -> int:
     from aibot.backends.factory import backend_for_server
-    from aibot.config.live import check_live, unserved
     from aibot.cli.config_report import table
+    from aibot.config.live import check_live, unserved
 
     findings = check_live(config, backend_for_server)
     print("\nLIVE SERVERS (what each enabled server offers for each configured model)")

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 
-from aibot.ops import inspection
-from aibot.cli.status_cmd import open_db
 from aibot.cli.render import Column, print_, table
+from aibot.cli.status_cmd import open_db
+from aibot.ops import inspection
 
 
 def register(sub) -> None:

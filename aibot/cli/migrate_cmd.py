@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from aibot import db
-from aibot.settings import redact_url
 from aibot.db import migrate
+from aibot.settings import redact_url
 
 
 def register(sub) -> None:

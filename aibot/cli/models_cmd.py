@@ -3,11 +3,11 @@ loader (so an operator's load can never race the scheduler's or another operator
 
 from __future__ import annotations
 
-from aibot.cluster import loader, refresh
-from aibot.ops import inspection
 from aibot import db
 from aibot.cli.render import Column, Ticker, fmt_bytes, print_, table
+from aibot.cluster import loader, refresh
 from aibot.cluster.sizing import GB
+from aibot.ops import inspection
 
 
 def register(sub) -> None:

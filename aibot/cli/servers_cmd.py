@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from aibot.ops import inspection
-from aibot.cli.status_cmd import open_db
 from aibot.cli.render import Column, fmt_bytes, fmt_seconds, print_, table
+from aibot.cli.status_cmd import open_db
+from aibot.ops import inspection
 
 
 def register(sub) -> None:

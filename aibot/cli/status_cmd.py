@@ -9,9 +9,9 @@ from rich.console import Group
 from rich.text import Text
 
 from aibot import db
-from aibot.settings import redact_url
-from aibot.ops import inspection
 from aibot.cli.render import Column, fmt_bytes, fmt_seconds, live_loop, print_, table
+from aibot.ops import inspection
+from aibot.settings import redact_url
 
 
 def register(sub) -> None:

@@ -28,21 +28,21 @@ import psycopg
 from psycopg import sql
 
 from aibot import db
-from aibot.settings import redact_url
-from aibot.ops import inspection
+from aibot.cli.render import is_plain
 from aibot.cluster import sizing
 from aibot.db import migrate
 from aibot.demo import baseline, capacity, report
 from aibot.demo.embedded import DEMO_DATABASE, EmbeddedError, EmbeddedPostgres, default_pgdata
-from aibot.cli.render import is_plain
 from aibot.demo.progress import Display, ServerLine, Snapshot, replies_per_minute
+from aibot.ops import inspection
+from aibot.settings import redact_url
 from aibot.demo.users import (DEMO_ENTITIES, Poster, WorkloadError, demo_entity_configs, message_count,
                               plan_messages)
+from aibot.harness import FAST_SCHEDULES, Stack, write_config
+from aibot.settings import Settings
 from aibot.sim import SimCluster
 from aibot.sim.chat import FakeChatServer
 from aibot.sim.cluster import seed_spec
-from aibot.harness import FAST_SCHEDULES, Stack, write_config
-from aibot.settings import Settings
 
 queries = db.Queries(__name__)
 

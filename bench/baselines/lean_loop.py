@@ -27,10 +27,10 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-from aibot.generation import postprocess, prompt
-from aibot.delivery import sinks
 from aibot.backends import make_backend
 from aibot.config import load_config
+from aibot.delivery import sinks
+from aibot.generation import postprocess, prompt
 from bench.baselines.harness import QUERIES
 
 

@@ -25,11 +25,11 @@ from aibot.backends import (  # noqa: E402
     make_backend,
 )
 from aibot.backends.base import ContextOverflow, LoadFailed, ModelUnavailable  # noqa: E402
+from aibot.backends.base import ModelUnavailable, find  # noqa: E402
+from aibot.backends.ollama import OllamaBackend  # noqa: E402
 from aibot.sim.catalog import GB, ModelSpec  # noqa: E402
 from aibot.sim.config import SimConfig  # noqa: E402
 from aibot.sim.server import SimServer  # noqa: E402
-from aibot.backends.base import ModelUnavailable, find  # noqa: E402
-from aibot.backends.ollama import OllamaBackend  # noqa: E402
 from tests.support.waiting import wait_for  # noqa: E402
 
 FAST = Timeouts(connect=1, read=2, total=3, control=3, load=10, probe_connect=0.5, probe_total=1)

@@ -32,11 +32,11 @@ from urllib.parse import urlsplit
 import psycopg
 
 from aibot import db
+from aibot.harness import FAST_SCHEDULES, Proc, Stack, entity, write_config
 from aibot.sim import SimCluster
 from aibot.sim.chat import FakeChatServer
 from aibot.sim.cluster import seed_spec
 from aibot.sim.faults import FaultConfig
-from aibot.harness import FAST_SCHEDULES, Proc, Stack, entity, write_config
 from tests.chaos.schedule import (KILL_MASTER, KILL_WORKER, MASTERS, RESTART_POSTGRES, SERVER_OUTAGE,
                                   TERM_MASTER, TERMINATE_BACKENDS, Event, Observed, make_schedule, verdict)
 

@@ -13,13 +13,12 @@ import threading
 
 import pytest
 
-from aibot import db
 from aibot.cluster import loader
 from aibot.cluster import state as cluster_state
+from aibot.cluster.sizing import GB
 from aibot.sim import SimServer
 from aibot.sim.catalog import ModelSpec
 from aibot.sim.config import SimConfig
-from aibot.cluster.sizing import GB
 from tests.support.cluster_rows import register_sims
 from tests.support.waiting import wait_for
 

@@ -129,8 +129,8 @@ def test_unreachable_database_is_one_line(clean_env):
 
 
 def test_a_bug_is_one_line_and_debug_shows_the_traceback(monkeypatch, capsys):
-    from aibot.ops import inspection
     from aibot.cli import main
+    from aibot.ops import inspection
 
     def broken(*a, **kw):
         raise ZeroDivisionError("a bug")

@@ -8,17 +8,17 @@ from datetime import timedelta
 
 import pytest
 
+from aibot import db
+from aibot.backends import ChatRequest, ServerFault, make_backend
 from aibot.backends.factory import backend_for_server
 from aibot.cluster import health, refresh, state
-from aibot.scheduler import jobs as scheduled
-from aibot import db
-from aibot.queue import jobs
-from aibot.backends import ChatRequest, ServerFault, make_backend
+from aibot.cluster.sizing import GB
 from aibot.config import ServerConfig
+from aibot.queue import jobs
+from aibot.scheduler import jobs as scheduled
 from aibot.sim import SimServer
 from aibot.sim.catalog import ModelSpec
 from aibot.sim.config import SimConfig
-from aibot.cluster.sizing import GB
 from tests.support.cluster_rows import register_sims
 from tests.support.waiting import wait_for
 

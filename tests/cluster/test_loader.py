@@ -6,16 +6,16 @@ import threading
 
 import pytest
 
-from aibot.cluster import loader, refresh, slots, state
+from aibot import db
+from aibot.backends import ChatRequest, make_backend
+from aibot.cluster import loader, refresh, state
+from aibot.cluster.sizing import GB, Budget, Instance, fits
+from aibot.queue import jobs
 from aibot.scheduler import jobs as scheduled
 from aibot.settings import reset_settings
-from aibot import db
-from aibot.queue import jobs
-from aibot.backends import ChatRequest, make_backend
 from aibot.sim import SimServer
 from aibot.sim.catalog import ModelSpec
 from aibot.sim.config import SimConfig
-from aibot.cluster.sizing import GB, Budget, Instance, fits
 from tests.support.cluster_rows import register_sims
 from tests.support.waiting import wait_for
 

@@ -7,7 +7,6 @@ import random
 
 import pytest
 
-from aibot import db
 from aibot.cluster import health, state
 from aibot.queue import jobs
 from tests.support.cluster_rows import job, server, slots

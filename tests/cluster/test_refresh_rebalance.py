@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from aibot.cluster import plan as plans
-from aibot.cluster import loader, refresh, sizing, slots, state
 from aibot import db
-from aibot.queue import jobs
 from aibot.backends import make_backend
+from aibot.cluster import loader, refresh, sizing, slots, state
+from aibot.cluster import plan as plans
+from aibot.cluster.sizing import GB
 from aibot.config import ServerConfig
+from aibot.queue import jobs
 from aibot.sim import SimServer
 from aibot.sim.catalog import ModelSpec
 from aibot.sim.config import SimConfig
-from aibot.cluster.sizing import GB
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 
 import pytest
 from pydantic import SecretStr
 
 from aibot.delivery import sinks
-from aibot.sim.chat import FakeChatServer
-from aibot.settings import Settings
 from aibot.delivery.sinks import ChatSink, DryRunSink, PostgresSink, SinkError, SinkRejected, make_sink
+from aibot.settings import Settings
+from aibot.sim.chat import FakeChatServer
 
 
 def payload(message_id="h1", **extra):

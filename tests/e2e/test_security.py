@@ -25,15 +25,15 @@ from pathlib import Path
 
 import pytest
 
-from aibot.queue import jobs
 from aibot.backends.base import BackendError, ChatRequest
 from aibot.backends.factory import make_backend
+from aibot.cluster.sizing import GB
+from aibot.harness import FAST_SCHEDULES, Stack, entity, write_config
+from aibot.queue import jobs
 from aibot.sim import SimServer
 from aibot.sim.catalog import ModelSpec
 from aibot.sim.chat import FakeChatServer
 from aibot.sim.config import SimConfig
-from aibot.cluster.sizing import GB
-from aibot.harness import FAST_SCHEDULES, Stack, entity, write_config
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.timeout(240)

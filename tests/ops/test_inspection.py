@@ -9,7 +9,6 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from aibot import db
 from aibot.cluster.sizing import Budget
 from aibot.ops import inspection
 from aibot.ops.inspection import JobActionError, JobNotFound, ServerNotFound

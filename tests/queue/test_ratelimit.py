@@ -9,9 +9,9 @@ from types import SimpleNamespace
 import pytest
 
 from aibot import db
+from aibot.config import RateLimits
 from aibot.queue import ratelimit
 from aibot.queue.ratelimit import Limits, next_allowed
-from aibot.config import RateLimits
 
 T0 = datetime(2025, 1, 1, 12, 0, 0, tzinfo=timezone.utc)
 

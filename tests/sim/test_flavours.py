@@ -1,5 +1,5 @@
 """The non-LM-Studio flavours over real loopback HTTP: OpenAI, llama-server (single and router); Ollama has
-tests/test_sim_ollama.py."""
+tests/sim/test_ollama.py."""
 
 from __future__ import annotations
 
@@ -295,4 +295,4 @@ def test_router_metrics_per_model(make_sim):
     assert values["llamacpp:tokens_predicted_total"] == "12" and values["llamacpp:requests_processing"] == "0"
 
 
-# Ollama: tests/test_sim_ollama.py
+# Ollama: tests/sim/test_ollama.py

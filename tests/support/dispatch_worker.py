@@ -9,10 +9,10 @@ from __future__ import annotations
 import threading
 import time
 
-from aibot.backends.factory import backend_for_server
 from aibot import db
-from aibot.queue import jobs
 from aibot.backends.base import ChatRequest
+from aibot.backends.factory import backend_for_server
+from aibot.queue import jobs
 
 
 def run_process(db_url: str, worker: str, threads: int, total_jobs: int, deadline_s: float) -> list[int]:

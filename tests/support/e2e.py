@@ -9,10 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from aibot import db
+from aibot.harness import FAST_SCHEDULES, Stack, entity, write_config
 from aibot.sim import SimCluster
 from aibot.sim.chat import FakeChatServer
 from aibot.sim.cluster import seed_spec
-from aibot.harness import FAST_SCHEDULES, Stack, entity, write_config
 from tests.support import accounting
 from tests.support.waiting import wait_for
 

@@ -17,17 +17,17 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from aibot.queue import jobs
-from aibot.backends.base import BackendError, ChatRequest, ChatResult
 from aibot.backends import registry
+from aibot.backends.base import BackendError, ChatRequest, ChatResult
 from aibot.backends.factory import Timeouts, make_backend
+from aibot.cluster.sizing import GB
+from aibot.harness import entity, write_config
+from aibot.queue import jobs
 from aibot.settings import Settings
 from aibot.sim import SimServer
 from aibot.sim.catalog import ModelSpec
 from aibot.sim.chat import FakeChatServer
 from aibot.sim.config import SimConfig
-from aibot.cluster.sizing import GB
-from aibot.harness import entity, write_config
 from tests.support.cluster_rows import register_sims
 
 pytestmark = pytest.mark.timeout(180)

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import pytest
 
+from aibot.harness import entity, write_config
 from aibot.queue import jobs
 from aibot.settings import Settings
 from aibot.sim import SimServer
 from aibot.sim.catalog import GB, ModelSpec
 from aibot.sim.chat import FakeChatServer
 from aibot.sim.config import SimConfig
-from aibot.harness import entity, write_config
 from tests.support.cluster_rows import register_sims
 
 pytestmark = pytest.mark.timeout(120)
