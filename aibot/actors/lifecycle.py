@@ -6,6 +6,9 @@
   `Settings.shutdown_timeout` (AIBOT_SHUTDOWN_TIMEOUT, default 30 s), then release what is left back to the queue with the
   attempt refunded and close the HTTP clients so blocked reads return; nothing is left `running`.
   A second SIGTERM makes Dramatiq exit at once; leases then recover whatever was in flight.
+
+The work is `aibot.worker.runtime`'s and the process registry `aibot.worker.registry`'s; this module
+only wires them to Dramatiq's hooks.
 """
 
 from __future__ import annotations

@@ -12,6 +12,9 @@ Recovery: a down server is probed every PROBE_EVERY_SECONDS whatever its backoff
 soon as a probe answers, so an outage costs seconds after it ends, not a backoff period. The backoff
 still protects against a flapping server: one that fails again within FLAP_SECONDS of recovering goes
 a level up (`aibot.next_backoff_level`) and stays down until that backoff ends, answering or not.
+
+Owns the health and backoff columns of `servers` and the `model_health` rows; decides nothing about
+slots or placement (`aibot.cluster.state` reads the blocked pairs).
 """
 
 from __future__ import annotations

@@ -10,6 +10,9 @@ server row (so two loads of different models on one server cannot both pass the 
 room with `aibot.cluster.placement`, takes the slots of idle models to evict, and inserts the new instance
 in state 'loading' so its memory counts before a single byte is loaded. No transaction is open
 during HTTP; other models keep serving meanwhile.
+
+Owns the load/unload transitions of `model_instances` and the `model_loads` history; the placement
+decision is `aibot.cluster.placement`'s and the slot rows are `aibot.cluster.slots`'s.
 """
 
 from __future__ import annotations

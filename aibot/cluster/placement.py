@@ -3,6 +3,8 @@ loaded, and which idle models make room for it.
 
 Kept free of I/O so every rule here (fair split, eviction order, minimum residency, the memory budget)
 is decided by a function a unit test can call with made-up servers.
+
+No I/O and no state: `aibot.cluster.loader` and `aibot.cluster.slots` apply what it decides.
 """
 
 from __future__ import annotations

@@ -16,6 +16,9 @@ would give floor(17.2 / 3) = 5 and contradict the seed's table.
 
 All quantities are integer bytes (GB = 10⁹, as in the schema defaults) and the safety margin is
 rounded up, so `accounted_bytes(...) <= RAM` holds exactly, without float slop.
+
+The one statement of the memory accounting, safety margin included: the `server_health` view
+accounts the margin the refresh stores from `Budget.safety_bytes`. No I/O.
 """
 
 from __future__ import annotations

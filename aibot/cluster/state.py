@@ -12,7 +12,6 @@ the refresh and by the loader); it makes no HTTP call and changes no slot.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Any
@@ -26,7 +25,6 @@ from aibot.cluster import health
 from aibot.cluster.placement import Resident, ServerView
 from aibot.cluster.sizing import Budget, Instance
 
-logger = logging.getLogger(__name__)
 queries = db.Queries(__name__)
 
 #: Instance states (as a server lists them) that hold memory and can, or soon will, serve.

@@ -3,6 +3,8 @@
 Several hosts may run `aibot migrate` at once during a rolling upgrade: a transaction-scoped
 advisory lock serialises them, and each file runs in its own transaction with its bookkeeping row,
 so a failure leaves the database at the last good migration.
+
+Owns `aibot.migrations`; the schema itself is the migration files'.
 """
 
 from __future__ import annotations

@@ -7,6 +7,9 @@ treats a second delivery of the same id as success without storing it twice.
 Errors: `SinkError` means "try again later" (connection refused, timeout, 5xx, 429); the worker keeps
 the stored reply and retries delivery without generating again. `SinkRejected` (a 4xx other than
 409) will not get better by retrying.
+
+Owns the `replies` rows (the Postgres sink); what a failed delivery means for the job is the claim
+runtime's decision.
 """
 
 from __future__ import annotations

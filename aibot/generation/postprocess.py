@@ -11,6 +11,8 @@ Order (the original's `postComment`, original-bot.md §5.10, plus two fixes):
      that is what the JavaScript side measures; an astral character (emoji) is never split.
   6. Empty or whitespace-only → None (the original posted empty replies; we don't).
 Steps 3–5 only ever take a prefix or strip, so they cannot re-create a removed phrase.
+
+Pure: no I/O.
 """
 
 from __future__ import annotations

@@ -29,6 +29,8 @@ from `count_tokens` (e.g. a backend's `tokenize`) or the chars/4 estimate (`aibo
 
 Stop sequences: `global_stop_sequences` then the entity's `stop_sequences`, duplicates removed (both
 already unescaped by `aibot.config`). Sampler params: only those the entity sets.
+
+Pure: no I/O; the token counter is passed in.
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ The estimate is the one the original DO-era bot used (doc 228): characters / 4, 
 high for English and low for dense scripts (CJK, emoji), which is why a server tokenizer wins when a
 backend offers one (llama.cpp `/tokenize`). Each message also costs a fixed overhead for the chat
 template's role markers, so a hundred tiny turns cannot sneak past the budget.
+
+Pure but for the tokenizer function a caller passes in.
 """
 
 from __future__ import annotations

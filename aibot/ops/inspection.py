@@ -4,6 +4,9 @@ The CLI, the HTTP server, /metrics and the dashboard all go through here (and so
 of `0005_inspection.sql`), so every surface shows the same numbers. Actions on jobs go through the SQL
 functions `requeue_job`/`discard_job`, whose refusals (a running job belongs to its worker) become
 `JobActionError` with the database's message.
+
+Owns no table; reads the views and calls their functions. Other packages' state (resident models)
+it reads through that package (`aibot.cluster.state`).
 """
 
 from __future__ import annotations

@@ -8,6 +8,9 @@ function in `sql/migrations/0002_queue.sql`. See docs/queue.md.
 
 Every call runs in its own transaction, or in a savepoint when the caller already has one open (so
 `bot.ingest` can insert jobs and ring doorbells atomically).
+
+Owns the `jobs` rows and their states; the retry decisions are `aibot.queue.policy`'s and the
+claim order is SQL's (`jobs_enqueue`). Knows nothing of LLM servers beyond the slot a claim takes.
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ The queue's SQL applies these decisions but does not make them, so they can be u
 database and tuned in one place. Randomness is an argument (`rand` in [0, 1)), never drawn here, so a
 test can pin the jitter. The claim order itself (rank = created + priority × aging) is computed once,
 in SQL, when a job is enqueued (`jobs_enqueue`); this module only validates the aging step it uses.
+
+Owns no state and does no I/O.
 """
 
 from __future__ import annotations

@@ -6,6 +6,9 @@ claiming a job: under a per-entity advisory lock it counts the entity's events i
 3600 s (`aibot.rate_events`), and either records an event for the job or learns when the entity may
 post again, then releases the job until then: a limited message is deferred, never dropped. A job
 that ends without posting gives its reservation back with `cancel`.
+
+Owns the `rate_events` rows. The worker enforces it at claim time (`aibot.worker.runtime`); the bot
+never checks limits at enqueue time.
 """
 
 from __future__ import annotations

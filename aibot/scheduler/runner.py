@@ -16,6 +16,8 @@ firing a no-op: one instance per job, missed firings coalesced. APScheduler logs
 warning ("maximum number of running instances reached"), up to one a second per job with the test
 schedules; they are expected, so they are counted instead and reported once, at INFO, when the long
 tick ends.
+
+Owns the `scheduler_ticks` rows; the jobs themselves are `aibot.scheduler.jobs`.
 """
 
 from __future__ import annotations
