@@ -19,8 +19,9 @@ def register(sub) -> None:
 def schedule_table(settings):
     """Every scheduled job with the schedule this process would use (AIBOT_SCHEDULE_<JOB>, else the default)."""
     from aibot.scheduler import jobs
-    from aibot.scheduler.runner import schedule_text
+    from aibot.scheduler.runner import schedule_text, triggers
 
+    triggers(settings, jobs.schedules())   # a schedule that does not parse, or names no job, is an error
     rows = []
     for s in jobs.schedules():
         text, source = schedule_text(s, settings)
