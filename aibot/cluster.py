@@ -489,7 +489,7 @@ def configured(config_path: str | None = None) -> Configured | None:
 def refresh_all(database: db.Database, backend_for: Callable[[Mapping[str, Any]], Backend] = backend_for_row, *,
                 sync: bool = True, config_path: str | None = None) -> str | None:
     """Syncs servers from the config (when there is one), refreshes every enabled server that is not
-    backed off, then rebalances slots to match."""
+    down or backed off (a down server is the probe's), then rebalances slots to match."""
     found = configured(config_path) if sync else None
     if found is not None:
         with database.transaction() as conn:
@@ -501,7 +501,8 @@ def refresh_all(database: db.Database, backend_for: Callable[[Mapping[str, Any]]
     with database.transaction() as conn:
         now = db.one(conn, "cluster_now")["now"]
         servers = [s for s in db.all_rows(conn, "cluster_servers")
-                   if s["enabled"] and (s["backoff_until"] is None or s["backoff_until"] <= now)]
+                   if s["enabled"] and s["health"] != "down"
+                   and (s["backoff_until"] is None or s["backoff_until"] <= now)]
         wanted = {r["model"] for r in db.all_rows(conn, "cluster_wanted_models")}
     if found is not None:
         wanted |= found.models

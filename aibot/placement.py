@@ -192,7 +192,8 @@ class Refusal:
     reasons: dict[str, str] = field(default_factory=dict)
 
     def __str__(self) -> str:
-        return "; ".join(f"{name}: {why}" for name, why in sorted(self.reasons.items())) or "no servers"
+        return ("; ".join(f"{name}: {why}" for name, why in sorted(self.reasons.items()))
+                or "no server is registered yet (the scheduler's refresh adds the configured ones)")
 
 
 def evictable(server: ServerView, *, now: datetime, min_residency_s: float = DEFAULT_MIN_RESIDENCY_SECONDS,
