@@ -161,18 +161,19 @@ def deployment(db_url: str, tmp_path: Path, router: Router, *, threads: int = 10
 
 class SlotSampler:
     """Samples, for each model, the router's busy slots (`/slots?model=`, `is_processing`) and requests
-    waiting for a slot (`/metrics?model=` `llamacpp:requests_deferred`), bracketed by aibot's slot rows
-    read just before and just after, so a busy count can be compared with the capacity aibot had then."""
+    waiting for a slot (`/metrics?model=` `llamacpp:requests_deferred`), bracketed by the slot rows
+    (`rows()`: aibot's capacity per model) read just before and just after, so a busy count is compared
+    with the capacity aibot had at that moment."""
 
-    def __init__(self, dep: Deployment, models=MODELS, interval: float = 0.02) -> None:
-        self.dep, self.models, self.interval = dep, list(models), interval
+    def __init__(self, router: Router, rows, models=MODELS, interval: float = 0.02) -> None:
+        self.router, self.rows, self.models, self.interval = router, rows, list(models), interval
         self.samples: list[dict] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._client = httpx.Client(timeout=5)
 
     def _busy(self, model: str) -> tuple[int | None, int | None]:
-        base = self.dep.router.url
+        base = self.router.url
         try:
             r = self._client.get(f"{base}/slots", params={"model": model, "autoload": "false"})
             busy = sum(1 for s in r.json() if s.get("is_processing")) if r.status_code == 200 else None
@@ -184,9 +185,9 @@ class SlotSampler:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            before = self.dep.slot_rows()
+            before = self.rows()
             seen = {m: self._busy(m) for m in self.models}
-            after = self.dep.slot_rows()
+            after = self.rows()
             for m, (busy, deferred) in seen.items():
                 if busy is not None:
                     self.samples.append({"model": m, "busy": busy, "deferred": deferred,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -49,7 +50,7 @@ def test_cold_start_aibot_loads_each_model_exactly_once(db_url, tmp_path, router
 
 def test_forty_messages_answered_once_within_aibots_slots(db_url, tmp_path, router_factory):
     router = router_factory()
-    with deployment(db_url, tmp_path, router) as dep, SlotSampler(dep) as sampler:
+    with deployment(db_url, tmp_path, router) as dep, SlotSampler(router, dep.slot_rows) as sampler:
         ids = dep.send(["pirate", "poet"] * 20)
         rows = dep.wait_done(ids, timeout=150)
     dep.assert_answered_once(ids)
@@ -60,6 +61,22 @@ def test_forty_messages_answered_once_within_aibots_slots(db_url, tmp_path, rout
     assert not over, f"{len(over)} samples with the router busier than aibot's slot rows (or requests " \
                      f"queued inside it), first: {over[:5]}"
     assert max(sampler.peak().values()) >= 2, f"the slots were never used in parallel: {sampler.peak()}"
+
+
+def test_slot_sampler_sees_an_over_committed_router(router_factory):
+    """The control for the check above: with twice as many concurrent requests as slots, the sampler
+    must see requests queued inside the router, and more busy slots than a capacity of half of them."""
+    router = router_factory()
+    parallel = router.options.parallel
+    assert router.load(A).status_code == 200
+    router.wait_status(A, "loaded")
+    with SlotSampler(router, lambda: {A: parallel // 2}, models=[A], interval=0.01) as sampler, \
+            ThreadPoolExecutor(2 * parallel) as pool:
+        codes = list(pool.map(lambda _: router.chat(A, "Count slowly to fifty.", max_tokens=24).status_code,
+                              range(2 * parallel)))
+    assert codes == [200] * (2 * parallel)
+    assert any(s["busy"] > s["rows"] for s in sampler.samples), f"busy never above {parallel // 2}: {sampler.peak()}"
+    assert any((s["deferred"] or 0) > 0 for s in sampler.samples), "the sampler never saw a deferred request"
 
 
 # The router's reason for a failed load is its status object: `failed: true` and the instance's
