@@ -18,6 +18,7 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -224,6 +225,20 @@ def capture_models_max(rec: Recorder) -> None:
              r.load(b))
     r.wait_status(b, "loaded")
     rec.save("models-evicted", "GET /models after that: gemma-a evicted (LRU), gemma-b loaded", r.get("/models"))
+
+    # Two loads at once with room for one: the second finds the first still loading (not evictable).
+    r.unload(b)
+    r.wait_status(b, "unloaded")
+    with ThreadPoolExecutor(2) as pool:
+        first, second = pool.map(r.load, [a, b])
+    rec.save("load-concurrent-over-models-max", "POST /models/load gemma-a and gemma-b at the same moment with "
+             "--models-max 1 and nothing loaded: both answers (the one refused is the HTTP 500 'model limit "
+             "reached, try again later' of server_models::load, a transient refusal)",
+             payload=[{"model": a, "http_status": first.status_code, "body": first.json()},
+                      {"model": b, "http_status": second.status_code, "body": second.json()}], status=None)
+    rec.save("models-after-concurrent-loads", "GET /models after those two loads settled", payload=_poll(
+        lambda: (lambda m: m if all(x["status"]["value"] != "loading" for x in m["data"]) else None)(
+            r.get("/models").json()), 30, "no model loading"), status=200)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -193,6 +193,11 @@ class Router:
         load, whoever asked for it (aibot's POST /models/load, or an autoload by a chat)."""
         return self.log().count(f"spawning server instance with name={name} on port")
 
+    def exits(self, name: str) -> int:
+        """How often an instance of `name` ended (unloaded, evicted, crashed), from the router's log line
+        `instance name=%s exited with status %d` (server-models.cpp, the monitor thread)."""
+        return self.log().count(f"instance name={name} exited with status")
+
     # --- the router's own API, as a client sees it -------------------------------------------------
 
     def get(self, path: str, **params: Any) -> httpx.Response:

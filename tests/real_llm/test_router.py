@@ -138,7 +138,10 @@ def test_model_unloaded_underneath_is_served_again_without_loss(db_url, tmp_path
 
         answer = router.unload(A)
         assert answer.status_code == 200, answer.text
-        router.wait_status(A, "unloaded", timeout=30)
+        # The instance's exit, not the status: with autoload on, any request for gemma-a (a chat, or a
+        # GET /slots?model= without autoload=false) loads it again at once, so "unloaded" may not last
+        # long enough to be polled.
+        wait_for(lambda: router.exits(A) >= 1, timeout=30, message="gemma-a's instance to exit")
 
         second = dep.send(["pirate"] * 6)
         dep.wait_done(second, timeout=90)
