@@ -8,6 +8,7 @@ the row count *is* the concurrency limit, for any number of workers on any numbe
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
@@ -120,16 +121,15 @@ class RefreshResult:
     error: str | None = None
 
 
-def _resident_state(listed: str, origin: str) -> str:
+def _resident_state(listed: str) -> str:
     """Our row state for an instance the server lists as `listed`.
 
-    A server that loads a model by itself (llama.cpp autoload on a chat request, LM Studio JIT) serves
-    requests for it as soon as it is ready and holds them meanwhile, so its model keeps its slots
-    ('loaded'); only our own loader's load is 'loading' (zero slots) until the loader says it is done.
-    A sleeping router model wakes on the next request: resident, serving.
+    A model the server is loading by itself (llama.cpp autoload on a chat request, LM Studio JIT, a
+    reload after someone unloaded it underneath us) serves requests as soon as it is ready and holds
+    them meanwhile, so it keeps its slots ('loaded'). Only our own loader's reservation is 'loading'
+    (zero slots), and the refresh never overrides that row (cluster_upsert_instance). A sleeping
+    router model wakes on the next request: resident, serving.
     """
-    if listed == "loading" and origin == "aibot":
-        return "loading"
     return "loaded" if listed in ("loaded", "loading", "sleeping") else listed
 
 
@@ -220,12 +220,18 @@ def refresh_server(conn: psycopg.Connection, server_row: Mapping[str, Any], back
         for model, (offered, live) in found.items():
             primary = _pick_primary(live)
             origin = known[model]["origin"] if model in known else "server"
+            if offered.detail and model in known:
+                # A per-model detail failed (its /props timed out while it was busy): the listing still
+                # shows it resident, but its parallel and context are unknown this time, so keep what we
+                # knew rather than shrinking its slots to the default under the requests in flight.
+                primary = dataclasses.replace(primary, parallel=known[model]["parallel"],
+                                              context_length=known[model]["context_length"] or primary.context_length)
             size = sum(i.size_bytes for i in live) or (offered.size_bytes or 0) * len(live)
             if size <= 0:
                 cat = db.one(conn, "cluster_catalog_get", {"model": model})
                 size = int(cat["size_bytes"]) * len(live) if cat else 0
             row = db.one(conn, "cluster_upsert_instance", {
-                "server_id": sid, "model": model, "state": _resident_state(primary.state, origin),
+                "server_id": sid, "model": model, "state": _resident_state(primary.state),
                 "size_bytes": size, "parallel": max(1, primary.parallel or 1),
                 "context_length": primary.context_length, "instance_id": primary.key, "instances": len(live),
                 "origin": origin, "ttl_seconds": primary.ttl_seconds, "loader": False})
@@ -351,7 +357,7 @@ def server_views(conn: psycopg.Connection, now) -> list[ServerView]:
     for r in db.all_rows(conn, "cluster_instances", {"server_id": None}):
         residents.setdefault(r["server_id"], []).append(Resident(
             r["model"], int(r["size_bytes"]), int(r["parallel"]), r["state"], int(r["held"]),
-            r["loaded_at"], r["last_used_at"]))
+            r["loaded_at"], r["last_used_at"], r["load_seconds"]))
     blocked: dict[int, dict[str, str]] = {}
     for (sid, model), row in health.blocked_pairs(conn).items():
         blocked.setdefault(sid, {})[model] = _blocked_reason(row)
@@ -560,6 +566,10 @@ def load_for_demand(database: db.Database, *, worker_id: str,
         try:
             res = model_loader.ensure_loaded(database, w["model"], backend_for=backend_for, worker_id=worker_id)
             _not_loadable.pop(w["model"], None)
+            with database.transaction() as conn:
+                from aibot import jobs
+
+                jobs.clear_waiting(conn, w["model"])
             return f"{w['model']}@{res.server}", None
         except model_loader.LoadError as exc:
             reason = f"waiting: {exc}"
