@@ -601,6 +601,8 @@ def load_for_demand(database: db.Database, *, worker_id: str,
         try:
             res = ensure_loaded(database, w["model"], backend_for=backend_for, worker_id=worker_id)
             _not_loadable.pop(w["model"], None)
+            with database.transaction() as conn:
+                jobs.clear_waiting(conn, w["model"])
             return f"{w['model']}@{res.server}", None
         except LoadError as exc:
             reason = f"waiting: {exc}"

@@ -15,7 +15,18 @@ from datetime import datetime, timedelta
 
 from aibot.cluster.sizing import Budget, Instance, gb, memory_bound, server_slots
 
-DEFAULT_MIN_RESIDENCY_SECONDS = 120.0
+DEFAULT_MIN_RESIDENCY_SECONDS = 120.0   # the cap: no model stays protected longer than this
+RESIDENCY_PER_LOAD_SECOND = 10.0        # a model stays at least 10 × its own load time...
+MIN_RESIDENCY_FLOOR_SECONDS = 5.0       # ...and never less than this
+
+
+def min_residency(load_seconds: float | None, cap: float = DEFAULT_MIN_RESIDENCY_SECONDS) -> float:
+    """How long a freshly loaded model is protected from eviction: in proportion to what its load cost
+    (a 0.3 GB model that loads in 1 s need not block a swap for two minutes; a 40 GB one that took a
+    minute must not be thrown out after a few seconds), within [floor, cap]. Unknown load time: the cap."""
+    if load_seconds is None or load_seconds < 0:
+        return cap
+    return min(cap, max(MIN_RESIDENCY_FLOOR_SECONDS, RESIDENCY_PER_LOAD_SECOND * load_seconds))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -146,6 +157,7 @@ class Resident:
     held: int = 0                     # slots held = requests in flight
     loaded_at: datetime | None = None
     last_used_at: datetime | None = None
+    load_seconds: float | None = None   # how long its last load took here (None: not loaded by us, unknown)
 
     def instance(self) -> Instance:
         return Instance(self.model, self.size_bytes, self.parallel, self.state)
@@ -194,7 +206,8 @@ class Refusal:
     reasons: dict[str, str] = field(default_factory=dict)
 
     def __str__(self) -> str:
-        return "; ".join(f"{name}: {why}" for name, why in sorted(self.reasons.items())) or "no servers"
+        return ("; ".join(f"{name}: {why}" for name, why in sorted(self.reasons.items()))
+                or "no server is registered yet (the scheduler's refresh adds the configured ones)")
 
 
 def evictable(server: ServerView, *, now: datetime, min_residency_s: float = DEFAULT_MIN_RESIDENCY_SECONDS,
@@ -202,13 +215,17 @@ def evictable(server: ServerView, *, now: datetime, min_residency_s: float = DEF
     """Models that may be unloaded to make room, best victim first.
 
     Never a model with requests in flight, never one still loading/unloading, never one loaded less
-    than `min_residency_s` ago (so two models competing for memory do not thrash). Models without
-    queued demand go first, then least recently used.
+    than its minimum residency ago (`min_residency`: scaled to its load time, capped at
+    `min_residency_s`), so two models competing for memory do not thrash. Models without queued demand
+    go first, then least recently used.
     """
     demand = demand or {}
-    cutoff = now - timedelta(seconds=min_residency_s)
-    candidates = [r for r in server.residents
-                  if r.state == "loaded" and r.held == 0 and (r.loaded_at is None or r.loaded_at <= cutoff)]
+
+    def settled(r: Resident) -> bool:
+        return r.loaded_at is None or r.loaded_at <= now - timedelta(seconds=min_residency(r.load_seconds,
+                                                                                             min_residency_s))
+
+    candidates = [r for r in server.residents if r.state == "loaded" and r.held == 0 and settled(r)]
     oldest = datetime.min.replace(tzinfo=now.tzinfo)
     return sorted(candidates, key=lambda r: (demand.get(r.model, 0) > 0, r.last_used_at or oldest, r.model))
 

@@ -9,6 +9,7 @@ and memory columns; it never loads or unloads a model (`aibot.cluster.loader` do
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import socket
 from collections.abc import Callable, Iterable, Mapping
@@ -120,17 +121,16 @@ class RefreshResult:
     error: str | None = None
 
 
-def _resident_state(listed: str, origin: str) -> str:
+def _resident_state(listed: str) -> str:
     """Our row state for an instance the server lists as `listed`.
 
-    A server that loads a model by itself (llama.cpp autoload on a chat request, LM Studio JIT) serves
-    requests for it as soon as it is ready and holds them meanwhile, so its model keeps its slots
-    ('loaded'); only our own loader's load is 'loading' (zero slots) until the loader says it is done.
-    A sleeping router model wakes on the next request: resident, serving.
+    A model the server is loading by itself (llama.cpp autoload on a chat request, LM Studio JIT, a
+    reload after someone unloaded it underneath us) serves requests as soon as it is ready and holds
+    them meanwhile, so it keeps its slots ('loaded'). Only our own loader's reservation is 'loading'
+    (zero slots), and the refresh never overrides that row (cluster_upsert_instance). A sleeping
+    router model wakes on the next request: resident, serving.
     """
-    if listed == "loading" and origin == "aibot":
-        return "loading"
-    return "loaded" if listed in state.LIVE_STATES else listed
+    return "loaded" if listed in ("loaded", "loading", "sleeping") else listed
 
 
 def refresh_server(conn: psycopg.Connection, server_row: Mapping[str, Any], backend: Backend,
@@ -210,12 +210,20 @@ def refresh_server(conn: psycopg.Connection, server_row: Mapping[str, Any], back
 
         for model, (offered, live) in found.items():
             origin = known[model]["origin"] if model in known else "server"
+            if offered.detail and model in known:
+                # A per-model detail failed (its /props timed out while it was busy): the listing still
+                # shows it resident, but its parallel and context are unknown this time, so keep what we
+                # knew rather than shrinking its slots to the default under the requests in flight.
+                primary = state.primary_instance(live)
+                live = [dataclasses.replace(primary, parallel=known[model]["parallel"],
+                                            context_length=known[model]["context_length"] or primary.context_length),
+                        *[i for i in live if i is not primary]]
             size = sum(i.size_bytes for i in live) or (offered.size_bytes or 0) * len(live)
             if size <= 0:
                 cat = state.catalog_size(conn, model)
                 size = int(cat["size_bytes"]) * len(live) if cat else 0
             row = state.record_instance(conn, sid, model, offered, live, origin=origin, loader=False,
-                                        state=_resident_state(state.primary_instance(live).state, origin),
+                                        state=_resident_state(state.primary_instance(live).state),
                                         size_bytes=size)
             if row["inserted"]:
                 result.added.append(model)
@@ -253,7 +261,7 @@ class RefreshPass:
 def refresh_all(database: db.Database, backend_for: Callable[[Mapping[str, Any]], Backend] = backend_for_server, *,
                 sync: bool = True, config_path: str | None = None) -> RefreshPass:
     """Syncs servers from the config (when there is one), refreshes every enabled server that is not
-    backed off, then rebalances slots to match."""
+    down or backed off (a down server is the probe's), then rebalances slots to match."""
     found = configured(config_path) if sync else None
     if found is not None:
         with database.transaction() as conn:
@@ -264,7 +272,8 @@ def refresh_all(database: db.Database, backend_for: Callable[[Mapping[str, Any]]
     with database.transaction() as conn:
         now = state.now(conn)
         servers = [s for s in state.servers(conn)
-                   if s["enabled"] and (s["backoff_until"] is None or s["backoff_until"] <= now)]
+                   if s["enabled"] and s["health"] != "down"
+                   and (s["backoff_until"] is None or s["backoff_until"] <= now)]
         wanted = {r["model"] for r in queries.all(conn, "cluster_wanted_models")}
     if found is not None:
         wanted |= found.models

@@ -147,7 +147,7 @@ def server_views(conn: psycopg.Connection) -> list[ServerView]:
     for r in instances(conn):
         residents.setdefault(r["server_id"], []).append(Resident(
             r["model"], int(r["size_bytes"]), int(r["parallel"]), r["state"], int(r["held"]),
-            r["loaded_at"], r["last_used_at"]))
+            r["loaded_at"], r["last_used_at"], r["load_seconds"]))
     blocked: dict[int, dict[str, str]] = {}
     for (sid, model), row in health.blocked_pairs(conn).items():
         blocked.setdefault(sid, {})[model] = _blocked_reason(row)

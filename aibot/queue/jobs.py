@@ -199,9 +199,16 @@ def claim(conn: psycopg.Connection, worker_id: str, *, lease_seconds: float, use
 
 def note_waiting(conn: psycopg.Connection, model: str, reason: str) -> int:
     """Records on every queued job of `model` why it is still waiting (e.g. no server can load the
-    model, and why), so `aibot status`, `jobs list` and the dashboard show it; returns rows changed."""
+    model, and why), so `aibot status`, `jobs list` and the dashboard show it; returns rows changed.
+    `reason` starts with "waiting: " (`clear_waiting` removes exactly those notes)."""
     with conn.transaction():
         return queries.run(conn, "jobs_note_waiting", {"model": model, "reason": reason[:MAX_ERROR_CHARS]}).rowcount
+
+
+def clear_waiting(conn: psycopg.Connection, model: str) -> int:
+    """The model was loaded: forget the waiting notes `note_waiting` left on its queued jobs."""
+    with conn.transaction():
+        return queries.run(conn, "jobs_clear_waiting", {"model": model}).rowcount
 
 
 def _token_call(conn: psycopg.Connection, name: str, params: dict[str, Any]) -> dict | None:

@@ -99,3 +99,7 @@ WHERE sl.job_id IS NULL
   AND sl.server_id IN (SELECT u.id FROM aibot.usable_servers u)
   AND NOT EXISTS (SELECT 1 FROM aibot.blocked_pairs b WHERE b.server_id = sl.server_id AND b.model = sl.model)
 GROUP BY sl.server_id, sl.model;
+
+-- The last successful load of each (server, model): its duration scales the model's minimum residency
+-- (aibot.placement.min_residency).
+CREATE INDEX model_loads_last_ok ON aibot.model_loads (server_id, model, finished_at DESC) WHERE action = 'load' AND ok;

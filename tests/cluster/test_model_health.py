@@ -119,3 +119,12 @@ def test_repeated_failed_loads_escalate_the_pair_backoff(conn):
         # the backoff ends without a recovery in between (the next load is tried, and fails again)
         conn.execute("UPDATE aibot.model_health SET backoff_until = now() WHERE server_id = %s", (sid,))
     assert levels == [1, 2, 3]
+
+
+def test_waiting_notes_are_cleared_once_the_model_can_be_served(conn):
+    jobs.enqueue_many(conn, [job("1", "m"), job("2", "m")])
+    jobs.note_waiting(conn, "m", "waiting: no server can load 'm'")
+    conn.execute("UPDATE aibot.jobs SET last_error = 'HTTP 500' WHERE source_message_id = '2'")
+    assert jobs.clear_waiting(conn, "m") == 1
+    assert {r["source_message_id"]: r["last_error"] for r in conn.execute("SELECT * FROM aibot.jobs")} == \
+        {"1": None, "2": "HTTP 500"}          # a real error stays

@@ -291,3 +291,16 @@ def test_no_room_names_every_number_and_its_source():
                  "safety 1.7GB", "resident models 10GB", "= 5.3GB free", "idle models that may be evicted: none",
                  "busy or recently loaded: other"):
         assert part in why, (part, why)
+
+
+def test_minimum_residency_scales_with_the_load_time():
+    from aibot.cluster.placement import MIN_RESIDENCY_FLOOR_SECONDS, min_residency
+
+    assert min_residency(1.4) == 14.0                        # a 270M model that loads in 1.4 s
+    from aibot.cluster.placement import DEFAULT_MIN_RESIDENCY_SECONDS
+
+    assert min_residency(30.0) == DEFAULT_MIN_RESIDENCY_SECONDS   # a 15 GB f16 model: the cap
+    assert min_residency(0.1) == MIN_RESIDENCY_FLOOR_SECONDS and min_residency(None) == DEFAULT_MIN_RESIDENCY_SECONDS
+    quick = Resident("quick", GB, loaded_at=NOW - timedelta(seconds=20), load_seconds=1.0)
+    slow = Resident("slow", GB, loaded_at=NOW - timedelta(seconds=20), load_seconds=30.0)
+    assert [r.model for r in evictable(server("s", 128, [quick, slow]), now=NOW)] == ["quick"]

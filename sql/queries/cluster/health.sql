@@ -3,11 +3,13 @@
 -- health_record_fault --
 -- One server fault, counted for every worker on every host; the threshold-th consecutive one backs the
 -- server off (health down). A trip within the flap window of the last recovery goes one level up, an
--- isolated one is level 1 (aibot.next_backoff_level). Faults while already backed off only count.
+-- isolated one is level 1 (aibot.next_backoff_level). Faults while it is down or backed off only count:
+-- a down server comes back through the probe, not through the expiry of its backoff.
 WITH cur AS (
     SELECT id, failure_count, backoff_level, backoff_until,
            next_backoff_level(backoff_level, backoff_until, recovered_at, %(flap_seconds)s) AS level,
-           (failure_count + 1 >= %(threshold)s AND (backoff_until IS NULL OR backoff_until <= now())) AS trip
+           (health <> 'down' AND failure_count + 1 >= %(threshold)s
+            AND (backoff_until IS NULL OR backoff_until <= now())) AS trip
     FROM servers WHERE id = %(server_id)s FOR UPDATE
 )
 UPDATE servers s SET

@@ -19,10 +19,14 @@ SELECT * FROM servers WHERE name = %(name)s;
 SELECT * FROM servers WHERE id = %(server_id)s;
 
 -- cluster_instances --
--- Resident models with their requests in flight (held slots) and last use, for one server or all
+-- Resident models with their requests in flight (held slots), last use and last load time, for one server or all
 SELECT mi.server_id, mi.model, mi.state, mi.size_bytes, mi.parallel, mi.context_length, mi.loaded_at,
        greatest(mi.last_used_at, h.last_taken) AS last_used_at,
-       coalesce(h.held, 0)::integer AS held
+       coalesce(h.held, 0)::integer AS held,
+       (SELECT extract(epoch FROM ml.finished_at - ml.started_at)::double precision
+        FROM model_loads ml
+        WHERE ml.server_id = mi.server_id AND ml.model = mi.model AND ml.action = 'load' AND ml.ok
+        ORDER BY ml.finished_at DESC LIMIT 1) AS load_seconds
 FROM model_instances mi
 LEFT JOIN (
     SELECT sl.server_id, sl.model, count(*) AS held, max(sl.taken_at) AS last_taken
@@ -60,7 +64,8 @@ ORDER BY s.name;
 
 -- cluster_server_models --
 -- The models aibot already records on one server (their names are what the next listing must find)
-SELECT model, state, origin, instance_id FROM model_instances WHERE server_id = %(server_id)s ORDER BY model;
+SELECT model, state, origin, instance_id, parallel, context_length
+FROM model_instances WHERE server_id = %(server_id)s ORDER BY model;
 
 -- cluster_queued_demand --
 -- Queued jobs per model: the demand the slot split and eviction order prefer
@@ -108,9 +113,7 @@ VALUES (%(server_id)s, %(model)s, %(state)s, %(size_bytes)s, %(parallel)s, %(con
         %(instance_id)s, %(instances)s, %(origin)s, %(ttl_seconds)s)
 ON CONFLICT (server_id, model) DO UPDATE SET
     state = CASE WHEN %(loader)s THEN EXCLUDED.state
-                 WHEN model_instances.state = 'unloading' THEN 'unloading'
-                 WHEN model_instances.state = 'loading' AND EXCLUDED.state = 'loading' THEN 'loading'
-                 WHEN model_instances.state = 'loading' AND model_instances.origin = 'aibot' THEN 'loading'
+                 WHEN model_instances.state IN ('unloading', 'loading') THEN model_instances.state
                  ELSE EXCLUDED.state END,
     size_bytes = CASE WHEN EXCLUDED.size_bytes > 0 THEN EXCLUDED.size_bytes ELSE model_instances.size_bytes END,
     parallel = EXCLUDED.parallel,

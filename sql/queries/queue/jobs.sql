@@ -187,3 +187,8 @@ SELECT state::text AS state, count(*) AS n FROM jobs GROUP BY state ORDER BY sta
 -- Tells the queued jobs of a model why they still wait (no server can load it, and why), once per change
 UPDATE jobs SET last_error = %(reason)s
 WHERE state = 'queued' AND model = %(model)s AND last_error IS DISTINCT FROM %(reason)s;
+
+-- jobs_clear_waiting --
+-- The model can be served now: the waiting notes of its queued jobs no longer hold
+UPDATE jobs SET last_error = NULL
+WHERE state = 'queued' AND model = %(model)s AND last_error LIKE 'waiting: %%';

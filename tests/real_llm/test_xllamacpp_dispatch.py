@@ -1,5 +1,5 @@
 """The dispatch path end to end against two real llama.cpp servers (xllamacpp + Gemma 3 270M, see
-tests/real_llm.py): config with two entities on two models served on two ports (kind `llamacpp`), the
+tests/real_llm/xllamacpp.py): config with two entities on two models served on two ports (kind `llamacpp`), the
 scheduler's refresh (servers, loaded models, slot rows), jobs ingested the way the bot does, a real
 `dramatiq aibot.actors` subprocess, replies into the postgres sink.
 
@@ -25,7 +25,7 @@ from aibot.bot.ingest import ingest
 from aibot.cluster import refresh
 from aibot.config import load_config
 from aibot.harness import Stack, entity, write_config
-from tests.real_llm import parse_metrics, real_llm_servers  # noqa: F401  (fixture)
+from tests.real_llm.xllamacpp import parse_metrics, real_llm_servers  # noqa: F401  (fixture)
 from tests.support.waiting import wait_for
 
 pytestmark = [pytest.mark.real_llm, pytest.mark.timeout(300)]

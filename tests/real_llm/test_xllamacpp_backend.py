@@ -1,4 +1,4 @@
-"""The llama.cpp backend against a real llama.cpp server (xllamacpp + Gemma 3 270M, see tests/real_llm.py).
+"""The llama.cpp backend against a real llama.cpp server (xllamacpp + Gemma 3 270M, see tests/real_llm/xllamacpp.py).
 
 Deselect with `-m 'not real_llm'`; skips by itself when the packages are not installed.
 """
@@ -14,7 +14,7 @@ from aibot.backends import ChatRequest, RequestFault, Timeouts, Unsupported, mak
 from aibot.backends.base import ModelUnavailable
 from aibot.generation.postprocess import clean_reply
 from aibot.generation.prompt import build_request
-from tests.real_llm import real_llm_servers  # noqa: F401  (fixture)
+from tests.real_llm.xllamacpp import real_llm_servers  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.real_llm
 

