@@ -33,7 +33,9 @@ def backend_for_server(server: Any, *, timeouts: Timeouts | None = None,
     """The backend for a configured server: an `aibot.config.ServerConfig` or an `aibot.servers` row.
 
     Its token comes from the variable named in `token_env`, or the file named by `<token_env>_FILE`;
-    a named but unset variable is an error (a silently missing token shows up later as 401s).
+    a named but unset variable is an error (a silently missing token shows up later as 401s). Its
+    timeouts are the caller's, else the deployment's (`deployment_timeouts`), for every process alike:
+    a worker's generations, the scheduler's refreshes and every demand load.
     """
     from aibot.settings import token_from_env
 
@@ -47,5 +49,14 @@ def backend_for_server(server: Any, *, timeouts: Timeouts | None = None,
         if not token:
             raise ValueError(f"server {get('name')!r}: token_env {token_env!r} is not set in the environment "
                              f"(set {token_env} or {token_env}_FILE)")
-    return make_backend(get("kind"), get("url"), token=token, timeouts=timeouts,
+    return make_backend(get("kind"), get("url"), token=token, timeouts=timeouts or deployment_timeouts(),
                         default_parallel=get("default_parallel") or 1)
+
+
+def deployment_timeouts(settings: Any = None) -> Timeouts:
+    """The backend timeouts of this deployment: AIBOT_BACKEND_<NAME>_TIMEOUT over the defaults. The
+    default read timeout (120 s) suits a real cold model load; a chaos run or a cluster of fast servers
+    wants a hung server to cost seconds, so the deployment may lower it."""
+    from aibot.settings import get_settings
+
+    return Timeouts(**(settings or get_settings()).backend_timeouts())

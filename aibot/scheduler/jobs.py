@@ -128,6 +128,10 @@ def describe_demand(done: loader.DemandPass) -> str | None:
 @scheduled("probe", every="2s", fast="1s", help="health probes of servers whose backoff has expired")
 def probe(database: db.Database) -> str | None:
     states = health.probe_due(database, backend_for_server)
+    if any(s.health == "healthy" for s in states):
+        # A server is back: wake idle workers now, not at the next doorbell tick (recovery in seconds).
+        with database.transaction() as conn:
+            doorbell.ring(conn)
     return ", ".join(f"{s.name}: {s.health}" for s in states) if states else None
 
 

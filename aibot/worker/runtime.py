@@ -32,7 +32,7 @@ import psycopg
 
 from aibot import db, log
 from aibot.backends.base import Backend, BackendError, ContextOverflow, ModelNotLoaded, ServerFault
-from aibot.backends.factory import Timeouts, backend_for_server
+from aibot.backends.factory import backend_for_server, deployment_timeouts
 from aibot.cluster import health, loader
 from aibot.cluster import state as cluster_state
 from aibot.config import ConfigStore
@@ -42,16 +42,6 @@ from aibot.queue import doorbell, jobs, ratelimit
 from aibot.settings import Settings, get_settings
 
 logger = logging.getLogger(__name__)
-
-
-def backend_timeouts(settings: Settings) -> Timeouts | None:
-    """The worker's backend timeouts (AIBOT_BACKEND_<NAME>_TIMEOUT), or None for the backends' defaults.
-
-    The default read timeout (120 s) suits a real cold model load; a chaos run or a cluster of fast
-    servers wants a hung server to cost seconds, so the deployment may lower it.
-    """
-    values = settings.backend_timeouts()
-    return Timeouts(**values) if values else None
 
 
 EMPTY_CLAIM_RETRIES = 2
@@ -171,7 +161,7 @@ class Runtime:
                                     async_commit=self.async_commit)
         self.config = ConfigStore(self.settings.config_path)
         self.sink = make_sink(self.settings)
-        self.backends = BackendCache(backend_timeouts(self.settings))
+        self.backends = BackendCache(deployment_timeouts(self.settings))
         self.inflight = InFlightRegistry()
         self.stopping = threading.Event()
         self.lease_seconds = float(self.settings.lease_seconds)

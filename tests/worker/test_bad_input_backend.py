@@ -186,9 +186,9 @@ def test_worker_records_a_bad_answer_and_serves_the_other_job(conn, cluster, fau
 
 @pytest.mark.parametrize("value", ["soon", "0", "-1", "nan"])
 def test_bad_timeout_overrides_name_the_variable(value):
-    from aibot.worker.runtime import backend_timeouts
+    from aibot.backends import Timeouts
 
     with pytest.raises(ValueError, match="AIBOT_BACKEND_READ_TIMEOUT"):
         Settings.from_sources({"AIBOT_BACKEND_READ_TIMEOUT": value})
-    assert backend_timeouts(Settings.from_sources({})) is None
-    assert backend_timeouts(Settings.from_sources({"AIBOT_BACKEND_TOTAL_TIMEOUT": "7"})).total == 7.0
+    assert Timeouts(**Settings.from_sources({}).backend_timeouts()) == Timeouts()
+    assert Timeouts(**Settings.from_sources({"AIBOT_BACKEND_TOTAL_TIMEOUT": "7"}).backend_timeouts()).total == 7.0
