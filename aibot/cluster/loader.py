@@ -196,12 +196,9 @@ class ModelSize:
 _assumed_logged: set[str] = set()
 
 
-def model_size(conn: psycopg.Connection, model: str, size_bytes: int | None = None) -> ModelSize:
-    """A model's size for placement: the caller's figure, else what a server reported (model_catalog),
-    else the configuration's `models["<id>"].sizeGB`, else an explicit assumption of 15 GB that is
-    logged (once per model and process) and named in every refusal that rests on it."""
-    if size_bytes:
-        return ModelSize(int(size_bytes), "given by the caller")
+def known_size(conn: psycopg.Connection, model: str) -> ModelSize | None:
+    """A model's size if anyone knows it: a server's report (model_catalog), else the configuration's
+    `models["<id>"].sizeGB`; None when only an assumption is left."""
     known = state.catalog_size(conn, model)
     if known:
         return ModelSize(int(known["size_bytes"]), f"reported by {known['size_source'] or 'a server'}")
@@ -209,6 +206,18 @@ def model_size(conn: psycopg.Connection, model: str, size_bytes: int | None = No
     settings = found.config.model_settings(model) if found is not None and found.config is not None else None
     if settings is not None and settings.size_bytes:
         return ModelSize(settings.size_bytes, f'config models["{model}"].sizeGB')
+    return None
+
+
+def model_size(conn: psycopg.Connection, model: str, size_bytes: int | None = None) -> ModelSize:
+    """A model's size for placement: the caller's figure, else what a server reported (model_catalog),
+    else the configuration's `models["<id>"].sizeGB`, else an explicit assumption of 15 GB that is
+    logged (once per model and process) and named in every refusal that rests on it."""
+    if size_bytes:
+        return ModelSize(int(size_bytes), "given by the caller")
+    known = known_size(conn, model)
+    if known is not None:
+        return known
     source = (f'assumed: no server reported its size and the config has no models["{model}"].sizeGB')
     if model not in _assumed_logged:
         _assumed_logged.add(model)

@@ -23,7 +23,7 @@ from aibot import db
 from aibot.backends import identity, registry
 from aibot.backends.base import Backend, BackendError, LoadedModel, Offered, unknown_model
 from aibot.backends.factory import backend_for_server
-from aibot.cluster import health, slots, state
+from aibot.cluster import health, loader, slots, state
 from aibot.cluster.configured import configured
 from aibot.cluster.sizing import Budget, choose_memory
 
@@ -219,9 +219,9 @@ def refresh_server(conn: psycopg.Connection, server_row: Mapping[str, Any], back
                                             context_length=known[model]["context_length"] or primary.context_length),
                         *[i for i in live if i is not primary]]
             size = sum(i.size_bytes for i in live) or (offered.size_bytes or 0) * len(live)
-            if size <= 0:
-                cat = state.catalog_size(conn, model)
-                size = int(cat["size_bytes"]) * len(live) if cat else 0
+            if size <= 0:   # the server gives no size (an OpenAI-compatible listing): what we know, if anything
+                known_size = loader.known_size(conn, model)
+                size = known_size.bytes * len(live) if known_size else 0
             row = state.record_instance(conn, sid, model, offered, live, origin=origin, loader=False,
                                         state=_resident_state(state.primary_instance(live).state),
                                         size_bytes=size)

@@ -140,3 +140,26 @@ def test_a_model_loaded_by_someone_else_is_adopted_not_loaded_again(conn, databa
         assert conn.execute("SELECT count(*) AS n FROM aibot.model_loads").fetchone()["n"] == 0
     finally:
         s.stop()
+
+
+def test_an_openai_server_listing_no_sizes_counts_the_configured_size(conn, tmp_path, monkeypatch):
+    # A plain OpenAI-compatible listing gives no size: the model's memory comes from models[].sizeGB.
+    import json
+
+    from aibot.settings import reset_settings
+
+    s = sim("openai", [ModelSpec("vllm-model", 3 * GB)], preloaded=["vllm-model"])
+    try:
+        path = tmp_path / "c.json"
+        path.write_text(json.dumps({"lmStudioServers": [{"name": "v", "url": s.url, "kind": "openai"}],
+                                    "models": {"vllm-model": {"sizeGB": 3}},
+                                    "entities": [{"id": "e", "model": "vllm-model", "systemPrompt": "x",
+                                                  "username": "E", "color": "080175220"}]}))
+        monkeypatch.setenv("AIBOT_CONFIG", str(path))
+        reset_settings()
+        register_sims(conn, {"v": s})
+        size = conn.execute("SELECT size_bytes FROM aibot.model_instances WHERE model = 'vllm-model'").fetchone()
+        assert size["size_bytes"] == 3 * GB
+    finally:
+        s.stop()
+        reset_settings()
