@@ -4,11 +4,17 @@ The candidate query lives inside the plpgsql function aibot.claim_jobs, so inste
 here (which could drift) the test captures the plan the function actually executes, with auto_explain
 logging nested statements to this session as LOG messages. The test database is a superuser
 connection in every supported setup (env URL, testcontainers, pgserver), which LOAD needs.
+
+The embedded Postgres (pgserver) ships without contrib, so no auto_explain: there the statement is read
+from the installed function's own source (pg_proc.prosrc, so it cannot drift either), prepared with its
+plpgsql variables as parameters, and explained both as a custom and as a generic plan — the two plans
+plpgsql can run it with.
 """
 
 from __future__ import annotations
 
 import json
+import re
 
 import psycopg
 import pytest
@@ -49,7 +55,58 @@ def _nodes(plan: dict):
         yield from _nodes(child)
 
 
+def _has_auto_explain(conn: psycopg.Connection) -> bool:
+    try:
+        conn.execute("LOAD 'auto_explain'")
+    except psycopg.errors.UndefinedFile:
+        return False
+    return True
+
+
 def _candidate_plans(url: str, *, use_slots: bool, calls: int = 8) -> list[dict]:
+    with db.connect(url, autocommit=True) as conn:
+        logged = _has_auto_explain(conn)
+    if logged:
+        return _logged_plans(url, use_slots=use_slots, calls=calls)
+    return _explained_plans(url, use_slots=use_slots)[:calls]
+
+
+def _candidate_statement(conn: psycopg.Connection) -> str:
+    """The cursor's SELECT as installed, its plpgsql variables turned into $1..$3."""
+    src = conn.execute("SELECT prosrc FROM pg_proc WHERE proname = 'claim_jobs'").fetchone()["prosrc"]
+    match = re.search(r"OPEN v_cur FOR\s+(SELECT.*?SKIP LOCKED);", src, re.S)
+    assert match, "claim_jobs no longer opens its candidate cursor with OPEN v_cur FOR SELECT ... SKIP LOCKED"
+    stmt = match.group(1)
+    assert CANDIDATE_MARK in stmt
+    for name, param in (("p_use_slots", "$1::boolean"), ("v_models", "$2::text[]"), ("p_max_scan", "$3::integer")):
+        stmt = re.sub(rf"\b{name}\b", param, stmt)
+    return stmt
+
+
+def _explained_plans(url: str, *, use_slots: bool) -> list[dict]:
+    """The candidate statement's custom and generic plans, with the arguments claim_jobs would pass."""
+    plans = []
+    with db.connect(url, autocommit=True) as conn:
+        stmt = _candidate_statement(conn)
+        models = conn.execute(
+            "SELECT coalesce(array_agg(DISTINCT model), '{}') AS models FROM aibot.free_slots").fetchone()["models"]
+        # Utility statements take no protocol-level parameters: a client-side cursor sends them whole.
+        client = psycopg.ClientCursor(conn)
+        client.execute(f"PREPARE candidates(boolean, text[], integer) AS {stmt}")
+        for mode in ("force_custom_plan", "force_generic_plan"):
+            conn.execute(f"SET plan_cache_mode = {mode}")
+            with conn.transaction():
+                row = client.execute("EXPLAIN (FORMAT JSON) EXECUTE candidates(%s, %s, %s)",
+                                     (use_slots, models, jobs.DEFAULT_MAX_SCAN)).fetchone()
+            (doc,) = row.values()
+            doc = json.loads(doc) if isinstance(doc, str) else doc
+            plans.append(doc[0]["Plan"])
+        conn.execute("DEALLOCATE candidates")
+        conn.execute("RESET plan_cache_mode")
+    return plans
+
+
+def _logged_plans(url: str, *, use_slots: bool, calls: int = 8) -> list[dict]:
     """Runs `calls` claims in one session with auto_explain on; returns the candidate statement's plans.
 
     More than five calls, because plpgsql may switch a statement to a cached generic plan after five.
