@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aibot
+from aibot.harness.procs import kill_group
 from aibot.scheduler.jobs import fast_schedules
 
 FAST_SCHEDULES = fast_schedules()
@@ -60,14 +61,7 @@ class Proc:
         return self.popen.returncode
 
     def kill(self) -> None:
-        try:
-            os.killpg(self.popen.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        try:
-            self.popen.wait(10)
-        except subprocess.TimeoutExpired:  # pragma: no cover
-            pass
+        kill_group(self.popen)
 
     def log(self) -> str:
         try:

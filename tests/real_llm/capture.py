@@ -25,6 +25,8 @@ from typing import Any
 
 import httpx
 
+from aibot.harness.procs import wait_until
+
 from tests.real_llm.build import VERSION, find_binary
 from tests.real_llm.common import model_file
 from tests.real_llm.router import BROKEN, MODELS, SLEEPY, Router, RouterOptions
@@ -55,14 +57,7 @@ class Recorder:
 
 
 def _poll(predicate, timeout: float, what: str, interval: float = 0.01):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise RuntimeError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
+    return wait_until(predicate, timeout, what, interval, error=RuntimeError)
 
 
 def capture_main(rec: Recorder) -> None:

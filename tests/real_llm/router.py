@@ -32,6 +32,8 @@ from typing import Any
 
 import httpx
 
+from aibot.harness.procs import kill_group
+
 from tests.real_llm.common import TEMPLATE, free_port
 
 MODELS = ("gemma-a", "gemma-b")
@@ -170,16 +172,7 @@ class Router:
 
     def kill(self) -> None:
         """SIGKILL to the router and every instance (a crash, as far as clients can tell)."""
-        if self.proc is None:
-            return
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:  # pragma: no cover
-            pass
+        kill_group(self.proc)
 
     def log(self) -> str:
         try:
