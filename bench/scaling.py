@@ -50,6 +50,16 @@ from aibot import db  # noqa: E402
 from aibot.queue import jobs  # noqa: E402
 
 PLAN_TABLES = ("jobs", "slots")       # never scanned sequentially by a claim
+SYNC_COMMIT = False                   # the worker's sessions commit asynchronously (aibot.db async_commit)
+
+
+def connect(url: str):
+    """A session like the worker's: autocommit, and (unless --sync-commit) no wait for the WAL flush at
+    commit, so the figure is the claim's own cost and not the shared disk's fsync latency."""
+    conn = db.connect(url, autocommit=True)
+    if not SYNC_COMMIT:
+        conn.execute("SET synchronous_commit = off")
+    return conn
 LEASE = 300.0
 PAYLOAD = ('{"message": {"text": "hello there, how are you today?", "author": "someone", "channel": "general"},'
            ' "context": []}')
@@ -118,7 +128,7 @@ def claim_once(conn, worker: str) -> tuple[float, Any]:
 def measure_latency(url: str, n: int) -> dict[str, Any]:
     lat: list[float] = []
     empty = 0
-    with db.connect(url, autocommit=True) as conn:
+    with connect(url) as conn:
         for _ in range(5):                                   # warm the connection and its prepared statements
             _, c = claim_once(conn, "scaling-warm")
             if c:
@@ -149,7 +159,7 @@ def measure_throughput(url: str, threads: int, total: int) -> dict[str, Any]:
 
     def run(i: int) -> None:
         try:
-            with db.connect(url, autocommit=True) as conn:
+            with connect(url) as conn:
                 start.wait()
                 while True:
                     with lock:
@@ -195,15 +205,16 @@ def plan_point(url: str) -> dict[str, Any]:
     return common.plan_verdict(plans, PLAN_TABLES)
 
 
-def run_point(url: str, args, *, sweep: str, x: Any, label: str, cluster: dict[str, Any]) -> dict[str, Any]:
+def run_point(url: str, args, *, sweep: str, x: Any, label: str, cluster: dict[str, Any],
+              claims: int | None = None, tp_jobs: int | None = None) -> dict[str, Any]:
     with db.connect(url, autocommit=True) as conn:
         depth = queued(conn)
         slots = conn.execute("SELECT count(*) AS n FROM aibot.slots").fetchone()["n"]
         servers = conn.execute("SELECT count(*) AS n FROM aibot.servers").fetchone()["n"]
         models = conn.execute("SELECT count(DISTINCT model) AS n FROM aibot.slots").fetchone()["n"]
     plan = plan_point(url)
-    lat = measure_latency(url, args.latency_claims)
-    tp = measure_throughput(url, args.threads, max(50, min(args.throughput_jobs, depth // 5)))
+    lat = measure_latency(url, claims or args.latency_claims)
+    tp = measure_throughput(url, args.threads, max(50, min(tp_jobs or args.throughput_jobs, depth // 5)))
     point = {"sweep": sweep, "x": x, "label": label, "queued": depth, "servers": servers, "models": models,
              "slot_rows": slots, **cluster, "plan": plan, "latency": lat, "throughput": tp}
     log(f"[{sweep}] {label}: queued {depth:,} servers {servers} models {models} slots {slots}: "
@@ -260,7 +271,9 @@ def sweep_blocked(url, args) -> list[dict]:
             add_jobs(conn, ahead, models=1, model="model-unplaced", start_rank=0.0, tag="blocked")
             add_jobs(conn, 1_000 + args.latency_claims + args.throughput_jobs, models=6, start_rank=1e9, tag="ok")
             analyze(conn)
-        out.append(run_point(url, args, sweep="blocked", x=ahead, label=f"{ahead:,} unplaced ahead", cluster={}))
+        # A claim here walks every blocked row: fewer samples keep the sweep to about a minute.
+        out.append(run_point(url, args, sweep="blocked", x=ahead, label=f"{ahead:,} unplaced ahead", cluster={},
+                             claims=min(args.latency_claims, 60), tp_jobs=min(args.throughput_jobs, 200)))
     return out
 
 
@@ -369,8 +382,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--servers", default="2,20,200")
     p.add_argument("--models", default="6,50,200")
     p.add_argument("--slots", default="12,240,2400")
+    p.add_argument("--sync-commit", action="store_true",
+                   help="measure with synchronous commits (default: asynchronous, as the worker commits)")
     p.add_argument("--quick", action="store_true", help="smoke pass: ≤ 10k jobs, small sweeps (not results)")
     args = p.parse_args(argv)
+    global SYNC_COMMIT
+    SYNC_COMMIT = args.sync_commit
     args.sweeps = [s.strip() for s in args.sweeps.split(",") if s.strip()]
     bad = [s for s in args.sweeps if s not in SWEEPS]
     if bad:
@@ -408,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
     common.write_json(args.output_dir, "scaling", {
         "parameters": {k: v for k, v in vars(args).items() if k not in ("database_url", "output_dir")},
         "definitions": {"latency": "client-side time of jobs.claim(use_slots=True) on one connection, each "
-                                   "followed by jobs.complete (BEGIN + statement + COMMIT)",
+                                   "followed by jobs.complete (BEGIN + statement + COMMIT), synchronous_commit off unless --sync-commit",
                         "jobs_per_s": "claim + complete cycles per second over --threads connections",
                         "plan": "auto_explain of every statement a claim runs (or EXPLAIN of the candidate and "
                                 "slot-choice statements from pg_proc.prosrc); ok = no Seq Scan of jobs or slots"},
