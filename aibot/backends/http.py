@@ -220,8 +220,20 @@ class HttpClient:
             limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
         )
 
+        self._urls: dict[str, httpx.URL] = {}
+
     def __repr__(self) -> str:  # never shows headers
         return f"HttpClient({self.display})"
+
+    def _url(self, path: str) -> httpx.URL | str:
+        """The absolute URL for `path`, parsed once: httpx re-parses and merges a relative URL with the
+        base on every request, which was half of building a request (measured with timeit)."""
+        url = self._urls.get(path)
+        if url is None:
+            if not path.startswith("/"):
+                return path
+            url = self._urls[path] = httpx.URL(self.base_url + path)
+        return url
 
     def close(self) -> None:
         self._client.close()
@@ -254,7 +266,7 @@ class HttpClient:
         deadline = time.monotonic() + total
         got_headers = False
         try:
-            with self._client.stream(method, path, json=json_body, params=params, timeout=timeout) as resp:
+            with self._client.stream(method, self._url(path), json=json_body, params=params, timeout=timeout) as resp:
                 got_headers = True
                 raw = self._read_body(resp, deadline, where)
                 status = resp.status_code
@@ -301,8 +313,8 @@ class HttpClient:
         deadline = time.monotonic() + total
         got_headers = False
         try:
-            with self._client.stream(method, path, json=json_body, timeout=timeout,
-                                     headers={"Accept": "text/event-stream"}) as resp:
+            with self._client.stream(method, self._url(path), json=json_body, timeout=timeout,
+                                     headers=_SSE_HEADERS) as resp:
                 got_headers = True
                 if not 200 <= resp.status_code < 300:
                     text = self._read_body(resp, deadline, where).decode(resp.encoding or "utf-8", "replace")
@@ -330,6 +342,7 @@ class HttpClient:
             raise transport_error(exc, where, got_headers=got_headers) from exc
 
 
+_SSE_HEADERS = {"Accept": "text/event-stream"}
 _DONE = object()        # `data: [DONE]`: the stream is complete
 _raw_decode = json.JSONDecoder().raw_decode
 DRAIN_LIMIT = 64 * 1024  # bytes read after [DONE] to let the connection go back to the pool
