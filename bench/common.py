@@ -105,12 +105,14 @@ def code_version() -> dict[str, Any]:
 
     def git(*args: str) -> str:
         try:
-            return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
+            return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10).stdout
         except (OSError, subprocess.TimeoutExpired):
             return ""
 
-    changed = [line[3:] for line in git("status", "--porcelain", "--", "aibot", "sql").splitlines() if line]
-    return {"commit": git("rev-parse", "--short", "HEAD") or None, "uncommitted_product_files": changed}
+    # Porcelain lines are "XY path" and X may be a space: stripping the whole output (as this did before)
+    # cut the first path's first letter ("ibot/model_loader.py" in overhead.json of 2026-11-27).
+    changed = [line[3:] for line in git("status", "--porcelain", "--", "aibot", "sql").splitlines() if line.strip()]
+    return {"commit": git("rev-parse", "--short", "HEAD").strip() or None, "uncommitted_product_files": changed}
 
 
 CODE_AT_START = code_version()   # what the processes of this run were started from
