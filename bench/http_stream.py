@@ -146,7 +146,9 @@ def main(argv: list[str] | None = None) -> int:
                 s["wall_ratio"] = round(s["wall_ms"] / b["wall_ms"], 3)
             summary[f"{name}/{t}"] = s
             rows.append({"tree": name, "tokens": t, **s})
-    print(common.table(rows, list(rows[0].keys()), title="One streamed generation through Backend.chat_stream"))
+    columns = list(dict.fromkeys(k for r in rows for k in r))   # the ratio columns come with "this" only
+    print(common.table([{c: r.get(c, "") for c in columns} for r in rows], columns,
+                       title="One streamed generation through Backend.chat_stream"))
     common.write_json(args.output_dir, "http_stream", {
         "parameters": {"tokens": tokens, "calls": args.calls, "rounds": args.rounds,
                        "trees": {k: {"path": str(v), "commit": subprocess.run(

@@ -444,7 +444,7 @@ def summarize_py_spy(raw: str) -> dict:
         buckets[bucket] += n
         frames = stack.split(";")
         leaf[_frame(frames[-1])] += n
-        mine = [f for f in frames if "/aibot/" in f]
+        mine = [f for f in frames if "(aibot/" in f or "/aibot/" in f]
         if mine:
             inner_aibot[_frame(mine[-1])] += n
     total = total or 1
@@ -686,10 +686,16 @@ def profile_round_trips(admin_url: str, args, workdir: Path) -> dict:
                 ingest(conn, "chat", human_messages(0, 5, ["e1"]), config,
                        settings=SimpleNamespace(aging_seconds=30.0))
             rt = Runtime(Settings(database_url=url, config_path=stack.config_path, lease_seconds=600, sink=args.sink))
-            def traced_db(trace_file):
-                """A one-connection pool (so prepared-statement names are unambiguous) traced to a file."""
+            def traced_db(trace_file, async_commit=False):
+                """A one-connection pool (so prepared-statement names are unambiguous) traced to a file,
+                configured as the product configures it (the worker's sessions commit asynchronously;
+                before this the trace ran them with synchronous commits, so its COMMIT waits were the
+                disk's, not the worker's)."""
                 def configure(conn):
-                    db._configure(conn)
+                    if async_commit:
+                        db._configure_async_commit(conn)
+                    else:
+                        db._configure(conn)
                     conn.pgconn.trace(trace_file.fileno())
                     conn.pgconn.set_trace_flags(Trace.REGRESS_MODE)
 
@@ -706,7 +712,7 @@ def profile_round_trips(admin_url: str, args, workdir: Path) -> dict:
                 d._pid = os.getpid()
                 return d
 
-            rt.database = traced_db(rt_file)
+            rt.database = traced_db(rt_file, async_commit=getattr(rt, "async_commit", False))
             if hasattr(rt.sink, "database"):
                 rt.sink.database = traced_db(sink_file)
             rt.budget_seconds = 3600
