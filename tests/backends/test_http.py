@@ -501,3 +501,22 @@ def test_stream_with_trailing_garbage_after_json_is_malformed(srv, backend):
     route(srv, "POST", "/v1/chat/completions")(lambda h: chunked_sse(h, body))
     with pytest.raises(BadResponse, match="malformed"):
         list(backend.chat_stream(REQ))
+
+
+def test_connection_cut_after_done_still_returns_the_whole_reply(srv, backend):
+    """Reading past [DONE] (to keep the connection) must not turn a complete reply into an error when
+    the server drops the connection before the chunked terminator."""
+    def cut_after_done(h):
+        body = sse_body([chunk("whole"), chunk(None, "stop")])
+        h.send_response(200)
+        h.send_header("Content-Type", "text/event-stream")
+        h.send_header("Transfer-Encoding", "chunked")
+        h.end_headers()
+        h.wfile.write(b"%x\r\n%s\r\n" % (len(body), body))
+        h.wfile.flush()
+        h.connection.shutdown(socket.SHUT_RDWR)    # no terminating chunk
+        h.close_connection = True
+    route(srv, "POST", "/v1/chat/completions")(cut_after_done)
+    assert "".join(backend.chat_stream(REQ)) == "whole"
+    route(srv, "POST", "/v1/chat/completions")(lambda h: chunked_sse(h, sse_body([chunk("next", "stop")])))
+    assert "".join(backend.chat_stream(REQ)) == "next"     # the pool recovers with a fresh connection
