@@ -339,7 +339,8 @@ def target(points: list[dict]) -> dict[str, Any]:
     full = bool(d1 and d1["queued"] >= 1_000_000 and s1 and s1["servers"] >= 200)
     return {"description": "claim p50 within 2x of its 1k-job value at 1M queued jobs and at 200 servers; "
                            "no Seq Scan of jobs or slots in any claim plan",
-            "checks": checks, "plans_ok": plans_ok, "full_range": full, "met": met if full else None if not checks else met}
+            "checks": checks, "plans_ok": plans_ok, "full_range": full,   # full: 1M jobs and 200 servers reached
+            "met": met if checks else None}
 
 
 def draw(points: list[dict]):
