@@ -33,6 +33,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -237,6 +238,10 @@ def run_aibot(admin_url: str, args, workdir: Path, *, label: str = "aibot", extr
               lean: bool = False) -> dict:
     with common.scratch_database(admin_url, "ovh_aibot") as url:
         os.environ["AIBOT_DATABASE_URL"] = url   # the ingest's doorbell asks which broker kind is in use
+        if args.statement_log:
+            # Every statement of this database only, in the server's log (read back after the run).
+            with psycopg.connect(admin_url, autocommit=True) as admin:
+                admin.execute(f'ALTER DATABASE "{dbname_of(url)}" SET log_statement = \'all\'')
         # A fresh directory per run: the config names this run's responder, and aibot caches config
         # stores by path.
         rundir = Path(tempfile.mkdtemp(prefix=f"{label}-", dir=workdir))
@@ -292,16 +297,29 @@ def run_aibot(admin_url: str, args, workdir: Path, *, label: str = "aibot", extr
             def start_spy() -> None:
                 spy["proc"] = subprocess.Popen(
                     [shutil.which("py-spy", path=os.path.dirname(PY)) or "py-spy", "record", "--format", "raw",
-                     "--subprocesses", "--nonblocking", "-r", "200", "-d", str(args.py_spy), "-p", str(workers.pid),
+                     "--subprocesses", "--nonblocking", "-r", "100", "-d", str(args.py_spy), "-p", str(workers.pid),
                      "-o", str(spy_out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
+            log_from = args.statement_log.stat().st_size if args.statement_log else 0
             result = measure(label, url, args.jobs, enqueue, "bench_aibot_open", None, stack, [w.pid for w in procs],
                              resp_pid, args.timeout,
                              during=start_spy if args.py_spy and label == "aibot" and not args._spied else None)
             args._spied = args._spied or bool(spy)
             if spy:
-                spy["proc"].wait(args.py_spy + 30)
+                try:
+                    spy["proc"].wait(args.py_spy + 30)
+                except subprocess.TimeoutExpired:
+                    # On a loaded machine py-spy falls behind; SIGINT makes it write what it sampled.
+                    spy["proc"].send_signal(signal.SIGINT)
+                    try:
+                        spy["proc"].wait(60)
+                    except subprocess.TimeoutExpired:
+                        spy["proc"].kill()
+                        spy["proc"].wait()
                 result["py_spy"] = summarize_py_spy(spy_out.read_text()) if spy_out.exists() else None
+            if args.statement_log:
+                result["server_statements"] = statement_tally(args.statement_log, log_from, dbname_of(url),
+                                                              args.jobs + 0)
             log_bytes = sum(len(w.log()) for w in procs)
             finish(result, url, stack)
             states = {r["state"]: r["n"] for r in _rows(url, "bench_aibot_states")}
@@ -413,6 +431,8 @@ def summarize_py_spy(raw: str) -> dict:
     time goes" is read from samples rather than guessed. py-spy samples threads that are not idle,
     which includes threads blocked in a socket read for Postgres or HTTP."""
     buckets: Tally = Tally()
+    leaf: Tally = Tally()          # the innermost frame: where the sample was taken
+    inner_aibot: Tally = Tally()   # the innermost aibot frame of each stack: which product code led there
     total = 0
     for line in raw.splitlines():
         stack, _, count = line.rpartition(" ")
@@ -422,7 +442,25 @@ def summarize_py_spy(raw: str) -> dict:
         total += n
         bucket = next((b for b, subs in PY_SPY_RULES if any(sub in stack for sub in subs)), "other Python")
         buckets[bucket] += n
-    return {"samples": total, "share": {k: round(v / total, 3) for k, v in buckets.most_common()}}
+        frames = stack.split(";")
+        leaf[_frame(frames[-1])] += n
+        mine = [f for f in frames if "(aibot/" in f or "/aibot/" in f]
+        if mine:
+            inner_aibot[_frame(mine[-1])] += n
+    total = total or 1
+    return {"samples": total, "share": {k: round(v / total, 3) for k, v in buckets.most_common()},
+            "top_leaf_frames": {k: round(v / total, 3) for k, v in leaf.most_common(15)},
+            "top_innermost_aibot_frames": {k: round(v / total, 3) for k, v in inner_aibot.most_common(15)}}
+
+
+def _frame(frame: str) -> str:
+    """'func (path/to/file.py:12)' -> 'func (file.py:12)', short enough for a table."""
+    m = re.match(r"(.*) \((.*):(\d+)\)$", frame)
+    if not m:
+        return frame[:100]
+    path = m.group(2)
+    short = path.split("site-packages/")[-1] if "site-packages/" in path else "/".join(path.split("/")[-2:])
+    return f"{m.group(1)} ({short}:{m.group(3)})"
 
 
 def run_with_retry(system: str, args, workdir: Path, attempts: int = 3) -> dict:
@@ -473,6 +511,46 @@ def _load_config(path: str):
 
     logging.getLogger("aibot.config").setLevel(logging.ERROR)
     return load_config(path)
+
+
+_LOG_LINE = re.compile(r"^\S+ \S+ \S+ \[(\d+)\] \S*@(\S+) LOG:  (?:statement|execute [^:]*): (.*)$")
+
+
+def statement_tally(path: Path, start: int, dbname: str, jobs: int) -> dict:
+    """Server-side statements and transactions per job, by statement, from `log_statement = all` lines.
+
+    pg_stat_statements is not loaded on the shared server, so the server's own log is read instead:
+    every statement of the scratch database from the measured run (its first line, 70 characters, is
+    the key). A transaction is a BEGIN … COMMIT/ROLLBACK block, or one statement outside a block
+    (autocommit); it is attributed to the first statement it ran after BEGIN.
+    """
+    tally: Tally = Tally()
+    xacts: Tally = Tally()
+    open_block: dict[str, str | None] = {}
+    with open(path, "rb") as f:
+        f.seek(start)
+        for raw in f:
+            m = _LOG_LINE.match(raw.decode("utf-8", "replace").rstrip("\n"))
+            if not m or m.group(2) != dbname:
+                continue
+            pid, text = m.group(1), " ".join(m.group(3).split())
+            key = text[:70]
+            tally[key] += 1
+            word = text.split(" ", 1)[0].upper().rstrip(";")
+            if word in ("BEGIN", "START"):
+                open_block[pid] = None
+            elif word in ("COMMIT", "ROLLBACK", "END"):
+                xacts[open_block.pop(pid, None) or "(empty block)"] += 1
+            elif pid in open_block:
+                if open_block[pid] is None:
+                    open_block[pid] = key
+            else:
+                xacts[key] += 1
+    n = max(jobs, 1)
+    return {"statements_per_job": round(sum(tally.values()) / n, 2),
+            "transactions_per_job": round(sum(xacts.values()) / n, 2),
+            "by_statement": {k: round(v / n, 3) for k, v in tally.most_common(25)},
+            "transactions_by_first_statement": {k: round(v / n, 3) for k, v in xacts.most_common(25)}}
 
 
 def run_aibot_async_commit(admin_url: str, args, workdir: Path) -> dict:
@@ -608,10 +686,16 @@ def profile_round_trips(admin_url: str, args, workdir: Path) -> dict:
                 ingest(conn, "chat", human_messages(0, 5, ["e1"]), config,
                        settings=SimpleNamespace(aging_seconds=30.0))
             rt = Runtime(Settings(database_url=url, config_path=stack.config_path, lease_seconds=600, sink=args.sink))
-            def traced_db(trace_file):
-                """A one-connection pool (so prepared-statement names are unambiguous) traced to a file."""
+            def traced_db(trace_file, async_commit=False):
+                """A one-connection pool (so prepared-statement names are unambiguous) traced to a file,
+                configured as the product configures it (the worker's sessions commit asynchronously;
+                before this the trace ran them with synchronous commits, so its COMMIT waits were the
+                disk's, not the worker's)."""
                 def configure(conn):
-                    db._configure(conn)
+                    if async_commit:
+                        db._configure_async_commit(conn)
+                    else:
+                        db._configure(conn)
                     conn.pgconn.trace(trace_file.fileno())
                     conn.pgconn.set_trace_flags(Trace.REGRESS_MODE)
 
@@ -628,7 +712,7 @@ def profile_round_trips(admin_url: str, args, workdir: Path) -> dict:
                 d._pid = os.getpid()
                 return d
 
-            rt.database = traced_db(rt_file)
+            rt.database = traced_db(rt_file, async_commit=getattr(rt, "async_commit", False))
             if hasattr(rt.sink, "database"):
                 rt.sink.database = traced_db(sink_file)
             rt.budget_seconds = 3600
@@ -701,6 +785,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=600, help="seconds per system before giving up")
     p.add_argument("--py-spy", type=int, default=0, metavar="SECONDS",
                    help="sample the aibot workers with py-spy for this many seconds of the measured run")
+    p.add_argument("--statement-log", type=Path, default=None, metavar="SERVER_LOG",
+                   help="the Postgres server's log file (readable): log every statement of the aibot scratch "
+                        "databases and count server statements and transactions per job by statement")
     p.add_argument("--profile-jobs", type=int, default=0, help="also count round trips per aibot job (in-process)")
     p.add_argument("--quick", action="store_true", help="a fast pass: 2,000 jobs, each system once, no what-ifs")
     args = p.parse_args(argv)
@@ -779,6 +866,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"aibot workers, py-spy samples ({first_aibot['py_spy']['samples']}):")
             for k, v in first_aibot["py_spy"]["share"].items():
                 print(f"  {v * 100:5.1f} %  {k}")
+        for r in results:
+            st = r.get("server_statements")
+            if not st:
+                continue
+            print(f"{r['run']}: server statements per job {st['statements_per_job']}, transactions per job "
+                  f"{st['transactions_per_job']} (log_statement; includes this script's progress polls)")
+            for k, v in st["transactions_by_first_statement"].items():
+                print(f"  {v:6.3f} transactions/job  {k}")
     if profile:
         print(f"\nround trips per aibot job (one thread, in-process, {profile['jobs']} jobs): "
               f"{profile['round_trips_per_job']}  ({profile['single_thread_ms_per_job']} ms/job single-threaded)")

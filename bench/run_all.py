@@ -1,4 +1,4 @@
-"""Runs all eight speed-up benchmarks, one after the other, and prints what each found.
+"""Runs all nine speed-up benchmarks, one after the other, and prints what each found.
 
     python bench/run_all.py [--quick] [--only seed_scenarios,saturation] [--database-url URL]
 
@@ -33,6 +33,7 @@ BENCHMARKS = [
     (6, "load_storm", "loads for 50 requests to a cold model"),
     (7, "swap_thrash", "loads per 1,000 replies, p99 wait"),
     (8, "real_inference", "real llama.cpp inference (another engineer's)"),
+    (9, "scaling", "claim latency and jobs/s vs queue depth and cluster size, plans checked"),
 ]
 
 

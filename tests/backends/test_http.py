@@ -446,3 +446,77 @@ def test_backend_for_real_server_config(srv):
     b = backend_for_server(server, environ={"T": "tok2"})
     assert [(m.key, m.parallel) for m in b.list_loaded()] == [("a", 3)]
     assert srv.seen[-1]["headers"]["Authorization"] == "Bearer tok2"
+
+
+def chunked_sse(h, body: bytes, pieces: int = 3, seen_ports: list | None = None):
+    """An SSE reply as a keep-alive server sends it: chunked, split at arbitrary byte offsets."""
+    if seen_ports is not None:
+        seen_ports.append(h.client_address[1])
+    h.send_response(200)
+    h.send_header("Content-Type", "text/event-stream")
+    h.send_header("Transfer-Encoding", "chunked")
+    h.end_headers()
+    step = max(1, len(body) // pieces)
+    for i in range(0, len(body), step):
+        part = body[i:i + step]
+        h.wfile.write(b"%x\r\n%s\r\n" % (len(part), part))
+        h.wfile.flush()
+    h.wfile.write(b"0\r\n\r\n")
+
+
+def sse_body(events, done=True, newline=b"\n") -> bytes:
+    out = b"".join(b"data: " + json.dumps(e).encode() + newline + newline for e in events)
+    return out + (b"data: [DONE]" + newline + newline if done else b"")
+
+
+def test_streamed_generations_reuse_one_connection(srv, backend):
+    """A stream read to [DONE] must leave its connection in the pool: closing it unread made every
+    generation open a new TCP connection (and, against https, a new TLS handshake)."""
+    ports: list[int] = []
+    body = sse_body([chunk("Hel"), chunk("lo"), chunk(None, "stop")])
+    route(srv, "POST", "/v1/chat/completions")(lambda h: chunked_sse(h, body, seen_ports=ports))
+    for _ in range(5):
+        assert "".join(backend.chat_stream(REQ)) == "Hello"
+    assert len(ports) == 5
+    assert len(set(ports)) == 1, f"each streamed generation used a new connection: client ports {ports}"
+
+
+def test_stream_split_mid_line_with_crlf_and_comments(srv, backend):
+    """Lines split across chunks, CRLF endings, comments and `event:` lines parse as before."""
+    body = (b": keep-alive\r\n\r\nevent: message\r\n"
+            + sse_body([chunk("Hel"), chunk("lo wor"), chunk("ld", "stop")], newline=b"\r\n"))
+    route(srv, "POST", "/v1/chat/completions")(lambda h: chunked_sse(h, body, pieces=len(body) // 3))
+    assert "".join(backend.chat_stream(REQ)) == "Hello world"
+
+
+def test_stream_with_invalid_utf8_is_malformed(srv, backend):
+    body = b"data: {\"choices\": [{\"delta\": {\"content\": \"\xff\"}}]}\n\n"
+    route(srv, "POST", "/v1/chat/completions")(lambda h: chunked_sse(h, body))
+    with pytest.raises(BadResponse, match="malformed"):
+        list(backend.chat_stream(REQ))
+
+
+def test_stream_with_trailing_garbage_after_json_is_malformed(srv, backend):
+    body = b'data: {"choices": []} trailing\n\n'
+    route(srv, "POST", "/v1/chat/completions")(lambda h: chunked_sse(h, body))
+    with pytest.raises(BadResponse, match="malformed"):
+        list(backend.chat_stream(REQ))
+
+
+def test_connection_cut_after_done_still_returns_the_whole_reply(srv, backend):
+    """Reading past [DONE] (to keep the connection) must not turn a complete reply into an error when
+    the server drops the connection before the chunked terminator."""
+    def cut_after_done(h):
+        body = sse_body([chunk("whole"), chunk(None, "stop")])
+        h.send_response(200)
+        h.send_header("Content-Type", "text/event-stream")
+        h.send_header("Transfer-Encoding", "chunked")
+        h.end_headers()
+        h.wfile.write(b"%x\r\n%s\r\n" % (len(body), body))
+        h.wfile.flush()
+        h.connection.shutdown(socket.SHUT_RDWR)    # no terminating chunk
+        h.close_connection = True
+    route(srv, "POST", "/v1/chat/completions")(cut_after_done)
+    assert "".join(backend.chat_stream(REQ)) == "whole"
+    route(srv, "POST", "/v1/chat/completions")(lambda h: chunked_sse(h, sse_body([chunk("next", "stop")])))
+    assert "".join(backend.chat_stream(REQ)) == "next"     # the pool recovers with a fresh connection
