@@ -79,7 +79,9 @@ class Settings(BaseModel):
     chat_api_token: SecretStr | None = None
     chat_domain: str | None = None           # the chat's `domain` on replies (aibot.delivery.sinks)
     sink: str | None = None                  # chat | postgres | dry-run; default: chat with a chat URL
-    lease_seconds: int = Field(600, ge=1)
+    # 30 s: a killed worker's job is back within a lease plus one reclaim tick (10 s). The lease is
+    # renewed every third of it (`renewal_seconds`), so two renewals may fail (a database restart).
+    lease_seconds: int = Field(30, ge=1)
     aging_seconds: float = DEFAULT_AGING_SECONDS
     # Processes of one host share the environment: a set name is suffixed with the pid (`worker_id`).
     worker_name: str = Field(default_factory=default_worker_name)
@@ -153,6 +155,16 @@ class Settings(BaseModel):
         if "worker_name" in self.model_fields_set:
             return f"{self.worker_name}:{os.getpid()}"
         return default_worker_name(role)
+
+    def renewal_seconds(self) -> float:
+        """How often a worker renews the leases it holds and its heartbeat (one transaction): a third of
+        the lease, so a lease survives two failed renewals."""
+        return max(0.5, self.lease_seconds / 3)
+
+    def heartbeat_fresh_seconds(self) -> float:
+        """The one freshness rule: a process is live while its heartbeat is younger than a lease
+        (three renewals); older, it is as dead as the jobs the reclaim takes back from it."""
+        return float(self.lease_seconds)
 
     def backend_timeouts(self) -> dict[str, float]:
         """The backend timeouts this deployment overrides, by `aibot.backends.Timeouts` field name."""
