@@ -158,6 +158,8 @@ class DemandLoader:
                     logger.info("loaded for queued work: %s", ", ".join(loaded))
                     with self.runtime.transaction() as conn:
                         doorbell.ring(conn)
+        except db.CONNECTION_ERRORS as exc:   # expected: the next idle claim kicks another pass
+            logger.warning("demand loading stopped: database session lost (%s: %s)", type(exc).__name__, exc)
         except Exception:
             logger.exception("demand loading failed")
         finally:
