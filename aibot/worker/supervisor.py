@@ -18,7 +18,6 @@ supervisor exits 0 when all are gone; systemd's `Restart=always` then covers the
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import subprocess
 import sys
@@ -49,8 +48,10 @@ def restart_delay(deaths: Sequence[float], now: float, *, window: float = CRASH_
 
 def master_command(threads: int, *, shutdown_timeout_seconds: float, extra: Sequence[str] = ()) -> list[str]:
     """One Dramatiq master with one worker process, run by the same interpreter as the supervisor."""
+    # Dramatiq's own deadline sits past aibot's (AIBOT_SHUTDOWN_TIMEOUT, after which the generations
+    # left are released): Dramatiq then only waits for threads that already let go of their jobs.
     return [sys.executable, "-m", "dramatiq", "aibot.actors", "--processes", "1", "--threads", str(threads),
-            "--worker-shutdown-timeout", str(int(shutdown_timeout_seconds * 1000)), *extra]
+            "--worker-shutdown-timeout", str(int((shutdown_timeout_seconds + STOP_GRACE_SECONDS) * 1000)), *extra]
 
 
 @dataclass
@@ -77,8 +78,9 @@ class Supervisor:
         self.stopping = threading.Event()
 
     def _start(self, slot: Slot) -> None:
-        # Its own process group: the master and its worker process can be killed together at the end.
-        slot.popen = subprocess.Popen(self.command, env=self.env, start_new_session=True)
+        # The supervisor's own process group: a kill of the host's group (systemd's cgroup, launchd's
+        # job, kill -9 -PGID) takes every master with it, and a terminal's Ctrl-C reaches them all.
+        slot.popen = subprocess.Popen(self.command, env=self.env)
         slot.restart_at = None
         logger.info("worker slot %d: started master pid %d", slot.index, slot.popen.pid)
 
@@ -97,7 +99,6 @@ class Supervisor:
                     slot.deaths.append(now)
                     slot.deaths[:] = [t for t in slot.deaths if now - t <= CRASH_WINDOW_SECONDS]
                     delay = restart_delay(slot.deaths, now)
-                    _kill_group(slot.popen.pid)   # a worker process its master left behind
                     logger.error("worker slot %d: master pid %d exited (code %s); the other %d keep running, "
                                  "restarting it in %.1fs", slot.index, slot.popen.pid, code,
                                  sum(1 for s in self.slots if s is not slot and s.popen and s.popen.poll() is None),
@@ -108,18 +109,23 @@ class Supervisor:
                     self._start(slot)
         return self._stop_all()
 
-    def stop(self) -> None:
+    def stop(self, *, forward: bool = True) -> None:
+        """Stops every master. `forward=False` when they got the signal themselves (Ctrl-C reaches the
+        whole foreground group): Dramatiq treats a second signal as "exit now", not "stop gently"."""
+        self._forward = forward
         self.stopping.set()
 
+    _forward = True
+
     def install_signal_handlers(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: self.stop())
+        signal.signal(signal.SIGTERM, lambda *_: self.stop())
+        signal.signal(signal.SIGINT, lambda *_: self.stop(forward=False))
 
     def _stop_all(self) -> int:
         running = [s.popen for s in self.slots if s.popen is not None and s.popen.poll() is None]
         logger.info("stopping %d master(s): each finishes or releases its generations within %.0fs",
                     len(running), self.shutdown_timeout)
-        for p in running:
+        for p in running if self._forward else ():
             try:
                 p.send_signal(signal.SIGTERM)
             except ProcessLookupError:
@@ -130,12 +136,5 @@ class Supervisor:
                 p.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 logger.warning("master pid %d did not stop in time; killing it (its leases recover its jobs)", p.pid)
-            _kill_group(p.pid)
+                p.kill()
         return 0
-
-
-def _kill_group(pid: int) -> None:
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
