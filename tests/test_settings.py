@@ -14,8 +14,8 @@ def test_defaults():
     s = Settings.from_sources({})
     assert s.database_url is None and s.broker_url is None
     assert s.config_path == "config-aientities.json"
-    assert (s.lease_seconds, s.aging_seconds) == (30, 30.0)
-    assert (s.renewal_seconds(), s.heartbeat_fresh_seconds()) == (10.0, 30.0), "renewal a third of the lease; live for one lease"
+    assert (s.lease_seconds, s.aging_seconds) == (20, 30.0)
+    assert (s.renewal_seconds(), s.heartbeat_fresh_seconds()) == (5.0, 20.0), "renewal a quarter of the lease; live for one lease"
     assert s.chat_api_token is None and s.chat_token() is None
     assert s.worker_name.startswith("worker@")
 

@@ -26,6 +26,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from aibot import log
+
 logger = logging.getLogger(__name__)
 
 #: Deaths of one master within this many seconds count towards its restart delay.
@@ -90,6 +92,7 @@ class Supervisor:
 
     def run(self) -> int:
         """Starts every master and keeps them running until `stop()` (or SIGTERM/SIGINT when installed)."""
+        log.bind_process(worker=log.default_worker_name("supervisor"))
         for slot in self.slots:
             self._start(slot)
         while not self.stopping.wait(self.poll_seconds):
