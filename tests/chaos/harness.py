@@ -273,6 +273,10 @@ class ChaosRun:
                 self.stack_logs = self.stack.logs()
                 result_tracebacks = count_tracebacks({f"{p.name} (pid {p.pid})": p.log() for p in self.stack.procs})
         result.tracebacks = result_tracebacks
+        worst, bound = result.recovery.get("worst_kill_back_s"), self._lease() + self.cfg.lease_margin
+        if worst is not None and worst > bound:
+            result.violations.append(f"a killed worker's jobs took {worst:.1f}s to come back "
+                                     f"(> lease {self._lease():.0f}s + margin {self.cfg.lease_margin:.0f}s)")
         if result_tracebacks:
             result.violations.extend(f"{n} unhandled traceback(s) in the log of {name}"
                                      for name, n in sorted(result_tracebacks.items()))
@@ -402,8 +406,40 @@ class ChaosRun:
         except ProcessLookupError:
             self.note(KILL_WORKER, m.name, skipped=f"pid {pid} already gone")
             return
-        self.note(KILL_WORKER, m.name, pid=pid, generation=m.generation, jobs_in_flight=held, wall=time.time(),
+        wall = time.time()
+        self.note(KILL_WORKER, m.name, pid=pid, generation=m.generation, jobs_in_flight=held, wall=wall,
                   host=m.worker_name)
+        self._watch_back(self.events[-1], held, {f"{m.worker_name}:{pid}"}, wall)
+
+    def _lease(self) -> float:
+        from aibot.settings import Settings
+
+        return float(self.cfg.lease_seconds or Settings.model_fields["lease_seconds"].default)
+
+    def _watch_back(self, event: dict, ids: list[int], dead: set[str], wall: float) -> None:
+        """Records in the event when the last of `ids` left the dead worker (re-queued by the reclaim,
+        or already claimed by another): `back_s` after the kill. Watched from a thread, because the
+        jobs row keeps only the latest claim."""
+        if not ids:
+            return
+
+        def watch():
+            pending = set(ids)
+            deadline = time.monotonic() + 180
+            while pending and time.monotonic() < deadline and not self._stop.is_set():
+                try:
+                    rows = self.query("SELECT id, state::text AS state, worker_id FROM aibot.jobs WHERE id = ANY(%s)",
+                                      (list(pending),), retry_for=5)
+                except psycopg.OperationalError:
+                    rows = []
+                for r in rows:
+                    if r["state"] != "running" or r["worker_id"] not in dead:
+                        pending.discard(r["id"])
+                if pending:
+                    time.sleep(0.2)
+            event["detail"]["back_s"] = None if pending else round(time.time() - wall, 1)
+
+        threading.Thread(target=self._guard(watch), name="chaos-recovery", daemon=True).start()
 
     def _do_kill_master(self, ev: Event) -> None:
         m = self.masters[ev.target]
@@ -412,8 +448,10 @@ class ChaosRun:
             m.expected_exit.set()
             proc = m.proc
         proc.kill()   # SIGKILL to the whole process group: the host's supervisor, masters and workers at once
-        self.note(KILL_MASTER, m.name, pid=proc.pid, generation=m.generation, jobs_in_flight=[j["id"] for j in busy],
-                  wall=time.time())
+        wall = time.time()
+        held = [j["id"] for j in busy]
+        self.note(KILL_MASTER, m.name, pid=proc.pid, generation=m.generation, jobs_in_flight=held, wall=wall)
+        self._watch_back(self.events[-1], held, {j["worker_id"] for j in busy}, wall)
         m.start()
 
     def _do_term_master(self, ev: Event) -> None:
@@ -520,8 +558,9 @@ class ChaosRun:
 
     def _recovery(self) -> dict:
         """Recovery times, from the jobs table after the run:
-        - per kill (-9 of a worker process or of a whole host): seconds until the jobs it held were
-          claimed again (`back_s`) and answered (`done_s`), worst job;
+        - per kill (-9 of a worker process or of a whole host): seconds until the last job it held was
+          back (re-queued or claimed by another worker: `back_s`) and answered (`done_s`, the last
+          finish, which includes any later retry of an injected fault);
         - per worker-process kill: the host's replies in the 10 s after it over the 10 s before
           (`host_rate_ratio`; ≥ (processes − 1) / processes is the promise when the host is saturated);
         - per outage: seconds from its end to the server's first finished reply (`first_reply_s`)."""
@@ -532,10 +571,9 @@ class ChaosRun:
                 ids = list(d.get("jobs_in_flight") or [])
                 entry = {"kind": e["kind"], "target": e["target"], "jobs": len(ids)}
                 if ids:
-                    row = self.query("SELECT max(extract(epoch FROM claimed_at))::float AS back, "
-                                     "max(extract(epoch FROM finished_at))::float AS done FROM aibot.jobs "
+                    row = self.query("SELECT max(extract(epoch FROM finished_at))::float AS done FROM aibot.jobs "
                                      "WHERE id = ANY(%s)", (ids,))[0]
-                    entry["back_s"] = None if row["back"] is None else round(row["back"] - d["wall"], 1)
+                    entry["back_s"] = d.get("back_s")   # watched live (`_watch_back`)
                     entry["done_s"] = None if row["done"] is None else round(row["done"] - d["wall"], 1)
                 if e["kind"] == KILL_WORKER and d.get("host"):
                     row = self.query(
