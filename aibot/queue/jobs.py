@@ -321,6 +321,17 @@ def cancel(conn: psycopg.Connection, job_id: int, *, force: bool = False, reason
     return _token_call(conn, "jobs_cancel", {"job_id": job_id, "force": bool(force), "reason": reason}) is not None
 
 
+def expire_leases_of(conn: psycopg.Connection, worker_ids: Sequence[str]) -> list[int]:
+    """Ends the leases of the jobs held by worker processes known to be dead (their supervisor saw
+    them exit), so the next reclaim tick re-queues them instead of waiting out the lease. Returns the
+    job ids. Same outcome as an expired lease (the attempt counts), only sooner."""
+    if not worker_ids:
+        return []
+    with conn.transaction():
+        rows = queries.all(conn, "jobs_expire_leases_of", {"worker_ids": list(worker_ids)})
+    return [r["id"] for r in rows]
+
+
 def reclaim_expired(conn: psycopg.Connection) -> int:
     """Returns running jobs with an expired lease to the queue (or dead when out of attempts)."""
     with conn.transaction():

@@ -6,7 +6,10 @@ OOM-killed) child interrupts every generation on the host until a supervisor res
 master. Dramatiq (1.x) has no option to replace a dead child. So this supervisor runs P masters of
 one process each (`dramatiq aibot.actors --processes 1 --threads T`): a dead child takes only its own
 master down, the supervisor restarts that one, and the other P − 1 keep claiming and generating.
-The dead child's jobs come back through their leases (`AIBOT_LEASE_SECONDS`, 30 s by default).
+The supervisor saw the child die, so it does not wait for the dead child's leases
+(`AIBOT_LEASE_SECONDS`, 20 s by default): it ends them at once (`jobs.expire_leases_of` for the worker
+processes of this host that are registered but gone), and the next reclaim tick (5 s) re-queues the
+jobs; a reply already generated is re-sent from the job row, not generated again.
 
 A master that keeps dying is restarted with a growing delay (`restart_delay`: at once for a rare
 death, up to 30 s in a crash loop), so a broken deployment does not spin. SIGTERM/SIGINT is passed to
@@ -18,6 +21,7 @@ supervisor exits 0 when all are gone; systemd's `Restart=always` then covers the
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -107,10 +111,40 @@ class Supervisor:
                                  sum(1 for s in self.slots if s is not slot and s.popen and s.popen.poll() is None),
                                  delay)
                     slot.popen, slot.restart_at = None, now + delay
+                    self.hand_back_dead()
                 if slot.popen is None and slot.restart_at is not None and now >= slot.restart_at:
                     slot.restarts += 1
                     self._start(slot)
         return self._stop_all()
+
+    def hand_back_dead(self) -> list[int]:
+        """Ends the leases of jobs held by this host's worker processes that are gone, and forgets those
+        processes; returns the job ids. Best effort: if the database is away, the leases expire anyway."""
+        from aibot import db
+        from aibot.queue import jobs
+        from aibot.worker import registry
+
+        def step(conn):
+            dead = registry.dead_on_this_host(conn, _alive)
+            ids = jobs.expire_leases_of(conn, dead)
+            for worker_id in dead:
+                registry.unregister(conn, worker_id)
+            return dead, ids
+
+        try:
+            if self._database is None:
+                self._database = db.Database(max_size=1)
+            dead, ids = self._database.retrying("hand back a dead worker's jobs", step)
+        except Exception as exc:
+            logger.warning("could not hand back the dead worker's jobs (%s: %s); their leases will expire",
+                           type(exc).__name__, exc)
+            return []
+        if dead:
+            logger.warning("dead worker process(es) %s held job(s) %s: their leases end now, the reclaim re-queues "
+                           "them", ", ".join(dead), ", ".join(map(str, ids)) or "none")
+        return ids
+
+    _database = None
 
     def stop(self, *, forward: bool = True) -> None:
         """Stops every master. `forward=False` when they got the signal themselves (Ctrl-C reaches the
@@ -140,4 +174,16 @@ class Supervisor:
             except subprocess.TimeoutExpired:
                 logger.warning("master pid %d did not stop in time; killing it (its leases recover its jobs)", p.pid)
                 p.kill()
+        if self._database is not None:
+            self._database.close()
         return 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # someone else's process now has that pid: not ours, leave it alone
+        return True
+    return True

@@ -59,7 +59,16 @@ def test_a_killed_child_is_replaced_while_its_sibling_keeps_working(db_url, tmp_
                      message="both processes answering")
             victim, survivor = first
             killed_at = time.time()
+            held = d.scalar("SELECT count(*) FROM aibot.jobs WHERE state = 'running' AND worker_id = %s",
+                            (victim["worker_id"],))
             os.kill(victim["pid"], signal.SIGKILL)
+            # The supervisor saw it die: its jobs are re-queued by the next reclaim tick, well before
+            # their 20 s lease would have run out, and its registration is gone.
+            wait_for(lambda: d.scalar("SELECT count(*) FROM aibot.jobs WHERE state = 'running' AND worker_id = %s",
+                                      (victim["worker_id"],)) == 0, timeout=10,
+                     message=f"the dead process's {held} job(s) handed back before their lease ran out")
+            wait_for(lambda: victim["worker_id"] not in {w["worker_id"] for w in _workers(d)}, timeout=10,
+                     message="the dead process unregistered by its supervisor")
             # The survivor goes on answering in the seconds after the kill, with no restart of its own.
             wait_for(lambda: _done_by(d, survivor["worker_id"], killed_at) >= 5, timeout=20,
                      message="the sibling keeps answering after the kill")

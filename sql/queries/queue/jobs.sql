@@ -198,3 +198,9 @@ WHERE state = 'queued' AND model = %(model)s AND last_error IS DISTINCT FROM %(r
 -- The model can be served now: the waiting notes of its queued jobs no longer hold
 UPDATE jobs SET last_error = NULL
 WHERE state = 'queued' AND model = %(model)s AND last_error LIKE 'waiting: %%';
+
+-- jobs_expire_leases_of --
+-- A supervisor saw these worker processes die: their leases end now, so the next reclaim tick re-queues the jobs
+UPDATE jobs SET lease_expires_at = now()
+WHERE state = 'running' AND worker_id = ANY(%(worker_ids)s::text[]) AND lease_expires_at > now()
+RETURNING id;
