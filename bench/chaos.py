@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.messages < 1:
         p.error(f"--messages must be >= 1, got {args.messages}")
 
+    commit = _commit()   # the code measured: taken before the run, not after it
     with contextlib.ExitStack() as stack:
         server = args.database_url or stack.enter_context(pg.server_url())
         name = pg.unique_name("aibot_chaos")
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     result.timings["finished_at"] = datetime.now(timezone.utc).isoformat()
     result.config["machine"] = {"python": platform.python_version(), "platform": platform.platform()}
     result.config["logs"] = str(workdir)
-    result.config["commit"] = _commit()
+    result.config["commit"] = commit
     write_result(result, args.out)
     print(result.summary())
     print(f"wrote {args.out}; process logs in {workdir}")
