@@ -250,6 +250,7 @@ class ChaosRun:
                 self.stack.start_scheduler("scheduler-2")
                 for m in self.masters.values():
                     m.start()
+                self._wait_registered()
                 self._t0 = time.monotonic()
                 threads = [threading.Thread(target=self._guard(self._feed), name="chaos-feed", daemon=True),
                            threading.Thread(target=self._guard(self._monitor), name="chaos-monitor", daemon=True),
@@ -283,6 +284,16 @@ class ChaosRun:
         result.timings["total_s"] = round(time.monotonic() - started, 1)
         result.errors.extend(self._leftover_processes())
         return result
+
+    def _wait_registered(self, timeout: float = 60.0) -> None:
+        """Traffic and the schedule start once every host's two worker processes are up, so the first
+        kill finds a process to kill (on a loaded 2-core machine start-up takes several seconds)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if all(len(m.worker_pids()) >= 2 for m in self.masters.values()):
+                return
+            time.sleep(0.2)
+        self.errors.append(f"worker processes not all registered within {timeout:.0f}s")
 
     def _guard(self, fn):
         def wrapped():
