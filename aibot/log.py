@@ -1,7 +1,10 @@
 """Logging where every line names the worker, job, entity, server and model it concerns.
 
 The names travel in a contextvar, so code deep in a backend need not pass them around; a filter
-copies them onto each record and the format prints them (or '-' when not set).
+copies them onto each record and the format prints them (or '-' when not set). Threads aibot does not
+start (Dramatiq's consumers and workers, psycopg_pool's maintenance threads) begin with an empty
+context, so a process also has defaults (`bind_process`, the worker name at boot) that every line of
+every thread falls back to: an error from a library still names the process it happened in.
 """
 
 from __future__ import annotations
@@ -34,6 +37,14 @@ def context(**fields: object) -> Iterator[None]:
         _context.reset(token)
 
 
+_process_defaults: dict[str, str] = {}
+
+
+def bind_process(**fields: object) -> None:
+    """Fields every thread of this process falls back to (the worker name, bound once at boot)."""
+    _process_defaults.update({k: str(v) for k, v in fields.items() if v is not None})
+
+
 def bind(**fields: object) -> None:
     """Sets fields for the rest of this thread's/task's context (e.g. the worker name at start-up)."""
     _context.set({**_context.get(), **{k: str(v) for k, v in fields.items() if v is not None}})
@@ -44,7 +55,7 @@ class ContextFilter(logging.Filter):
         ctx = _context.get()
         for name in FIELDS:
             if not hasattr(record, name):
-                setattr(record, name, ctx.get(name, "-"))
+                setattr(record, name, ctx.get(name) or _process_defaults.get(name, "-"))
         return True
 
 

@@ -40,6 +40,8 @@ FILE_CAPABLE = ("database_url", "broker_url", "chat_api_token", "serve_token")
 ENV_NAMES = {"config_path": "AIBOT_CONFIG"}
 #: The backend timeouts a deployment (or a chaos test) may lower: backend_<name>_timeout seconds.
 BACKEND_TIMEOUTS = ("connect", "read", "write", "total", "load")
+#: A worker renews its leases and heartbeat this many times per lease (`Settings.renewal_seconds`).
+RENEWALS_PER_LEASE = 4
 
 
 def variable(field: str) -> str:
@@ -79,7 +81,10 @@ class Settings(BaseModel):
     chat_api_token: SecretStr | None = None
     chat_domain: str | None = None           # the chat's `domain` on replies (aibot.delivery.sinks)
     sink: str | None = None                  # chat | postgres | dry-run; default: chat with a chat URL
-    lease_seconds: int = Field(600, ge=1)
+    # 20 s: a killed worker's job is queued again within a lease plus one reclaim tick (5 s), 25 s at
+    # worst. The lease is renewed every quarter of it (`renewal_seconds`), so three renewals may fail
+    # (a database restart) before a live worker loses a job.
+    lease_seconds: int = Field(20, ge=1)
     aging_seconds: float = DEFAULT_AGING_SECONDS
     # Processes of one host share the environment: a set name is suffixed with the pid (`worker_id`).
     worker_name: str = Field(default_factory=default_worker_name)
@@ -153,6 +158,16 @@ class Settings(BaseModel):
         if "worker_name" in self.model_fields_set:
             return f"{self.worker_name}:{os.getpid()}"
         return default_worker_name(role)
+
+    def renewal_seconds(self) -> float:
+        """How often a worker renews the leases it holds and its heartbeat (one transaction): a quarter
+        of the lease, so a lease survives three failed renewals."""
+        return max(0.25, self.lease_seconds / RENEWALS_PER_LEASE)
+
+    def heartbeat_fresh_seconds(self) -> float:
+        """The one freshness rule: a process is live while its heartbeat is younger than a lease
+        (`RENEWALS_PER_LEASE` renewals); older, it is as dead as the jobs the reclaim takes back from it."""
+        return float(self.lease_seconds)
 
     def backend_timeouts(self) -> dict[str, float]:
         """The backend timeouts this deployment overrides, by `aibot.backends.Timeouts` field name."""

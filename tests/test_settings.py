@@ -14,7 +14,8 @@ def test_defaults():
     s = Settings.from_sources({})
     assert s.database_url is None and s.broker_url is None
     assert s.config_path == "config-aientities.json"
-    assert (s.lease_seconds, s.aging_seconds) == (600, 30.0)
+    assert (s.lease_seconds, s.aging_seconds) == (20, 30.0)
+    assert (s.renewal_seconds(), s.heartbeat_fresh_seconds()) == (5.0, 20.0), "renewal a quarter of the lease; live for one lease"
     assert s.chat_api_token is None and s.chat_token() is None
     assert s.worker_name.startswith("worker@")
 
@@ -184,3 +185,26 @@ def test_an_empty_secret_file_is_an_error_naming_it(tmp_path):
     empty.write_text("\n")
     with pytest.raises(SettingsError, match="AIBOT_SERVE_TOKEN_FILE.*is empty"):
         Settings.from_sources({"AIBOT_SERVE_TOKEN_FILE": str(empty)})
+
+
+def test_every_variable_the_settings_read_is_in_docs_configuration_and_nothing_else_is():
+    """docs/configuration.md lists exactly the AIBOT_* variables aibot.settings reads (and the shell
+    variables of the deploy units, which are named as such), so neither can drift from the other."""
+    import re
+    from pathlib import Path
+
+    from aibot import settings as settings_mod
+
+    read = {settings_mod.variable(name) for name in Settings.model_fields if name != "schedules"}
+    read |= {f"{settings_mod.variable(name)}_FILE" for name in settings_mod.FILE_CAPABLE}
+    read |= {settings_mod.SETTINGS_FILE_VAR, f"{settings_mod.SCHEDULE_PREFIX}<JOB>", "AIBOT_<FIELD>"}
+    from aibot.scheduler import jobs as scheduled
+    schedule_vars = {settings_mod.schedule_variable(s.name) for s in scheduled.schedules()}
+    text = (Path(__file__).resolve().parent.parent / "docs" / "configuration.md").read_text()
+    table = {m for m in re.findall(r"`(AIBOT_[A-Z0-9_<>]+)`", text)}
+    table |= {f"{v}_FILE" for v in re.findall(r"`(AIBOT_[A-Z0-9_]+)` \(or `_FILE`\)", text)}
+    deploy_only = {"AIBOT_WORKER_PROCESSES", "AIBOT_WORKER_THREADS"}   # read by the units' shell, not by aibot
+    assert read - table == set(), f"read by aibot.settings but not in docs/configuration.md: {sorted(read - table)}"
+    assert deploy_only <= table, "the deploy units' shell variables are documented too"
+    assert table - read - deploy_only - schedule_vars == set(), \
+        f"in docs/configuration.md but read by no setting: {sorted(table - read - deploy_only - schedule_vars)}"

@@ -15,6 +15,9 @@ from aibot.queue import broker as brokers
 from aibot.settings import get_settings
 
 log.adopt_handlers(get_settings().log_level)
+# Lines logged before the worker boots (the broker's consumer requeueing a dead worker's messages)
+# name the process too; `Lifecycle.after_worker_boot` binds the same id again in the booted process.
+log.bind_process(worker=get_settings().worker_id())
 broker = brokers.process_broker()
 broker.add_middleware(Lifecycle())
 

@@ -54,22 +54,22 @@ class Lifecycle(dramatiq.Middleware):
     def after_worker_boot(self, broker, worker) -> None:
         rt = runtime()
         log.bind(worker=rt.worker_id)
+        log.bind_process(worker=rt.worker_id)   # Dramatiq's and psycopg_pool's own threads name it too
         with rt.database.transaction() as conn:
             registry.register(conn, rt.worker_id, role="worker",
                               info={"threads": getattr(worker, "worker_threads", None), "lease_seconds": rt.lease_seconds})
         self._heartbeat = threading.Thread(target=self._beat, args=(rt,), name="aibot-heartbeat", daemon=True)
         self._heartbeat.start()
-        logger.info("worker ready (lease %.0fs, invocation budget %.0fs)", rt.lease_seconds, rt.budget_seconds)
+        logger.info("worker ready (lease %.0fs renewed every %.1fs, invocation budget %.0fs)",
+                    rt.lease_seconds, rt.settings.renewal_seconds(), rt.budget_seconds)
 
     def _beat(self, rt) -> None:
         log.bind(worker=rt.worker_id)   # a new thread starts with an empty log context
-        interval = max(0.5, rt.lease_seconds / 3)
+        interval = rt.settings.renewal_seconds()
         while not self._stop_heartbeat.wait(interval):
             try:
-                rt.renew_leases()
-                with rt.database.transaction() as conn:
-                    registry.heartbeat(conn, rt.worker_id)
-            except Exception as exc:  # the database may be restarting; leases have slack for that
+                rt.renew_leases()   # the claims in flight and the process's heartbeat, one transaction
+            except Exception as exc:  # the database may be restarting; a lease outlasts two missed renewals
                 logger.warning("heartbeat failed: %s", exc)
 
     def before_worker_shutdown(self, broker, worker) -> None:

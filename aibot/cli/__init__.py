@@ -48,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     settings.reset_settings()   # one invocation, one reading of the environment (tests run many in-process)
     log.setup(args.log_level or _settings_log_level())
+    # Lines from threads aibot does not start (psycopg_pool's, apscheduler's) still name the process.
+    log.bind_process(worker=log.default_worker_name(args.command))
     render.configure(plain=args.plain)
     command = " ".join(w for w in (args.command, *_subcommand(args)) if w)
     try:

@@ -12,12 +12,13 @@ This package owns connections, pools and the query files; it knows nothing of jo
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import threading
 import time
 import weakref
-from collections.abc import Iterator, Mapping
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg.rows import dict_row
@@ -28,6 +29,16 @@ from aibot.settings import get_settings
 
 SCHEMA = "aibot"
 APP_NAME = "aibot"
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+#: What a lost session raises: `AdminShutdown` (pg_terminate_backend, a PostgreSQL restart), a closed
+#: socket, a pool that cannot connect for a moment. All are `OperationalError`s; so are serialization
+#: failures and deadlocks, which a retry of an idempotent step also resolves.
+CONNECTION_ERRORS = (psycopg.OperationalError,)
+#: Attempts of an idempotent step (`Database.retrying`): the first, then one on a fresh connection.
+RETRY_ATTEMPTS = 2
 
 
 class NoDatabaseConfigured(RuntimeError):
@@ -172,6 +183,38 @@ class Database:
     def transaction(self) -> Iterator[psycopg.Connection]:
         with self.pool.connection() as conn:
             yield conn
+
+    def retrying(self, step: str, fn: Callable[[psycopg.Connection], T], *,
+                 attempts: int = RETRY_ATTEMPTS, pause: float = 0.05) -> T:
+        """`fn(conn)` in one transaction; when the session died under it, again on a fresh connection.
+
+        Only for steps that are safe to repeat (a claim, a completion or renewal fenced by its token,
+        a heartbeat). A lost session is an expected event: the pool's other idle connections most
+        likely died with it (pg_terminate_backend of every session, a restart), and the cheap
+        checkout check (`_check_if_idle`) does not ping a connection used a moment ago, so the whole
+        pool is checked (`ConnectionPool.check`: broken ones are discarded) before the retry. The
+        last failure is raised to the caller, who knows what an unfinished step means.
+        """
+        for attempt in range(1, attempts + 1):
+            try:
+                with self.transaction() as conn:
+                    return fn(conn)
+            except CONNECTION_ERRORS as exc:
+                if attempt >= attempts:
+                    raise
+                logger.warning("%s: database session lost (%s: %s); retrying on a fresh connection (%d/%d)",
+                               step, type(exc).__name__, str(exc).strip().splitlines()[0] if str(exc).strip() else "",
+                               attempt + 1, attempts)
+                self.discard_broken()
+                time.sleep(pause * attempt)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def discard_broken(self) -> None:
+        """Pings every idle pooled connection and drops the dead ones (never raises)."""
+        try:
+            self.pool.check()
+        except Exception as exc:  # the server may be down altogether; the next checkout reconnects
+            logger.warning("pool check failed: %s", exc)
 
     def close(self) -> None:
         with self._lock:

@@ -62,7 +62,7 @@ def reply_message(job_id: int, payload: dict, reply: dict, *, domain: str = DEFA
     if not isinstance(text, str):
         raise SinkRejected(f"reply.text: expected a string, got {type(text).__name__}")
     return {
-        "id": reply_id(job_id),
+        "id": reply.get("id") or reply_id(job_id),
         "text": text,
         "username": reply.get("username") or ais.get("name") or payload.get("entity_username") or "AI",
         "color": reply.get("color") or ais.get("color") or payload.get("entity_color") or "128128128",

@@ -222,11 +222,15 @@ def renew(conn: psycopg.Connection, job_id: int, token: uuid.UUID, lease_seconds
     return _token_call(conn, "jobs_renew", {"job_id": job_id, "token": token, "lease_seconds": lease}) is not None
 
 
-def store_reply(conn: psycopg.Connection, job_id: int, token: uuid.UUID, reply: Mapping[str, Any]) -> bool:
-    """Keeps a reply whose delivery failed, so the retry delivers it instead of generating again."""
+def store_reply(conn: psycopg.Connection, job_id: int, token: uuid.UUID, reply: Mapping[str, Any], *,
+                started_at: datetime | None = None, generated_at: datetime | None = None) -> bool:
+    """Makes a generated reply durable on the job before it is posted: every later attempt (a failed
+    post, a lost completion, a worker killed after the post, a re-claim after the lease) re-sends this
+    reply instead of generating another. False: the claim is no longer ours, so do not post."""
     if not isinstance(reply, Mapping):
         raise ValueError(f"reply must be a mapping, got {type(reply).__name__}")
-    return _token_call(conn, "jobs_store_reply", {"job_id": job_id, "token": token, "reply": Jsonb(dict(reply))}) is not None
+    return _token_call(conn, "jobs_store_reply", {"job_id": job_id, "token": token, "reply": Jsonb(dict(reply)),
+                                                  "started_at": started_at, "generated_at": generated_at}) is not None
 
 
 def _check_complete_state(state: str) -> None:
@@ -241,12 +245,20 @@ def complete(conn: psycopg.Connection, job_id: int, token: uuid.UUID, *, state: 
                        {"job_id": job_id, "token": token, "state": state, "reason": reason}) is not None
 
 
-def finish_delivered(conn: psycopg.Connection, job_id: int, token: uuid.UUID, reply: Mapping[str, Any], *,
+def finish_delivered(conn: psycopg.Connection, job_id: int, token: uuid.UUID, reply: Mapping[str, Any] | None, *,
                      started_at: datetime | None, generated_at: datetime | None) -> bool:
-    """Done: the sink accepted `reply`. Stores it with the timings in the completing UPDATE."""
+    """Done: the sink accepted the reply. `reply`/timings None keep what `store_reply` stored (the
+    worker's path: the reply is not rewritten, so the completing UPDATE stays small)."""
     return _token_call(conn, "jobs_finish_delivered", {
-        "job_id": job_id, "token": token, "reply": Jsonb(dict(reply)),
+        "job_id": job_id, "token": token, "reply": None if reply is None else Jsonb(dict(reply)),
         "started_at": started_at, "generated_at": generated_at}) is not None
+
+
+def finished_by(conn: psycopg.Connection, job_id: int, token: uuid.UUID) -> str | None:
+    """The terminal state this claim already put the job in, or None: tells a completion whose
+    acknowledgement was lost with its session (it committed) from one that never ran."""
+    row = queries.one(conn, "jobs_finished_by", {"job_id": job_id, "token": token})
+    return row["state"] if row else None
 
 
 def complete_many(conn: psycopg.Connection, claims: Sequence[Claim], *, state: str = "done",
@@ -307,6 +319,17 @@ def cancel(conn: psycopg.Connection, job_id: int, *, force: bool = False, reason
     """Cancels a queued job. A running one only with `force`; its worker is then fenced out (its
     in-flight generation is wasted, and a reply already posted stays posted)."""
     return _token_call(conn, "jobs_cancel", {"job_id": job_id, "force": bool(force), "reason": reason}) is not None
+
+
+def expire_leases_of(conn: psycopg.Connection, worker_ids: Sequence[str]) -> list[int]:
+    """Ends the leases of the jobs held by worker processes known to be dead (their supervisor saw
+    them exit), so the next reclaim tick re-queues them instead of waiting out the lease. Returns the
+    job ids. Same outcome as an expired lease (the attempt counts), only sooner."""
+    if not worker_ids:
+        return []
+    with conn.transaction():
+        rows = queries.all(conn, "jobs_expire_leases_of", {"worker_ids": list(worker_ids)})
+    return [r["id"] for r in rows]
 
 
 def reclaim_expired(conn: psycopg.Connection) -> int:

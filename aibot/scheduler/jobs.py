@@ -76,7 +76,8 @@ def fast_schedules() -> dict[str, str]:
     return {s.variable: s.fast for s in schedules() if s.fast}
 
 
-@scheduled("reclaim", every="10s", fast="1s", help="expired leases back to queued (or dead past max attempts)")
+# Every 5 s: with the 20 s lease a killed worker's jobs are queued again within 25 s (docs/reliability.md).
+@scheduled("reclaim", every="5s", fast="1s", help="expired leases back to queued (or dead past max attempts)")
 def reclaim(database: db.Database) -> str | None:
     with database.transaction() as conn:
         n = jobs.reclaim_expired(conn)

@@ -155,6 +155,12 @@ class Scheduler:
         with log.context(worker=self.name, job=f"tick:{sched.name}"):
             try:
                 self.run_tick(sched, tick)
+            except db.CONNECTION_ERRORS as exc:
+                # Expected (a PostgreSQL restart, pg_terminate_backend): the next firing runs the job
+                # again on a fresh connection, so one line, no traceback.
+                logger.warning("tick %s at %s skipped: database session lost (%s: %s)", sched.name,
+                               tick.isoformat(), type(exc).__name__, str(exc).strip().splitlines()[0] if str(exc).strip() else "")
+                self.database.discard_broken()
             except Exception:
                 logger.exception("tick %s at %s failed", sched.name, tick.isoformat())
             finally:

@@ -46,6 +46,10 @@ class FakeChatServer:
         self._seq = 0
         self._last_ts = 0
         self._counts: Counter[str] = Counter()
+        # Every post as received (id, text, timestamp, what happened): what a sink that does NOT
+        # deduplicate by id (the original's KV Worker API) would have kept, so tests can count the
+        # repeats and tell a re-sent reply (identical) from a regenerated one (other text).
+        self._post_log: list[dict] = []
         self.set_faults(post_failure_rate=post_failure_rate, post_ack_loss_rate=post_ack_loss_rate)
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -102,6 +106,7 @@ class FakeChatServer:
             self._records.clear()
             self._by_id.clear()
             self._counts.clear()
+            self._post_log.clear()
 
     # --- test helpers ---------------------------------------------------------------------------
 
@@ -166,6 +171,11 @@ class FakeChatServer:
     def replies(self) -> list[dict]:
         return [m for m in self.messages() if isinstance(m, dict) and m.get("message-type") == "AI"]
 
+    def post_log(self) -> list[dict]:
+        """Every post received, in order: `outcome` is stored, duplicate (id already stored) or failed."""
+        with self._lock:
+            return [dict(e) for e in self._post_log]
+
     def replies_by_reply_to(self) -> Counter[str]:
         return Counter(str(m.get("replyTo")) for m in self.replies())
 
@@ -216,12 +226,16 @@ class FakeChatServer:
         with self._lock:
             self._counts["posts"] += 1
             mid = body.get("id")
+            entry = {"id": mid, "text": body["text"], "timestamp": body.get("timestamp"), "outcome": "stored"}
+            self._post_log.append(entry)
             if mid is not None and str(mid) in self._by_id:
                 self._counts["duplicates"] += 1
+                entry["outcome"] = "duplicate"
                 return 200, {"id": mid, "status": "duplicate"}
             if self._fail_next > 0 or self._rng.random() < self.post_failure_rate:
                 self._fail_next = max(0, self._fail_next - 1)
                 self._counts["faults"] += 1
+                entry["outcome"] = "failed"
                 return 500, {"error": "injected fault"}
             message = copy.deepcopy(body)
             if mid is None:

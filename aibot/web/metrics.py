@@ -22,10 +22,10 @@ from starlette.responses import Response
 
 from aibot import db
 from aibot.ops import inspection
+from aibot.settings import get_settings
 
 WINDOW_MINUTES = 60
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4   # what Prometheus negotiates by default; the format generate_latest writes
-FRESH_HEARTBEAT_SECONDS = 60
 
 Reader = Callable[[psycopg.Connection], Iterable[Metric]]
 READERS: list[Reader] = []
@@ -155,13 +155,14 @@ def model_loads(conn) -> Iterator[Metric]:
 
 @families
 def workers(conn) -> Iterator[Metric]:
+    fresh_seconds = get_settings().heartbeat_fresh_seconds()   # the one rule (aibot.settings)
     live = GaugeMetricFamily("aibot_workers", f"Registered processes by role with a heartbeat in the last "
-                                              f"{FRESH_HEARTBEAT_SECONDS} s (0 for a role whose processes all went "
+                                              f"{fresh_seconds:.0f} s, one lease (0 for a role whose processes all went "
                                               "silent, so an alert sees it drop).", labels=["role"])
     by_role: dict[str, int] = {}
     for r in inspection.worker_status(conn):
         age = r["heartbeat_age_seconds"]
-        fresh = age is not None and age < FRESH_HEARTBEAT_SECONDS
+        fresh = age is not None and age < fresh_seconds
         by_role[r["role"]] = by_role.get(r["role"], 0) + fresh
     for role, n in sorted(by_role.items()):
         live.add_metric([role], n)

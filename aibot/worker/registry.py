@@ -32,6 +32,12 @@ def unregister(conn: psycopg.Connection, worker_id: str) -> None:
     queries.run(conn, "worker_unregister", {"worker_id": worker_id})
 
 
+def dead_on_this_host(conn: psycopg.Connection, is_alive) -> list[str]:
+    """Worker ids registered from this host whose process is gone (`is_alive(pid)` False)."""
+    rows = queries.all(conn, "workers_on_host", {"host": socket.gethostname()})
+    return [r["worker_id"] for r in rows if r["pid"] is not None and not is_alive(int(r["pid"]))]
+
+
 def prune(conn: psycopg.Connection, older_than_seconds: float) -> int:
     """Forgets processes that stopped heartbeating long ago (crashed or killed -9); returns how many."""
     return queries.run(conn, "workers_prune", {"older_than_seconds": older_than_seconds}).rowcount

@@ -1,8 +1,17 @@
 """The claim actor's work: claim a job and a slot, generate, deliver, complete.
 
-The happy path is two short transactions per job: the claim, and one UPDATE that completes the job
-with its reply. A reply is stored ahead of completion only when delivery fails, so the retry
-delivers it without generating again.
+A reply is generated once. The generated reply (with its reply id and timestamp, so a re-send is
+byte-identical) is written to the job row before it is posted (one small UPDATE, committed without
+waiting for the WAL flush unless AIBOT_WORKER_SYNC_COMMIT=1); every later attempt -- a failed post, a
+completion lost with its session, a worker killed after the post, a re-claim after the lease --
+re-sends that stored reply and never generates again. The happy path is three short statements per
+job: the claim, the store, and the completing UPDATE.
+
+Connection loss is an expected event: the claim, the store, the completion and the heartbeat are
+idempotent (fenced by the claim's token) and retried once on a fresh connection
+(`Database.retrying`); a completion that failed after a successful post is retried at once, up to
+`COMPLETE_ATTEMPTS`, and not left to the lease. An invocation never ends with an exception: it logs
+and re-rings its doorbell, so no wake-up is dropped.
 
 One `Runtime` per worker process holds what every invocation shares: the database pool, the hot-
 reloaded entity config, HTTP clients per server, the sink, and the set of claims in flight (which a
@@ -36,15 +45,19 @@ from aibot.backends.factory import backend_for_server, deployment_timeouts
 from aibot.cluster import health, loader
 from aibot.cluster import state as cluster_state
 from aibot.config import ConfigStore
-from aibot.delivery.sinks import SinkError, make_sink
+from aibot.delivery.sinks import SinkError, make_sink, reply_id
 from aibot.generation import postprocess, prompt, tokens
 from aibot.queue import doorbell, jobs, ratelimit
 from aibot.settings import Settings, get_settings
+from aibot.worker import registry
 
 logger = logging.getLogger(__name__)
 
 
 EMPTY_CLAIM_RETRIES = 2
+#: Attempts of the completing UPDATE after a successful post (each on a fresh connection if the
+#: session died); past them the stored reply waits for the lease and is re-sent, not regenerated.
+COMPLETE_ATTEMPTS = 4
 
 
 class GenerationAborted(Exception):
@@ -145,6 +158,8 @@ class DemandLoader:
                     logger.info("loaded for queued work: %s", ", ".join(loaded))
                     with self.runtime.transaction() as conn:
                         doorbell.ring(conn)
+        except db.CONNECTION_ERRORS as exc:   # expected: the next idle claim kicks another pass
+            logger.warning("demand loading stopped: database session lost (%s: %s)", type(exc).__name__, exc)
         except Exception:
             logger.exception("demand loading failed")
         finally:
@@ -197,49 +212,74 @@ class Runtime:
         instead of a broker round trip per job; the budget keeps one invocation from hogging a thread
         forever, and the doorbell it rings on leaving hands the work to a fresh one.
         """
-        deadline = time.monotonic() + self.budget_seconds
-        done = 0
-        while not self.stopping.is_set():
-            claim = self._claim()
-            if claim is None:
-                self._on_idle()
+        with log.context(worker=self.worker_id):
+            done = 0
+            try:
+                deadline = time.monotonic() + self.budget_seconds
+                while not self.stopping.is_set():
+                    claim = self._claim()
+                    if claim is None:
+                        self._on_idle()
+                        return done
+                    self.process(claim)
+                    done += 1
+                    if time.monotonic() >= deadline:
+                        self._ring("time budget spent")
+                        return done
                 return done
-            self.process(claim)
-            done += 1
-            if time.monotonic() >= deadline:
-                with self.transaction() as conn:
-                    doorbell.ring(conn)
+            except Exception as exc:
+                # Never raise into Dramatiq: the actor has no retries, so a raise would drop this
+                # wake-up and leave claimable work to the scheduler's doorbell tick.
+                logger.error("claim loop stopped (%s: %s); ringing the doorbell again so the work is picked up",
+                             type(exc).__name__, exc, exc_info=not isinstance(exc, db.CONNECTION_ERRORS))
+                self._ring("after an error")
                 return done
-        return done
+
+    def _ring(self, why: str) -> None:
+        try:
+            self.database.retrying("ring the doorbell", doorbell.ring)
+        except Exception as exc:
+            logger.warning("could not ring the doorbell %s (%s); the scheduler's doorbell tick will", why, exc)
 
     def _claim(self) -> jobs.Claim | None:
         """A claim, retried briefly when it came back empty although claimable work exists: rows
         locked by other claimers or by a rebalance are skipped (SKIP LOCKED), and giving up then would
         leave a free slot idle until the next doorbell."""
+        def step(conn):
+            claim = jobs.claim(conn, self.worker_id, lease_seconds=self.lease_seconds, use_slots=True)
+            return claim, claim is None and doorbell.matchable(conn) > 0
+
         for attempt in range(EMPTY_CLAIM_RETRIES + 1):
-            with self.database.transaction() as conn:
-                claim = jobs.claim(conn, self.worker_id, lease_seconds=self.lease_seconds, use_slots=True)
-                if claim is not None or attempt == EMPTY_CLAIM_RETRIES or doorbell.matchable(conn) <= 0:
-                    return claim
+            # Retrying a claim whose commit was lost with its session at worst strands that one job
+            # until its lease ends (we never learnt its token); it never runs twice at once.
+            claim, more = self.database.retrying("claim", step)
+            if claim is not None or attempt == EMPTY_CLAIM_RETRIES or not more:
+                return claim
             time.sleep(0.005 * (attempt + 1))
         return None
 
     def process(self, claim: jobs.Claim) -> None:
-        server = self._server(claim.server_id) if claim.server_id is not None else None
         item = self.inflight.add(claim.job_id, claim.token)
         try:
             with log.context(worker=self.worker_id, job=claim.job_id, entity=claim.entity_id, model=claim.model,
-                             server=server["name"] if server else None):
-                self._process(claim, server, item)
-        except Exception:
-            logger.exception("unexpected error; the job's lease will expire and it will be retried")
+                             server=claim.server_id):
+                try:
+                    server = self._server(claim.server_id) if claim.server_id is not None else None
+                    with log.context(server=server["name"] if server else None):
+                        self._process(claim, server, item)
+                except db.CONNECTION_ERRORS as exc:
+                    logger.error("database session lost mid-job (%s: %s); the job returns after its lease "
+                                 "(a stored reply is re-sent, not regenerated)", type(exc).__name__, exc)
+                except Exception:
+                    logger.exception("unexpected error; the job's lease will expire and it will be retried")
         finally:
             self.inflight.remove(claim.job_id)
 
     def _process(self, claim: jobs.Claim, server: dict | None, item: InFlight) -> None:
         if claim.reply is not None:
-            logger.info("delivering a stored reply (earlier delivery failed)")
-            self._deliver(claim, claim.reply, started_at=None)
+            logger.info("re-sending the stored reply %s (an earlier attempt generated it)",
+                        claim.reply.get("id") or reply_id(claim.job_id))
+            self._deliver(claim, claim.reply)
             return
         cfg = self.config.get()
         entity = cfg.entity(claim.entity_id)
@@ -306,20 +346,39 @@ class Runtime:
                 ratelimit.cancel(conn, claim.job_id)
             logger.info("no reply to post (%.2fs)", time.monotonic() - started)
             return
+        generated_at = _now()
         reply = {
+            "id": reply_id(claim.job_id),
             "text": text,
             "username": ais.get("name") or entity.username,
             "color": ais.get("color") or entity.color,
+            "timestamp": int(generated_at.timestamp() * 1000),
             "entity": entity.id,
             "model": claim.model,
             "server": server["name"],
-            "generated_at": _now().isoformat(),
+            "generated_at": generated_at.isoformat(),
         }
         logger.info("generated %d chars in %.2fs", len(text), time.monotonic() - started)
         if item.released.is_set():
             logger.warning("not delivering: the job was handed back at shutdown and will run again")
             return
-        self._deliver(claim, reply, started_at=started_at)
+        if not self._store(claim, reply, started_at, generated_at):
+            return
+        self._deliver(claim, reply)
+
+    def _store(self, claim: jobs.Claim, reply: dict, started_at: datetime, generated_at: datetime) -> bool:
+        """The reply made durable on the job before it leaves; False means do not post it."""
+        try:
+            ok = self.database.retrying("store the reply", lambda conn: jobs.store_reply(
+                conn, claim.job_id, claim.token, reply, started_at=started_at, generated_at=generated_at))
+        except db.CONNECTION_ERRORS as exc:
+            # Posting a reply that is not durable could post a second, different one after the
+            # lease: better a regeneration nobody sees than two answers.
+            logger.error("could not store the reply (%s); not posting it, the job runs again after its lease", exc)
+            return False
+        if not ok:
+            logger.warning("not delivering: the claim was lost (lease expired or job cancelled)")
+        return ok
 
     def _fit(self, backend: Backend, claim: jobs.Claim, entity, cfg, payload: dict, ais: dict):
         """The request, with its history trimmed to the serving instance's context (per request: per
@@ -349,26 +408,47 @@ class Runtime:
                 f"{budget} (context {claim.context_length} per request − max_tokens − template margin)")
         return request
 
-    def _deliver(self, claim: jobs.Claim, reply: dict, *, started_at: datetime | None) -> None:
+    def _deliver(self, claim: jobs.Claim, reply: dict) -> None:
+        """Posts the stored reply and completes the job. The reply is already on the job row, so
+        neither step needs to carry it again."""
         try:
-            reply_id = self.sink.deliver(claim.job_id, claim.payload, reply)
+            sent_id = self.sink.deliver(claim.job_id, claim.payload, reply)
         except SinkError as exc:
-            # Keep the reply so the retry only delivers it. An outage of the sink is not the job's
-            # fault (no attempt burnt); a sink that rejects the reply outright (4xx) is.
-            with self.transaction() as conn:
-                jobs.store_reply(conn, claim.job_id, claim.token, reply)
-                state = jobs.fail(conn, claim.job_id, claim.token, f"delivery failed: {exc}",
-                                  server_fault=getattr(exc, "retryable", True))
+            # The stored reply stays, so the retry only re-sends it. An outage of the sink is not the
+            # job's fault (no attempt burnt); a sink that rejects the reply outright (4xx) is.
+            error = f"delivery failed: {exc}"
+            retryable = getattr(exc, "retryable", True)
+            try:
+                state = self.database.retrying("record the failed delivery", lambda conn: jobs.fail(
+                    conn, claim.job_id, claim.token, error, server_fault=retryable))
+            except db.CONNECTION_ERRORS as db_exc:
+                logger.error("delivery failed (%s) and could not be recorded (%s); the stored reply is re-sent "
+                             "after the lease", exc, db_exc)
+                return
             logger.warning("delivery failed (%s); job is %s, the stored reply will be re-sent", exc, state)
             return
-        generated_at = datetime.fromisoformat(reply["generated_at"]) if reply.get("generated_at") else None
-        with self.database.transaction() as conn:
-            ok = jobs.finish_delivered(conn, claim.job_id, claim.token, reply,
-                                       started_at=started_at, generated_at=generated_at)
+        self._complete_delivered(claim, sent_id)
+
+    def _complete_delivered(self, claim: jobs.Claim, sent_id: str) -> None:
+        """The completing UPDATE after a successful post, retried at once on a fresh connection: left
+        to the lease, a lost completion would cost a lease of latency and a repeat post."""
+        def step(conn):
+            if jobs.finish_delivered(conn, claim.job_id, claim.token, None, started_at=None, generated_at=None):
+                return True
+            # A retry after a commit whose acknowledgement was lost finds the job already done by us.
+            return jobs.finished_by(conn, claim.job_id, claim.token) == "done"
+
+        try:
+            ok = self.database.retrying("complete the delivered job", step, attempts=COMPLETE_ATTEMPTS, pause=0.2)
+        except db.CONNECTION_ERRORS as exc:
+            logger.error("delivered as %s but could not complete the job (%s); after its lease the stored reply "
+                         "is re-sent with the same id, not regenerated", sent_id, exc)
+            return
         if ok:
-            logger.info("delivered as %s", reply_id)
+            logger.info("delivered as %s", sent_id)
         else:
-            logger.warning("delivered as %s but the lease was lost; the sink's reply id makes a repeat a no-op", reply_id)
+            logger.warning("delivered as %s but the lease was lost; the same stored reply and id are re-sent by "
+                           "whoever holds the job", sent_id)
 
     def _generate(self, backend: Backend, request, item: InFlight) -> str:
         """The reply text. Streamed (unless `stream` is off, AIBOT_STREAM=0) so that a shutdown past its timeout stops
@@ -448,13 +528,16 @@ class Runtime:
     # --- process lifecycle ----------------------------------------------------------------------
 
     def renew_leases(self) -> None:
-        items = self.inflight.snapshot()
-        if not items:
-            return
-        with self.database.transaction() as conn:
+        """One transaction renews every claim in flight and the process's heartbeat (renewal cadence:
+        `Settings.renewal_seconds`), retried once on a fresh connection."""
+        items = [i for i in self.inflight.snapshot() if not i.released.is_set()]
+
+        def step(conn):
             for item in items:
-                if not item.released.is_set():
-                    jobs.renew(conn, item.job_id, item.token, self.lease_seconds)
+                jobs.renew(conn, item.job_id, item.token, self.lease_seconds)
+            registry.heartbeat(conn, self.worker_id)
+
+        self.database.retrying("renew leases and heartbeat", step)
 
     def release_all(self, reason: str) -> int:
         """Hands every in-flight job back to the queue with its attempt refunded (shutdown deadline)."""

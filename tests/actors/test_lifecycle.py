@@ -111,3 +111,27 @@ def test_every_worker_log_line_names_worker_job_entity_server_and_model(db_url, 
         pattern = re.compile(r"worker=workers:\d+ job=\d+ entity=e[12] server=mac-studio-[12] model=sim/model-[12]@f16 \|")
         for line in lines:
             assert pattern.search(line), line
+
+
+def test_lines_from_threads_aibot_did_not_start_still_name_the_worker(db_url, tmp_path):
+    """psycopg_pool's and Dramatiq's own threads log with an empty context; after a lost session
+    (pg_terminate_backend) their lines -- and every ERROR line -- still carry the worker's name."""
+    with deployment(db_url, tmp_path, ents=entities(2), preload="all") as d:
+        d.chat.post_human("hi", entity="e1")
+        d.stack.start_bot()
+        workers = d.stack.start_workers(threads=2)
+        d.wait_replies(1)
+        d.query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND pid <> pg_backend_pid() AND application_name = 'aibot'")
+        d.chat.post_human("again", entity="e2")
+        d.wait_replies(2)
+        wait_for(lambda: "psycopg.pool" in workers.log() or "dramatiq_postgres" in workers.log(), timeout=30,
+                 message="a line from a library thread about the lost sessions")
+        lines = [line for line in workers.log().splitlines() if re.match(r"\d{4}-\d\d-\d\d ", line)]
+        library = [line for line in lines if " psycopg.pool " in line or " dramatiq_postgres" in line]
+        assert library, lines[-20:]
+        # Dramatiq's master (which boots no Runtime) has no worker name; its worker process does.
+        unnamed = [line for line in library + [x for x in lines if " ERROR " in x] if "worker=-" in line
+                   and "dramatiq.MainProcess" not in line]
+        assert unnamed == [], unnamed
+        assert "Traceback" not in workers.log(), workers.log()[-4000:]

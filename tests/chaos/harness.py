@@ -3,14 +3,20 @@ servers and the fake chat server, hurt on a seeded schedule while messages flow.
 
 Shape of a run (the short CI variant and `bench/chaos.py` share it; only the sizes differ):
 - two bots (one with the in-process scheduler) and a separate `aibot scheduler`: two of each;
-- two Dramatiq masters, "a" and "b", each with two worker processes; a supervisor loop restarts a
-  master that exited (as systemd's Restart=always would);
+- two worker hosts, "a" and "b", each an `aibot worker --processes 2` (one Dramatiq master per
+  process: a killed process is replaced while its sibling keeps working); a supervisor loop restarts a
+  host that exited (as systemd's Restart=always would);
 - LLM servers answering 5xx, HTML error pages, malformed JSON, empty choices, truncated bodies and
   answers slower than the worker's read timeout; the chat sink failing posts before and after storing;
 - on the schedule (`tests.chaos.schedule.make_schedule`): kill -9 of worker processes mid-generation
   and of a whole master, SIGTERM of a master with work in flight, pg_terminate_backend of every
-  session, a PostgreSQL restart (local cluster only) and a server outage.
-Then the faults stop, the run waits until every job has ended, and `verdict` checks the promises.
+  session while claims and completions are in flight, a PostgreSQL restart (local cluster only) and
+  a server outage.
+Then the faults stop, the run waits until every job has ended, and `verdict` checks the promises:
+also that no reply id was posted with two bodies (the chat logs every post, as a sink that does not
+deduplicate would keep them) and that no process log holds an unhandled traceback. Recovery times
+(a killed worker's jobs back and answered, a host's reply rate after a child's kill, the first reply
+from a server after its outage) are measured and reported.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import random
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 import traceback
@@ -38,7 +45,8 @@ from aibot.sim.chat import FakeChatServer
 from aibot.sim.cluster import seed_spec
 from aibot.sim.faults import FaultConfig
 from tests.chaos.schedule import (KILL_MASTER, KILL_WORKER, MASTERS, RESTART_POSTGRES, SERVER_OUTAGE,
-                                  TERM_MASTER, TERMINATE_BACKENDS, Event, Observed, make_schedule, verdict)
+                                  TERM_MASTER, TERMINATE_BACKENDS, Event, Observed, count_tracebacks, make_schedule,
+                                  sink_repeats, verdict)
 
 PG_CLUSTER = ("15", "main")
 
@@ -63,7 +71,7 @@ class ChaosConfig:
     outage_seconds: float = 8.0
     speed: float = 0.1                  # simulator time scale: ~3 s per cold load
     per_token_seconds: float = 0.1      # with speed 0.1 and 110 tokens: ~1.1 s per reply, so kills land mid-generation
-    lease_seconds: int = 6
+    lease_seconds: int | None = 6       # None: the deployment default (AIBOT_LEASE_SECONDS unset, 30 s)
     read_timeout: float = 1.5           # worker's backend read timeout; slow answers take longer
     error_rate: float = 0.10            # HTTP 5xx
     html_rate: float = 0.02
@@ -104,6 +112,9 @@ class ChaosResult:
     timings: dict
     job_states: dict
     errors: list[str] = field(default_factory=list)
+    sink: dict = field(default_factory=dict)        # what a non-deduplicating sink would have shown
+    tracebacks: dict = field(default_factory=dict)  # process log -> unhandled tracebacks
+    recovery: dict = field(default_factory=dict)    # measured recovery times (see `_recovery`)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -119,6 +130,8 @@ class ChaosResult:
             f"chat: {self.chat}",
             f"model loads: {self.loads}",
             f"max lease overdue seen: {self.max_lease_overdue:.1f}s; timings: {self.timings}",
+            f"non-deduplicating sink: {self.sink}; tracebacks: {self.tracebacks or 0}",
+            f"recovery: {self.recovery}",
         ]
         lines += [f"event {e['at']:>6.1f}s {e['kind']} {e.get('target', '')}: {e.get('detail', '')}" for e in self.events]
         lines += [f"VIOLATION: {v}" for v in self.violations] + [f"ERROR: {e}" for e in self.errors]
@@ -143,8 +156,9 @@ class Master:
     def start(self) -> None:
         with self.lock:
             self.generation += 1
-            self.proc = self.run.stack.start_workers(
-                self.worker_name, processes=2, threads=self.run.cfg.threads, shutdown_timeout_ms=15_000)
+            self.proc = self.run.stack.spawn(self.worker_name, [
+                sys.executable, "-m", "aibot", "worker", "--processes", "2", "--threads", str(self.run.cfg.threads)],
+                {"AIBOT_WORKER_NAME": self.worker_name})
             self.expected_exit.clear()
 
     def worker_pids(self) -> list[int]:
@@ -218,7 +232,7 @@ class ChaosRun:
                 **FAST_SCHEDULES,
                 "AIBOT_CHAT_API_URL": chat.url,
                 "AIBOT_SINK": "chat",
-                "AIBOT_LEASE_SECONDS": str(cfg.lease_seconds),
+                **({"AIBOT_LEASE_SECONDS": str(cfg.lease_seconds)} if cfg.lease_seconds else {}),
                 "AIBOT_SHUTDOWN_TIMEOUT": "5",
                 "AIBOT_BACKEND_READ_TIMEOUT": str(cfg.read_timeout),
                 "AIBOT_INVOCATION_BUDGET_SECONDS": "10",
@@ -236,6 +250,7 @@ class ChaosRun:
                 self.stack.start_scheduler("scheduler-2")
                 for m in self.masters.values():
                     m.start()
+                self._wait_registered()
                 self._t0 = time.monotonic()
                 threads = [threading.Thread(target=self._guard(self._feed), name="chaos-feed", daemon=True),
                            threading.Thread(target=self._guard(self._monitor), name="chaos-monitor", daemon=True),
@@ -257,9 +272,28 @@ class ChaosRun:
                 self._stop.set()
                 self.stack.stop(timeout=30)
                 self.stack_logs = self.stack.logs()
+                result_tracebacks = count_tracebacks({f"{p.name} (pid {p.pid})": p.log() for p in self.stack.procs})
+        result.tracebacks = result_tracebacks
+        worst, bound = result.recovery.get("worst_kill_back_s"), self._lease() + self.cfg.lease_margin
+        if worst is not None and worst > bound:
+            result.violations.append(f"a killed worker's jobs took {worst:.1f}s to come back "
+                                     f"(> lease {self._lease():.0f}s + margin {self.cfg.lease_margin:.0f}s)")
+        if result_tracebacks:
+            result.violations.extend(f"{n} unhandled traceback(s) in the log of {name}"
+                                     for name, n in sorted(result_tracebacks.items()))
         result.timings["total_s"] = round(time.monotonic() - started, 1)
         result.errors.extend(self._leftover_processes())
         return result
+
+    def _wait_registered(self, timeout: float = 60.0) -> None:
+        """Traffic and the schedule start once every host's two worker processes are up, so the first
+        kill finds a process to kill (on a loaded 2-core machine start-up takes several seconds)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if all(len(m.worker_pids()) >= 2 for m in self.masters.values()):
+                return
+            time.sleep(0.2)
+        self.errors.append(f"worker processes not all registered within {timeout:.0f}s")
 
     def _guard(self, fn):
         def wrapped():
@@ -383,7 +417,40 @@ class ChaosRun:
         except ProcessLookupError:
             self.note(KILL_WORKER, m.name, skipped=f"pid {pid} already gone")
             return
-        self.note(KILL_WORKER, m.name, pid=pid, generation=m.generation, jobs_in_flight=held)
+        wall = time.time()
+        self.note(KILL_WORKER, m.name, pid=pid, generation=m.generation, jobs_in_flight=held, wall=wall,
+                  host=m.worker_name)
+        self._watch_back(self.events[-1], held, {f"{m.worker_name}:{pid}"}, wall)
+
+    def _lease(self) -> float:
+        from aibot.settings import Settings
+
+        return float(self.cfg.lease_seconds or Settings.model_fields["lease_seconds"].default)
+
+    def _watch_back(self, event: dict, ids: list[int], dead: set[str], wall: float) -> None:
+        """Records in the event when the last of `ids` left the dead worker (re-queued by the reclaim,
+        or already claimed by another): `back_s` after the kill. Watched from a thread, because the
+        jobs row keeps only the latest claim."""
+        if not ids:
+            return
+
+        def watch():
+            pending = set(ids)
+            deadline = time.monotonic() + 180
+            while pending and time.monotonic() < deadline and not self._stop.is_set():
+                try:
+                    rows = self.query("SELECT id, state::text AS state, worker_id FROM aibot.jobs WHERE id = ANY(%s)",
+                                      (list(pending),), retry_for=5)
+                except psycopg.OperationalError:
+                    rows = []
+                for r in rows:
+                    if r["state"] != "running" or r["worker_id"] not in dead:
+                        pending.discard(r["id"])
+                if pending:
+                    time.sleep(0.2)
+            event["detail"]["back_s"] = None if pending else round(time.time() - wall, 1)
+
+        threading.Thread(target=self._guard(watch), name="chaos-recovery", daemon=True).start()
 
     def _do_kill_master(self, ev: Event) -> None:
         m = self.masters[ev.target]
@@ -391,8 +458,11 @@ class ChaosRun:
         with m.lock:
             m.expected_exit.set()
             proc = m.proc
-        proc.kill()   # SIGKILL to the whole process group: master and its workers at once
-        self.note(KILL_MASTER, m.name, pid=proc.pid, generation=m.generation, jobs_in_flight=len(busy))
+        proc.kill()   # SIGKILL to the whole process group: the host's supervisor, masters and workers at once
+        wall = time.time()
+        held = [j["id"] for j in busy]
+        self.note(KILL_MASTER, m.name, pid=proc.pid, generation=m.generation, jobs_in_flight=held, wall=wall)
+        self._watch_back(self.events[-1], held, {j["worker_id"] for j in busy}, wall)
         m.start()
 
     def _do_term_master(self, ev: Event) -> None:
@@ -420,9 +490,18 @@ class ChaosRun:
         m.start()
 
     def _do_terminate_backends(self, ev: Event) -> None:
+        """Waits (briefly) for replies being posted or completed (running jobs with a stored reply) and
+        for generations, so the sessions die under claims, stores and completions in flight."""
+        deadline = time.monotonic() + 4.0
+        posting = []
+        while time.monotonic() < deadline and not posting:
+            posting = self.query("SELECT id FROM aibot.jobs WHERE state = 'running' AND reply IS NOT NULL")
+            if not posting:
+                time.sleep(0.02)
+        running = self.scalar("SELECT count(*) FROM aibot.jobs WHERE state = 'running'")
         rows = self.query("SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) AS n FROM pg_stat_activity "
                           "WHERE datname = current_database() AND pid <> pg_backend_pid()")
-        self.note(TERMINATE_BACKENDS, "", terminated=rows[0]["n"])
+        self.note(TERMINATE_BACKENDS, "", terminated=rows[0]["n"], running=running, posting=len(posting))
 
     def _do_restart_postgres(self, ev: Event) -> None:
         t = time.monotonic()
@@ -435,7 +514,7 @@ class ChaosRun:
 
     def _do_server_outage(self, ev: Event) -> None:
         self.sims[ev.target].begin_outage(seconds=ev.seconds, mode="refuse")
-        self.note(SERVER_OUTAGE, ev.target, seconds=ev.seconds)
+        self.note(SERVER_OUTAGE, ev.target, seconds=ev.seconds, ends=time.time() + ev.seconds)
 
     # --- the end -----------------------------------------------------------------------------------
 
@@ -468,9 +547,11 @@ class ChaosRun:
                                                           self.peak_instances.get((server.name, model), 0))))
                 queued_peaks[f"{server.name}/{model}"] = ms["peak_queued"]
             faults.update(server.faults.injected)
+        post_log = self.chat.post_log()
         obs = Observed(messages=self.posted, replies_by_reply_to=self.chat.replies_by_reply_to(), jobs=jobs,
                        max_lease_overdue=self.max_overdue, lease_margin=self.cfg.lease_margin, peaks=peaks,
-                       loaded_instances=instances, loads=loads, left_running_after_term=self.left_running_after_term)
+                       loaded_instances=instances, loads=loads, left_running_after_term=self.left_running_after_term,
+                       post_log=post_log)
         self._sample_instances()
         counts, violations = verdict(obs)
         chat_stats = self.chat.stats()
@@ -483,7 +564,47 @@ class ChaosRun:
             peaks=[list(p) for p in peaks] + [["peak_queued", queued_peaks]],
             max_lease_overdue=round(self.max_overdue, 2), timings={**timings, "peak_db_sessions": self.peak_sessions},
             job_states=dict(Counter(j["state"] for j in jobs)), errors=list(self.errors),
+            sink=sink_repeats(post_log), recovery=self._recovery(),
         )
+
+    def _recovery(self) -> dict:
+        """Recovery times, from the jobs table after the run:
+        - per kill (-9 of a worker process or of a whole host): seconds until the last job it held was
+          back (re-queued or claimed by another worker: `back_s`) and answered (`done_s`, the last
+          finish, which includes any later retry of an injected fault);
+        - per worker-process kill: the host's replies in the 10 s after it over the 10 s before
+          (`host_rate_ratio`; ≥ (processes − 1) / processes is the promise when the host is saturated);
+        - per outage: seconds from its end to the server's first finished reply (`first_reply_s`)."""
+        out: dict[str, list] = {"kills": [], "outages": []}
+        for e in self.events:
+            d = e["detail"]
+            if e["kind"] in (KILL_WORKER, KILL_MASTER) and d.get("wall") is not None:
+                ids = list(d.get("jobs_in_flight") or [])
+                entry = {"kind": e["kind"], "target": e["target"], "jobs": len(ids)}
+                if ids:
+                    row = self.query("SELECT max(extract(epoch FROM finished_at))::float AS done FROM aibot.jobs "
+                                     "WHERE id = ANY(%s)", (ids,))[0]
+                    entry["back_s"] = d.get("back_s")   # watched live (`_watch_back`)
+                    entry["done_s"] = None if row["done"] is None else round(row["done"] - d["wall"], 1)
+                if e["kind"] == KILL_WORKER and d.get("host"):
+                    row = self.query(
+                        "SELECT count(*) FILTER (WHERE finished_at < to_timestamp(%(t)s)) AS before, "
+                        "count(*) FILTER (WHERE finished_at >= to_timestamp(%(t)s)) AS after FROM aibot.jobs "
+                        "WHERE state = 'done' AND worker_id LIKE %(w)s "
+                        "AND finished_at BETWEEN to_timestamp(%(t)s - 10) AND to_timestamp(%(t)s + 10)",
+                        {"t": d["wall"], "w": d["host"] + ":%"})[0]
+                    entry.update(before=row["before"], after=row["after"],
+                                 host_rate_ratio=round(row["after"] / row["before"], 2) if row["before"] else None)
+                out["kills"].append(entry)
+            elif e["kind"] == SERVER_OUTAGE and d.get("ends") is not None:
+                row = self.query("SELECT min(extract(epoch FROM j.finished_at))::float AS first FROM aibot.jobs j "
+                                 "JOIN aibot.servers s ON s.id = j.server_id WHERE s.name = %s AND j.state = 'done' "
+                                 "AND j.finished_at > to_timestamp(%s)", (e["target"], d["ends"]))[0]
+                out["outages"].append({"server": e["target"], "seconds": d.get("seconds"),
+                                       "first_reply_s": None if row["first"] is None else round(row["first"] - d["ends"], 1)})
+        backs = [k["back_s"] for k in out["kills"] if k.get("back_s") is not None]
+        out["worst_kill_back_s"] = max(backs) if backs else None
+        return out
 
     def _leftover_processes(self) -> list[str]:
         return [f"{p.name} (pid {p.pid}) still alive after stop" for p in self.stack.procs if p.alive()]

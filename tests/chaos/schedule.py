@@ -90,6 +90,34 @@ class Observed:
     loaded_instances: list[tuple[str, str, int]]  # (server, model, most instances seen at once, sampled)
     loads: list[dict]                     # aibot.model_loads rows: server_id, model, started_at, finished_at
     left_running_after_term: list[dict] = field(default_factory=list)  # jobs a SIGTERMed master left running
+    post_log: list[dict] = field(default_factory=list)   # every post the chat received: id, text, timestamp, outcome
+    tracebacks: Mapping[str, int] = field(default_factory=dict)   # process log -> unhandled tracebacks in it
+
+
+TRACEBACK = "Traceback (most recent call last)"
+
+
+def count_tracebacks(logs: Mapping[str, str]) -> dict[str, int]:
+    """Tracebacks per process log (only the logs that have any)."""
+    return {name: n for name, text in logs.items() if (n := text.count(TRACEBACK))}
+
+
+def sink_repeats(post_log: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """What a sink that does NOT deduplicate by id would have shown, from every post received.
+
+    Such a sink keeps every post it answers with success or as a duplicate, so `duplicates` counts the
+    repeats it would store. A re-sent reply is identical (same id, text and timestamp: the stored
+    reply); a different body under one id is a `regeneration`, the promise this counts against.
+    """
+    posts = list(post_log)
+    kept = Counter(str(p["id"]) for p in posts if p["outcome"] in ("stored", "duplicate"))
+    bodies: dict[str, set] = {}
+    for p in posts:
+        bodies.setdefault(str(p["id"]), set()).add((p["text"], p.get("timestamp")))
+    regenerated = sorted(i for i, b in bodies.items() if len(b) > 1)
+    return {"posts": len(posts), "kept": sum(kept.values()),
+            "duplicates": sum(n - 1 for n in kept.values() if n > 1),
+            "regenerations": len(regenerated), "regenerated_ids": regenerated[:20]}
 
 
 #: Violations of the single-flight loading promise start with this.
@@ -167,6 +195,12 @@ def verdict(obs: Observed) -> tuple[dict[str, int], list[str]]:
     for a, b in overlapping_loads(obs.loads):
         violations.append(f"{LOAD}server {a['server_id']}/{a['model']}: loads overlap "
                           f"({a['started_at']}..{a['finished_at']} and {b['started_at']}..{b['finished_at']})")
+    repeats = sink_repeats(obs.post_log)
+    if repeats["regenerations"]:
+        violations.append(f"{repeats['regenerations']} reply id(s) posted with different bodies (regenerated): "
+                          f"{', '.join(repeats['regenerated_ids'])}")
+    for name, n in sorted(obs.tracebacks.items()):
+        violations.append(f"{n} unhandled traceback(s) in the log of {name}")
     counts["messages"] = len(posted)
     counts["replies"] = sum(int(n) for n in obs.replies_by_reply_to.values())
     return dict(counts), violations

@@ -13,8 +13,8 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from tests.chaos.harness import ChaosConfig, ChaosRun, local_cluster_restartable
-from tests.chaos.schedule import (EVENT_KINDS, KILL_WORKER, RESTART_POSTGRES, SERVER_OUTAGE, Observed,
-                                  make_schedule, overlapping_loads, verdict)
+from tests.chaos.schedule import (EVENT_KINDS, KILL_WORKER, RESTART_POSTGRES, SERVER_OUTAGE, TRACEBACK, Observed,
+                                  count_tracebacks, make_schedule, overlapping_loads, sink_repeats, verdict)
 
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
 
@@ -78,6 +78,9 @@ def test_verdict_accepts_a_run_that_kept_every_promise():
     ({"peaks": [("s1", "m", 2, 1)]}, "generations at once > parallel 1"),
     ({"loaded_instances": [("s1", "m", 2)]}, "duplicate load"),
     ({"left_running_after_term": [{"id": 5, "worker_id": "w:1"}]}, "left job 5 running"),
+    ({"post_log": [{"id": "aibot-1", "text": "a", "timestamp": 1, "outcome": "stored"},
+                   {"id": "aibot-1", "text": "b", "timestamp": 2, "outcome": "duplicate"}]}, "regenerated"),
+    ({"tracebacks": {"worker-a1": 2}}, "2 unhandled traceback(s) in the log of worker-a1"),
 ])
 def test_verdict_catches_each_broken_promise(change, expected):
     _, violations = verdict(observed(**change))
@@ -95,6 +98,17 @@ def test_verdict_catches_missing_unfinished_reasonless_and_misjudged_jobs():
     assert "m3: bad input ended done" in text
     _, violations = verdict(observed(jobs=jobs[1:]))
     assert any("m1: 0 job rows" in v for v in violations)
+
+
+def test_a_non_deduplicating_sink_counts_repeats_and_tells_re_sent_from_regenerated():
+    log = [{"id": "aibot-1", "text": "hi", "timestamp": 1, "outcome": "failed"},
+           {"id": "aibot-1", "text": "hi", "timestamp": 1, "outcome": "stored"},
+           {"id": "aibot-1", "text": "hi", "timestamp": 1, "outcome": "duplicate"},   # lost ack, re-sent
+           {"id": "aibot-2", "text": "yo", "timestamp": 5, "outcome": "stored"}]
+    assert sink_repeats(log) == {"posts": 4, "kept": 3, "duplicates": 1, "regenerations": 0, "regenerated_ids": []}
+    again = log + [{"id": "aibot-2", "text": "yo", "timestamp": 9, "outcome": "duplicate"}]  # generated anew
+    assert sink_repeats(again)["regenerations"] == 1 and sink_repeats(again)["regenerated_ids"] == ["aibot-2"]
+    assert count_tracebacks({"a": "ok", "b": f"x\n{TRACEBACK}:\n  ...\n{TRACEBACK}:"}) == {"b": 2}
 
 
 def test_overlapping_loads_only_compares_finished_intervals():

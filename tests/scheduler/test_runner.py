@@ -84,7 +84,7 @@ def test_run_tick_guard_is_exclusive(database):
 
 def test_default_schedules_cover_the_issue():
     names = {s.name: s.default for s in jobs.schedules()}
-    assert names == {"reclaim": "10s", "refresh": "15s", "rebalance": "30s", "probe": "2s",
+    assert names == {"reclaim": "5s", "refresh": "15s", "rebalance": "30s", "probe": "2s",
                      "prune": "1h", "doorbell": "5s"}
 
 

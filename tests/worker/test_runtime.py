@@ -226,9 +226,11 @@ def test_a_failed_delivery_keeps_the_reply_and_delivers_it_without_generating_ag
     job_id = enqueue(conn, "m1", "plain")
     runtime.run_invocation()
     job = jobs.get(conn, job_id)
-    assert job["state"] == "queued" and job["reply"] is not None, job
+    # The retry delay is full jitter from 0 s, so the same invocation may already have re-claimed it.
+    assert job["state"] in ("queued", "done") and job["reply"] is not None, job
     assert job["attempts"] == 0 and job["last_error"].startswith("delivery failed"), "a sink outage is not the job's"
-    assert held_slots(conn) == 0 and chat.replies() == []
+    if job["state"] == "queued":
+        assert held_slots(conn) == 0 and chat.replies() == []
 
     def delivered() -> bool:
         runtime.run_invocation()
@@ -239,7 +241,7 @@ def test_a_failed_delivery_keeps_the_reply_and_delivers_it_without_generating_ag
     assert sim.model_stats("tiny")["served"] == 1, "the retry delivered the stored reply, it did not generate"
 
 
-def test_a_worker_that_lost_its_lease_cannot_complete_and_its_repeat_post_is_a_no_op(conn, world, runtime):
+def test_a_worker_that_lost_its_lease_neither_posts_nor_completes(conn, world, runtime):
     sim, chat, settings = world
     sim.set_faults(script=["slow"], slow_seconds=5.0)
     job_id = enqueue(conn, "m1", "plain")
@@ -260,6 +262,6 @@ def test_a_worker_that_lost_its_lease_cannot_complete_and_its_repeat_post_is_a_n
     assert not first.is_alive()
     assert jobs.get(conn, job_id)["state"] == "done", "the late worker's completion was refused (fencing token)"
     assert sim.model_stats("tiny")["served"] == 2
-    assert chat.replies_by_reply_to() == {"m1": 1}, "the fenced-out worker's post repeated the same reply id"
-    assert chat.stats()["duplicates"] == 1
+    assert chat.replies_by_reply_to() == {"m1": 1}
+    assert chat.stats()["duplicates"] == 0, "the fenced-out worker's reply could not be stored, so it was not posted"
     assert held_slots(conn) == 0

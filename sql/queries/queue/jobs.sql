@@ -54,9 +54,11 @@ WHERE id = %(job_id)s AND claim_token = %(token)s AND state = 'running'
 RETURNING lease_expires_at;
 
 -- jobs_store_reply --
--- Keeps a reply whose delivery failed on the job, so the re-claim delivers it instead of regenerating
+-- Makes a generated reply durable on the job before it is posted, so every retry re-sends it instead of generating
 UPDATE jobs
-SET reply = %(reply)s::jsonb, generated_at = now()
+SET reply = %(reply)s::jsonb,
+    started_at = coalesce(%(started_at)s::timestamptz, started_at),
+    generated_at = coalesce(%(generated_at)s::timestamptz, now())
 WHERE id = %(job_id)s AND claim_token = %(token)s AND state = 'running'
 RETURNING id;
 
@@ -72,18 +74,22 @@ WHERE id = %(job_id)s AND claim_token = %(token)s AND state = 'running'
 RETURNING id;
 
 -- jobs_finish_delivered --
--- Finishes a job the sink accepted, storing its reply and timings in the same UPDATE: the worker's
--- happy path is one claim and this one statement
+-- Finishes a job the sink accepted; a reply or timing left NULL keeps what jobs_store_reply stored
 UPDATE jobs
 SET state = 'done',
-    reply = %(reply)s::jsonb,
-    started_at = %(started_at)s,
-    generated_at = %(generated_at)s,
+    reply = coalesce(%(reply)s::jsonb, reply),
+    started_at = coalesce(%(started_at)s::timestamptz, started_at),
+    generated_at = coalesce(%(generated_at)s::timestamptz, generated_at),
     finished_at = now(),
     delivered_at = now(),
     lease_expires_at = NULL
 WHERE id = %(job_id)s AND claim_token = %(token)s AND state = 'running'
 RETURNING id;
+
+-- jobs_finished_by --
+-- Whether a claim's completion already committed (its acknowledgement was lost with the session)
+SELECT state::text AS state FROM jobs
+WHERE id = %(job_id)s AND claim_token = %(token)s AND state IN ('done', 'skipped', 'rejected');
 
 -- jobs_complete_many --
 -- Batched completion for batched claims: finishes each (id, token) pair that still holds its job
@@ -192,3 +198,9 @@ WHERE state = 'queued' AND model = %(model)s AND last_error IS DISTINCT FROM %(r
 -- The model can be served now: the waiting notes of its queued jobs no longer hold
 UPDATE jobs SET last_error = NULL
 WHERE state = 'queued' AND model = %(model)s AND last_error LIKE 'waiting: %%';
+
+-- jobs_expire_leases_of --
+-- A supervisor saw these worker processes die: their leases end now, so the next reclaim tick re-queues the jobs
+UPDATE jobs SET lease_expires_at = now()
+WHERE state = 'running' AND worker_id = ANY(%(worker_ids)s::text[]) AND lease_expires_at > now()
+RETURNING id;

@@ -17,3 +17,7 @@ DELETE FROM workers WHERE worker_id = %(worker_id)s;
 -- workers_prune --
 -- Forget processes that stopped heartbeating long ago (crashed or killed -9)
 DELETE FROM workers WHERE heartbeat_at < now() - make_interval(secs => %(older_than_seconds)s);
+
+-- workers_on_host --
+-- The worker processes registered from one host, for a supervisor to find those that died under it
+SELECT worker_id, pid FROM workers WHERE host = %(host)s AND role = 'worker';
