@@ -515,6 +515,41 @@ class ChaosRun:
     def _do_server_outage(self, ev: Event) -> None:
         self.sims[ev.target].begin_outage(seconds=ev.seconds, mode="refuse")
         self.note(SERVER_OUTAGE, ev.target, seconds=ev.seconds, ends=time.time() + ev.seconds)
+        self._watch_recovery(self.events[-1], ev.target, ev.seconds)
+
+    def _chat_requests(self, server: str) -> int:
+        by_endpoint = self.sims[server].stats()["requests"]["by_endpoint"]
+        return sum(n for endpoint, n in by_endpoint.items() if "chat" in endpoint or "generate" in endpoint)
+
+    def _watch_recovery(self, event: dict, server: str, seconds: float) -> None:
+        """Records, live, how soon after the outage's end the server is healthy again in aibot's shared
+        state (`healthy_s`) and receives its first generation request (`serving_s`). The first finished
+        reply (`first_reply_s`, from the jobs table) also waits for whatever else the schedule does then
+        (host kills right after the outage leave no worker to claim), so it is not the server's recovery."""
+
+        def watch():
+            end = time.monotonic() + seconds
+            while time.monotonic() < end and not self._stop.is_set():
+                time.sleep(0.05)
+            base = self._chat_requests(server)
+            deadline = time.monotonic() + 120
+            start = time.monotonic()
+            healthy = serving = None
+            while (healthy is None or serving is None) and time.monotonic() < deadline and not self._stop.is_set():
+                if healthy is None:
+                    try:
+                        row = self.query("SELECT health::text AS health FROM aibot.servers WHERE name = %s",
+                                         (server,), retry_for=5)
+                    except psycopg.OperationalError:
+                        row = []
+                    if row and row[0]["health"] == "healthy":
+                        healthy = round(time.monotonic() - start, 1)
+                if serving is None and self._chat_requests(server) > base:
+                    serving = round(time.monotonic() - start, 1)
+                time.sleep(0.1)
+            event["detail"].update(healthy_s=healthy, serving_s=serving)
+
+        threading.Thread(target=self._guard(watch), name="chaos-outage-recovery", daemon=True).start()
 
     # --- the end -----------------------------------------------------------------------------------
 
@@ -574,7 +609,9 @@ class ChaosRun:
           finish, which includes any later retry of an injected fault);
         - per worker-process kill: the host's replies in the 10 s after it over the 10 s before
           (`host_rate_ratio`; ≥ (processes − 1) / processes is the promise when the host is saturated);
-        - per outage: seconds from its end to the server's first finished reply (`first_reply_s`)."""
+        - per outage: seconds from its end until aibot holds the server healthy (`healthy_s`), until it
+          sends the server a generation (`serving_s`: the recovery promise, ≤ 5 s) and until the server's
+          first finished reply (`first_reply_s`)."""
         out: dict[str, list] = {"kills": [], "outages": []}
         for e in self.events:
             d = e["detail"]
@@ -601,6 +638,7 @@ class ChaosRun:
                                  "JOIN aibot.servers s ON s.id = j.server_id WHERE s.name = %s AND j.state = 'done' "
                                  "AND j.finished_at > to_timestamp(%s)", (e["target"], d["ends"]))[0]
                 out["outages"].append({"server": e["target"], "seconds": d.get("seconds"),
+                                       "healthy_s": d.get("healthy_s"), "serving_s": d.get("serving_s"),
                                        "first_reply_s": None if row["first"] is None else round(row["first"] - d["ends"], 1)})
         backs = [k["back_s"] for k in out["kills"] if k.get("back_s") is not None]
         out["worst_kill_back_s"] = max(backs) if backs else None
