@@ -26,6 +26,9 @@ from aibot.ops import inspection
 WINDOW_MINUTES = 60
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4   # what Prometheus negotiates by default; the format generate_latest writes
 FRESH_HEARTBEAT_SECONDS = 60
+# The roles that register in `aibot.workers` (aibot.worker.registry): Dramatiq workers, `aibot bot`,
+# the scheduler (on its own or inside the bot).
+ROLES = ("worker", "bot", "scheduler")
 
 Reader = Callable[[psycopg.Connection], Iterable[Metric]]
 READERS: list[Reader] = []
@@ -158,7 +161,7 @@ def workers(conn) -> Iterator[Metric]:
     live = GaugeMetricFamily("aibot_workers", f"Registered processes by role with a heartbeat in the last "
                                               f"{FRESH_HEARTBEAT_SECONDS} s (0 for a role whose processes all went "
                                               "silent, so an alert sees it drop).", labels=["role"])
-    by_role: dict[str, int] = {}
+    by_role: dict[str, int] = dict.fromkeys(ROLES, 0)   # a sample per role even before any process registers
     for r in inspection.worker_status(conn):
         age = r["heartbeat_age_seconds"]
         fresh = age is not None and age < FRESH_HEARTBEAT_SECONDS
