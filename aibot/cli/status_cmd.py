@@ -95,6 +95,13 @@ def render_status(snap: dict, database_url: str, now: dt.datetime | None = None)
     ], title="MODELS AND SLOTS"))
     out.append(Text(""))
 
+    if snap.get("unservable"):
+        out.append(table(snap["unservable"], [
+            "model", "queued", Column("oldest_wait_seconds", "oldest", _secs),
+            Column("serving", "why it waits", max_width=110),
+        ], title="QUEUED, NO SERVER CAN SERVE YET"))
+        out.append(Text(""))
+
     out.append(table(snap["failed"], [
         "id", "state", Column("entity_id", "entity"), "model", "attempts", Column("reason", max_width=50),
         Column("last_error", "last error", max_width=40), Column("finished_at", "finished"),
