@@ -157,6 +157,19 @@ def model_loads(conn) -> Iterator[Metric]:
 
 
 @families
+def model_queue(conn) -> Iterator[Metric]:
+    queued = GaugeMetricFamily("aibot_model_queued", "Queued jobs per model.", labels=["model"])
+    replicas = GaugeMetricFamily("aibot_model_replicas", "Usable servers holding the model loaded.", labels=["model"])
+    stuck = GaugeMetricFamily("aibot_model_unservable", "1 when the model has queued jobs and no server holds it "
+                                                        "or is loading it (aibot status says why).", labels=["model"])
+    for r in inspection.model_queue(conn):
+        queued.add_metric([r["model"]], r["queued"])
+        replicas.add_metric([r["model"]], r["replicas"])
+        stuck.add_metric([r["model"]], int(bool(r["queued"] and not r["served_by"] and not r["loading_on"])))
+    yield from (queued, replicas, stuck)
+
+
+@families
 def workers(conn) -> Iterator[Metric]:
     live = GaugeMetricFamily("aibot_workers", f"Registered processes by role with a heartbeat in the last "
                                               f"{FRESH_HEARTBEAT_SECONDS} s (0 for a role whose processes all went "

@@ -72,6 +72,15 @@ def test_panels_over_http(conn, http):  # noqa: F811
     assert body["fresh_seconds"] == 60 and [w["role"] for w in body["workers"]] == ["bot"]
     assert http.get("/api/loads-per-minute?minutes=0").status_code == 400
 
+    from tests.web.test_web import parse_metrics
+
+    samples = parse_metrics(http.get("/metrics").text)
+    per = {name: {lab["model"]: v for lab, v in samples[name]}
+           for name in ("aibot_model_queued", "aibot_model_replicas", "aibot_model_unservable")}
+    assert (per["aibot_model_queued"]["m1"], per["aibot_model_replicas"]["m1"], per["aibot_model_unservable"]["m1"]) \
+        == (4, 1, 0)
+    assert per["aibot_model_unservable"] == {"m1": 0, "big": 1, "m3": 0, "m2": 0}
+
 
 def test_status_lists_models_no_server_can_serve(conn, capsys):
     from aibot.cli import main
