@@ -37,7 +37,22 @@ def build_parser() -> argparse.ArgumentParser:
     for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
         if info.name.endswith("_cmd"):
             importlib.import_module(f"{__name__}.{info.name}").register(sub)
+    _anywhere(parser, ("--plain", "--debug"))
     return parser
+
+
+def _anywhere(parser: argparse.ArgumentParser, flags: tuple[str, ...]) -> None:
+    """Lets the global switches follow the subcommand too (`aibot status --plain`, as the README writes
+    it). SUPPRESS as the subcommand's default keeps an absent switch from resetting the global one."""
+    helps = {a.option_strings[0]: a.help for a in parser._actions if a.option_strings and a.option_strings[0] in flags}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                have = {o for a in child._actions for o in a.option_strings}
+                for flag in flags:
+                    if flag not in have:
+                        child.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=helps[flag])
+                _anywhere(child, flags)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,6 +6,7 @@ It also runs the housekeeping scheduler in-process unless told not to, so a smal
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import threading
@@ -94,6 +95,7 @@ def run(args) -> int:
     from aibot.bot.loop import run_bot
     from aibot.cli import CliError
     from aibot.config import ConfigStore
+    from aibot.worker import registry
 
     settings = load_settings()
     if args.database_url:
@@ -115,8 +117,16 @@ def run(args) -> int:
     scheduler = None if (args.no_scheduler or args.once) else _start_scheduler(settings)
     log.info("bot reading %s, config %s", source, config_path)
     try:
-        stats = run_bot(settings, ConfigStore(config_path), source, stop, database=database,
-                        poll_interval=args.poll_interval, once=args.once)
+        with contextlib.ExitStack() as registered:
+            if not args.once:   # a long-running process shows under PROCESSES (aibot status/top, /metrics)
+                registered.enter_context(registry.Registered(
+                    database, "bot", worker_id=aibot_log.default_worker_name("bot"),
+                    info={"source": str(source), "config": config_path}))
+                if scheduler is not None:
+                    registered.enter_context(registry.Registered(database, "scheduler", worker_id=scheduler.name,
+                                                                 info={"in": "aibot bot"}))
+            stats = run_bot(settings, ConfigStore(config_path), source, stop, database=database,
+                            poll_interval=args.poll_interval, once=args.once)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

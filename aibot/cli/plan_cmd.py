@@ -41,13 +41,17 @@ def run(args) -> int:
                 database.close()
             if summary:
                 print(f"refreshed: {summary}\n")
-        p = plans.plan(conn, processes=args.processes)
+        p = plans.plan(conn, processes=args.processes, config_path=args.config)
     print_(format_plan(p))
     return 0
 
 
 def format_plan(p: plans.Plan) -> Group:
     out = []
+    if p.basis == "config":
+        placed = sum(1 for c in p.cold if c.server)
+        out.append(Text(f"cold cluster: planned from configuration (no server holds a model yet; the {len(p.cold)} "
+                        f"configured model(s) placed as the loader will load them, {placed} of them fit)\n"))
     rows = [{
         "server": s.name, "kind": s.kind, "state": _state(s), "ram": s.memory_bytes, "source": s.memory_source,
         "models": sum(1 for m in s.models if m.state == "loaded"), "parallel": s.sizing.parallel_total,
@@ -71,8 +75,16 @@ def format_plan(p: plans.Plan) -> Group:
                           ["model", "state", Column("size", fmt=fmt_bytes), "parallel",
                            Column("target", "slots"), Column("rows", "slot rows"), Column("held", "in flight")],
                           title=f"{s.name}: {_arithmetic(s)}"))
+    if p.basis == "config":
+        out.append(Text(""))
+        out.append(table([{"model": c.model, "size": c.size_bytes, "source": c.size_source,
+                           "server": c.server or "(none)", "why": c.reason or ""} for c in p.cold],
+                         ["model", Column("size", fmt=fmt_bytes), Column("source", "size from"),
+                          Column("server", "will load on"), Column("why", "why not", max_width=80)],
+                         title="Configured models (where the loader will put them)"))
     out.append(Text(""))
-    out.append(Text(f"Workers: {p.total_slots} slot(s) on usable servers. Each in-flight generation occupies one "
+    where = "usable servers" if p.basis == "live" else "the servers once they hold the configured models"
+    out.append(Text(f"Workers: {p.total_slots} slot(s) on {where}. Each in-flight generation occupies one "
                f"worker thread while it waits on HTTP, so every worker host runs processes × threads >= "
                f"{p.total_slots} (each host alone can fill every slot; losing a host costs no capacity):"))
     out.append(table([{"host": h.host, "live": h.live_processes or None, "command": h.command} for h in p.hosts],

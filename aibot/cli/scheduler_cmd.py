@@ -33,6 +33,7 @@ def run(args) -> int:
     from aibot.cli import CliError
     from aibot.scheduler import jobs, runner
     from aibot.settings import get_settings
+    from aibot.worker import registry
 
     if args.list:
         print_(schedule_table(get_settings()))
@@ -52,7 +53,10 @@ def run(args) -> int:
     sched = runner.Scheduler(database)
     log.bind(worker=sched.name)
     sched.start()
-    stop.wait()
-    sched.stop()
-    database.close()
+    try:
+        with registry.Registered(database, "scheduler", worker_id=sched.name):   # shows under PROCESSES
+            stop.wait()
+    finally:
+        sched.stop()
+        database.close()
     return 0

@@ -95,6 +95,13 @@ def render_status(snap: dict, database_url: str, now: dt.datetime | None = None)
     ], title="MODELS AND SLOTS"))
     out.append(Text(""))
 
+    if snap.get("unservable"):
+        out.append(table(snap["unservable"], [
+            "model", "queued", Column("oldest_wait_seconds", "oldest", _secs),
+            Column("serving", "why it waits", max_width=110),
+        ], title="QUEUED, NO SERVER CAN SERVE YET"))
+        out.append(Text(""))
+
     out.append(table(snap["failed"], [
         "id", "state", Column("entity_id", "entity"), "model", "attempts", Column("reason", max_width=50),
         Column("last_error", "last error", max_width=40), Column("finished_at", "finished"),
@@ -119,12 +126,22 @@ def open_db(database_url: str | None):
 
     from aibot.cli import CliError
 
+    from aibot.db import migrate
+
     url = db.database_url(database_url)
     try:
-        return url, db.connect(url, autocommit=True)
+        conn = db.connect(url, autocommit=True)
+        # Before any work (a refresh logs, asks servers): a schema older than this aibot is one line.
+        missing = migrate.pending(url)
     except psycopg.OperationalError as exc:
         detail = (str(exc).strip().splitlines() or ["?"])[-1]
         raise CliError(f"cannot connect to {redact_url(url)}: {detail}") from None
+    if missing:
+        conn.close()
+        names = ", ".join(m.name for m in missing[:3]) + (" …" if len(missing) > 3 else "")
+        raise CliError(f"the database at {redact_url(url)} lacks {len(missing)} migration(s) of this aibot "
+                       f"({names}): run `aibot migrate` against it (AIBOT_DATABASE_URL)")
+    return url, conn
 
 
 def _report(conn, url: str, failed: int) -> Group:

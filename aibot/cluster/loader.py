@@ -196,14 +196,16 @@ class ModelSize:
 _assumed_logged: set[str] = set()
 
 
-def known_size(conn: psycopg.Connection, model: str) -> ModelSize | None:
+def known_size(conn: psycopg.Connection, model: str, config: Any = None) -> ModelSize | None:
     """A model's size if anyone knows it: a server's report (model_catalog), else the configuration's
-    `models["<id>"].sizeGB`; None when only an assumption is left."""
+    `models["<id>"].sizeGB` (`config`, else the process's); None when only an assumption is left."""
     known = state.catalog_size(conn, model)
     if known:
         return ModelSize(int(known["size_bytes"]), f"reported by {known['size_source'] or 'a server'}")
-    found = configured()
-    settings = found.config.model_settings(model) if found is not None and found.config is not None else None
+    if config is None:
+        found = configured()
+        config = found.config if found is not None else None
+    settings = config.model_settings(model) if config is not None else None
     if settings is not None and settings.size_bytes:
         return ModelSize(settings.size_bytes, f'config models["{model}"].sizeGB')
     return None

@@ -122,6 +122,7 @@ def status_snapshot(conn: psycopg.Connection, *, failed_limit: int = 10) -> dict
             "throughput": throughput(conn),
             "entities": entity_counts(conn),
             "workers": worker_status(conn),
+            "unservable": unservable(conn),
         }
 
 
@@ -205,6 +206,43 @@ def listen(conn: psycopg.Connection) -> None:
 
 def replies_per_minute(conn: psycopg.Connection, minutes: int = 60) -> list[dict]:
     return queries.all(conn, "ops_replies_per_minute", {"minutes": validate_limit(minutes, maximum=1440)})
+
+
+def serving(row: dict) -> str:
+    """Where a model's queued work will be served, in the operator's words: the servers that hold it,
+    else where it is loading, else why no server can hold it (the loader's waiting note), else that
+    the scheduler has not placed it yet."""
+    if row.get("served_by"):
+        return "served by " + ", ".join(row["served_by"])
+    if row.get("loading_on"):
+        return "loading on " + ", ".join(row["loading_on"])
+    reason = row.get("waiting_reason")
+    if reason:
+        why = reason.removeprefix("waiting: ")
+        if why.startswith("no server can load "):
+            why = why.split(": ", 1)[-1]   # the model is the row's; keep the per-server reasons
+        return "no server can hold it: " + why
+    return "not placed yet (the scheduler loads it on its next tick)" if row.get("queued") else "idle"
+
+
+def model_queue(conn: psycopg.Connection) -> list[dict]:
+    """Per model: queued jobs, the oldest one's wait, replicas, and where it will be served (`serving`)."""
+    return [{**r, "serving": serving(r)} for r in queries.all(conn, "ops_model_queue")]
+
+
+def unservable(conn: psycopg.Connection) -> list[dict]:
+    """Models with queued work that no server holds or is loading, with why (`aibot status`)."""
+    return [r for r in model_queue(conn) if r["queued"] and not r["served_by"] and not r["loading_on"]]
+
+
+def entity_wait(conn: psycopg.Connection) -> list[dict]:
+    """Per persona: queued now, oldest wait, p50/p95 wait (enqueue to claim) over the last hour."""
+    return queries.all(conn, "ops_entity_wait")
+
+
+def load_timeline(conn: psycopg.Connection, minutes: int = 60) -> list[dict]:
+    """Loads, unloads (evictions) and failed loads per minute."""
+    return queries.all(conn, "ops_load_timeline", {"minutes": validate_limit(minutes, maximum=1440)})
 
 
 # --- actions -----------------------------------------------------------------------------------------

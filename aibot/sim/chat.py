@@ -24,8 +24,14 @@ import threading
 import time
 import urllib.parse
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from aibot.sim.asgi import ThreadedServer
 
 SHAPES = ("object", "array")
 
@@ -51,31 +57,24 @@ class FakeChatServer:
         # repeats and tell a re-sent reply (identical) from a regenerated one (other text).
         self._post_log: list[dict] = []
         self.set_faults(post_failure_rate=post_failure_rate, post_ack_loss_rate=post_ack_loss_rate)
-        self._httpd: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
+        self._server: ThreadedServer | None = None
 
     # --- lifecycle ------------------------------------------------------------------------------
 
     def start(self) -> FakeChatServer:
-        handler = type("Handler", (_Handler,), {"chat": self})
-        self._httpd = ThreadingHTTPServer((self._host, self._port), handler)
-        self._httpd.daemon_threads = True
-        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name="fake-chat", daemon=True)
-        self._thread.start()
+        self._server = ThreadedServer(_app(self), self._host, self._port, name="fake-chat").start()
         return self
 
     @property
     def url(self) -> str:
-        assert self._httpd is not None, "start() the server first"
-        host, port = self._httpd.server_address[:2]
-        return f"http://{host}:{port}"
+        assert self._server is not None, "start() the server first"
+        host = self._host if ":" not in self._host else f"[{self._host}]"
+        return f"http://{host}:{self._server.port}"
 
     def stop(self) -> None:
-        if self._httpd is not None:
-            self._httpd.shutdown()
-            self._httpd.server_close()
-            self._httpd = None
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
 
     def __enter__(self) -> FakeChatServer:
         return self.start()
@@ -272,83 +271,59 @@ class FakeChatServer:
         return ok
 
 
-class _Handler(BaseHTTPRequestHandler):
-    chat: FakeChatServer
-    protocol_version = "HTTP/1.1"
-    disable_nagle_algorithm = True   # headers and body go out as two writes: avoid the 40 ms delayed-ACK stall
+def _app(chat: FakeChatServer) -> Starlette:
+    """The chat API and its `/_chat/*` admin routes as one Starlette endpoint (the paths are matched here,
+    as the real Worker does, so an unknown path is a JSON 404 like every other answer)."""
 
-    def log_message(self, format: str, *args: Any) -> None:  # keep test output clean
-        pass
+    async def endpoint(request: Request) -> JSONResponse:
+        status, body = _route(chat, request.method, request.url.path.rstrip("/"), request.url.query,
+                              request.headers.get("Authorization"),
+                              await request.body() if request.method in ("POST", "PATCH") else b"")
+        return JSONResponse(body, status)
 
-    def _reply(self, status: int, body: Any) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+    return Starlette(routes=[Route("/{path:path}", endpoint, methods=["GET", "POST", "PATCH"])])
 
-    def _body(self) -> Any:
-        length = int(self.headers.get("Content-Length") or 0)
-        raw = self.rfile.read(length) if length else b""
-        if not raw:
-            return None
+
+def _route(chat: FakeChatServer, method: str, path: str, query: str, authorization: str | None,
+           raw: bytes) -> tuple[int, Any]:
+    body: Any = None
+    if raw:
         try:
-            return json.loads(raw)
+            body = json.loads(raw)
         except ValueError:
-            return _BAD_JSON
-
-    def _route(self, method: str) -> None:
-        parsed = urllib.parse.urlsplit(self.path)
-        path = parsed.path.rstrip("/")
-        body = self._body() if method in ("POST", "PATCH") else None
-        if body is _BAD_JSON:
-            return self._reply(400, {"error": "body is not JSON"})
-        chat = self.chat
-        if path.startswith("/_chat/"):
-            return self._admin(method, path, body)
-        if not path.startswith("/api/comments"):
-            return self._reply(404, {"error": f"no route {method} {path}"})
-        if not chat.authorized(self.headers.get("Authorization")):
-            return self._reply(401, {"error": "missing or wrong bearer token"})
-        if path == "/api/comments" and method == "GET":
-            return self._reply(*chat.handle_list(urllib.parse.parse_qs(parsed.query)))
-        if path == "/api/comments" and method == "POST":
-            return self._reply(*chat.handle_post(body))
-        if path.startswith("/api/comments/") and method == "PATCH":
-            return self._reply(*chat.handle_patch(urllib.parse.unquote(path[len("/api/comments/"):]), body))
-        return self._reply(405, {"error": f"{method} not allowed on {path}"})
-
-    def _admin(self, method: str, path: str, body: Any) -> None:
-        chat = self.chat
-        try:
-            if path == "/_chat/stats" and method == "GET":
-                return self._reply(200, {**chat.stats(), "replies_by_reply_to": dict(chat.replies_by_reply_to())})
-            if path == "/_chat/faults" and method == "POST":
-                chat.set_faults(**(body or {}))
-                return self._reply(200, {"ok": True})
-            if path == "/_chat/reset" and method == "POST":
-                chat.reset()
-                return self._reply(200, {"ok": True})
-            if path == "/_chat/human" and method == "POST":
-                if not isinstance(body, dict) or not isinstance(body.get("text"), str):
-                    return self._reply(400, {"error": "body must be {text, entity?, priority?, ...}"})
-                return self._reply(200, chat.post_human(**body))
-        except (TypeError, ValueError) as exc:
-            return self._reply(400, {"error": str(exc)})
-        return self._reply(404, {"error": f"no route {method} {path}"})
-
-    def do_GET(self) -> None:
-        self._route("GET")
-
-    def do_POST(self) -> None:
-        self._route("POST")
-
-    def do_PATCH(self) -> None:
-        self._route("PATCH")
+            return 400, {"error": "body is not JSON"}
+    if path.startswith("/_chat/"):
+        return _admin(chat, method, path, body)
+    if not path.startswith("/api/comments"):
+        return 404, {"error": f"no route {method} {path}"}
+    if not chat.authorized(authorization):
+        return 401, {"error": "missing or wrong bearer token"}
+    if path == "/api/comments" and method == "GET":
+        return chat.handle_list(urllib.parse.parse_qs(query))
+    if path == "/api/comments" and method == "POST":
+        return chat.handle_post(body)
+    if path.startswith("/api/comments/") and method == "PATCH":
+        return chat.handle_patch(urllib.parse.unquote(path[len("/api/comments/"):]), body)
+    return 405, {"error": f"{method} not allowed on {path}"}
 
 
-_BAD_JSON = object()
+def _admin(chat: FakeChatServer, method: str, path: str, body: Any) -> tuple[int, Any]:
+    try:
+        if path == "/_chat/stats" and method == "GET":
+            return 200, {**chat.stats(), "replies_by_reply_to": dict(chat.replies_by_reply_to())}
+        if path == "/_chat/faults" and method == "POST":
+            chat.set_faults(**(body or {}))
+            return 200, {"ok": True}
+        if path == "/_chat/reset" and method == "POST":
+            chat.reset()
+            return 200, {"ok": True}
+        if path == "/_chat/human" and method == "POST":
+            if not isinstance(body, dict) or not isinstance(body.get("text"), str):
+                return 400, {"error": "body must be {text, entity?, priority?, ...}"}
+            return 200, chat.post_human(**body)
+    except (TypeError, ValueError) as exc:
+        return 400, {"error": str(exc)}
+    return 404, {"error": f"no route {method} {path}"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,14 +1,25 @@
-"""`SimServer`: one simulated LLM server on a loopback port, in a background thread of this process.
+"""`SimServer`: one simulated LLM server on a loopback port, served by uvicorn in a background thread.
 
-Standard library only (ThreadingHTTPServer, one daemon thread per connection, HTTP/1.1 keep-alive).
-A "refuse" outage really closes the listening socket and shuts down open connections, so clients see
-connection refused/reset exactly as when a Mac Studio reboots; the same port is re-bound when it ends.
-`/_sim/*` admin endpoints never need the API token and are left out of the request counts, so tests can
-observe a server without disturbing what they measure.
+HTTP/1.1 (keep-alive, chunked streams, Content-Length) is uvicorn's and h11's; the event loop holds
+every connection, so idle keep-alive connections cost nothing and one process serves hundreds of
+concurrent streamed requests. The engine paces generations with blocking waits (its slot and load
+conditions are shared with the Python control API and timers), so each request's handler and each
+step of its stream run in a worker thread (`anyio.to_thread`, up to `MAX_HANDLER_THREADS` at once):
+a thread per request being generated, none per connection.
+
+Faults need what no well-behaved server does: a connection dropped without any answer, a body shorter
+than its Content-Length, a stream cut before its terminating chunk. ASGI has no word for "reset this
+connection", so `_drop` closes the connection's transport where the reply stands, through the `send`
+uvicorn's h11 protocol hands the app (see `_transport`). A "refuse" outage really closes the
+listening socket and resets open connections, so clients see connection refused/reset exactly as when
+a Mac Studio reboots; the same port is re-bound when it ends. `/_sim/*` admin endpoints never need the
+API token and are left out of the request counts, so tests can observe a server without disturbing
+what they measure.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hmac
 import itertools
@@ -19,8 +30,12 @@ import struct
 import threading
 import time
 from collections import Counter, deque
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+import anyio
+import anyio.to_thread
+import uvicorn
+from starlette.datastructures import Headers
 
 from aibot.sim.apis import make_flavour
 from aibot.sim.config import SimConfig, SimConfigError
@@ -30,133 +45,187 @@ from aibot.sim.http import AbortStream, HttpError, Reply, Request, html_502, jso
 
 log = logging.getLogger("aibot.sim")
 
-
-class _Listener(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    block_on_close = False
-    request_queue_size = 128
-
-    def __init__(self, address: tuple[str, int], sim: SimServer):
-        self.sim = sim
-        super().__init__(address, _Handler)
-
-    def process_request(self, request, client_address):  # type: ignore[override]
-        self.sim._track(request)
-        super().process_request(request, client_address)
-
-    def shutdown_request(self, request):  # type: ignore[override]
-        self.sim._untrack(request)
-        super().shutdown_request(request)
-
-    def handle_error(self, request, client_address):  # type: ignore[override]
-        log.debug("connection from %s ended with an error", client_address, exc_info=True)
+# Requests that may be inside the engine at once (generating, waiting for a slot or a load). anyio's
+# default is 40, which would cap a benchmark's concurrency far below what the engine simulates.
+MAX_HANDLER_THREADS = 2048
+SERVER_HEADER = (b"server", b"aibot-sim/1")
+_DONE = object()
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server_version = "aibot-sim/1"
-    sys_version = ""
-    disable_nagle_algorithm = True   # headers and body go out in separate writes; Nagle would add ~40 ms
+def _transport(send: Any) -> asyncio.Transport | None:
+    """The connection's transport: uvicorn's h11 protocol passes its RequestResponseCycle's bound `send`
+    (uvicorn/protocols/http/h11_impl.py, `RequestResponseCycle.transport`, uvicorn 0.54)."""
+    return getattr(getattr(send, "__self__", None), "transport", None)
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
-        log.debug("%s %s", self.address_string(), format % args)
 
-    def handle(self) -> None:
-        sim: SimServer = self.server.sim  # type: ignore[attr-defined]
-        me = threading.current_thread()
-        sim._threads.add(me)
+async def _drop(send: Any) -> None:
+    """Ends the connection where it stands (what was written is flushed, then FIN): no answer at all, a
+    body shorter than its Content-Length, a stream without its terminating chunk, as from a server
+    whose process died mid-reply. Clients see "server disconnected" / an incomplete body."""
+    transport = _transport(send)
+    if transport is None:
+        raise RuntimeError("cannot reach the connection to drop it (uvicorn's h11 protocol is required)")
+    transport.close()
+    await asyncio.sleep(0)   # let connection_lost run, so uvicorn sees a disconnect, not an unanswered request
+
+
+def _nodelay(send: Any) -> None:
+    """Headers and body go out in separate writes; with Nagle on (asyncio leaves accepted sockets as
+    the OS made them) the second waits for the client's delayed ACK: ~40 ms on every reply."""
+    transport = _transport(send)
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
         try:
-            super().handle()
-        except OSError:
-            self.close_connection = True
-        finally:
-            sim._threads.discard(me)
-
-    def _body(self) -> bytes | None:
-        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            out = b""
-            while True:
-                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
-                if size == 0:
-                    self.rfile.readline()
-                    return out
-                out += self.rfile.read(size)
-                self.rfile.readline()
-        raw = self.headers.get("Content-Length") or "0"
-        try:
-            n = int(raw)
-        except ValueError:
-            return None
-        return self.rfile.read(n) if n > 0 else b""
-
-    def _dispatch(self) -> None:
-        sim: SimServer = self.server.sim  # type: ignore[attr-defined]
-        body = self._body()
-        if body is None:
-            self.close_connection = True
-            self._write(json_reply({"error": "bad Content-Length"}, 400))
-            return
-        req = Request.parse(self.command, self.path, self.headers, body)
-        reply = sim.handle(req)
-        try:
-            self._write(reply)
-        finally:
-            if reply.after is not None:
-                reply.after()
-
-    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _dispatch
-
-    def _hard_close(self) -> None:
-        self.close_connection = True
-        try:
-            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            self.connection.shutdown(socket.SHUT_RDWR)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             pass
 
-    def _write(self, reply: Reply) -> None:
-        if reply.abort:
-            self._hard_close()
-            return
-        try:
-            self.send_response(reply.status)
-            self.send_header("Content-Type", reply.content_type)
-            for k, v in reply.headers.items():
-                self.send_header(k, v)
-            if reply.close or reply.truncate:
-                self.send_header("Connection", "close")
-                self.close_connection = True
-            if reply.stream is not None:
-                self._write_stream(reply)
-                return
-            self.send_header("Content-Length", str(len(reply.body)))
-            self.end_headers()
-            if self.command == "HEAD":
-                return
-            if reply.truncate:
-                self.wfile.write(reply.body[: len(reply.body) // 2])
-                self._hard_close()
-                return
-            self.wfile.write(reply.body)
-        except OSError:
-            self.close_connection = True
 
-    def _write_stream(self, reply: Reply) -> None:
-        assert reply.stream is not None
-        self.send_header("Transfer-Encoding", "chunked")
-        self.end_headers()
+class _Listener:
+    """One uvicorn server on the simulator's port, with its own event loop in a daemon thread."""
+
+    def __init__(self, sim: SimServer, host: str, port: int):
+        self.sim = sim
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            for chunk in reply.stream:
-                if chunk:
-                    self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
-            self.wfile.write(b"0\r\n\r\n")
-        except AbortStream:
-            self._hard_close()
-        except (Stopped, OSError):
-            self._hard_close()
+            self.sock.bind((host, port))
+            self.sock.listen(1024)
+        except OSError:
+            self.sock.close()
+            raise
+        self.port = self.sock.getsockname()[1]
+        # Keep-alive as long as a real server's (clients pool connections across ticks); no access log.
+        # No graceful wait on close: an outage or stop() has already reset the connections (`_refuse`).
+        config = uvicorn.Config(self.app, interface="asgi3", http="h11", ws="none", lifespan="off", log_config=None,
+                                access_log=False, proxy_headers=False, server_header=False, timeout_keep_alive=300,
+                                timeout_graceful_shutdown=None, backlog=1024)
+        self.server = uvicorn.Server(config)
+        if logging.getLogger("uvicorn.error").level == logging.NOTSET:
+            logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.limiter: anyio.CapacityLimiter | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True, name=f"sim-{sim.name}-{self.port}")
+
+    def start(self, timeout: float = 10.0) -> None:
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise OSError(f"simulator {self.sim.name}: uvicorn did not start on port {self.port}")
+            time.sleep(0.005)   # polls a flag uvicorn sets; it offers no event to wait on
+
+    def _run(self) -> None:
+        asyncio.run(self._serve())
+
+    async def _serve(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.limiter = anyio.CapacityLimiter(MAX_HANDLER_THREADS)
+        await self.server.serve(sockets=[self.sock])
+
+    def close(self) -> None:
+        """Stops accepting at once (the listening socket is closed before this returns), resets every
+        open connection, and ends the loop."""
+        loop = self.loop
+        if loop is not None and not loop.is_closed() and self.thread.is_alive():
+            try:
+                asyncio.run_coroutine_threadsafe(self._refuse(), loop).result(5)
+            except Exception:  # noqa: BLE001 - the loop is already ending; shutdown below closes the rest
+                log.debug("simulator %s: closing the listener", self.sim.name, exc_info=True)
+        self.server.should_exit = self.server.force_exit = True
+        if threading.current_thread() is not self.thread:
+            self.thread.join(5)
+        self.sock.close()
+
+    async def _refuse(self) -> None:
+        for server in self.server.servers:
+            server.close()
+        for conn in list(self.server.server_state.connections):
+            transport = getattr(conn, "transport", None)
+            if transport is not None:
+                sock = transport.get_extra_info("socket")
+                if sock is not None:
+                    try:
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    except OSError:
+                        pass
+                transport.abort()
+
+    # ------------------------------------------------------------------ the ASGI app
+
+    async def app(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        body = bytearray()
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        target = scope["raw_path"].decode("latin-1")
+        if scope.get("query_string"):
+            target += "?" + scope["query_string"].decode("latin-1")
+        req = Request.parse(scope["method"], target, Headers(scope=scope), bytes(body))
+        _nodelay(send)
+        reply = await anyio.to_thread.run_sync(self.sim.handle, req, limiter=self.limiter)
+        try:
+            await self._write(req, reply, receive, send)
         finally:
-            reply.stream.close()   # type: ignore[attr-defined]  # releases the slot if the client went away
+            if reply.after is not None:
+                # Off the loop: an outage it starts closes this very listener.
+                threading.Thread(target=reply.after, daemon=True, name=f"sim-{self.sim.name}-after").start()
+
+    async def _write(self, req: Request, reply: Reply, receive: Any, send: Any) -> None:
+        if reply.abort:
+            if reply.stream is not None:
+                reply.stream.close()   # type: ignore[attr-defined]
+            await _drop(send)
+            return
+        headers = [(b"content-type", reply.content_type.encode("latin-1")), SERVER_HEADER]
+        headers += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in reply.headers.items()]
+        if reply.close or reply.truncate:
+            headers.append((b"connection", b"close"))
+        if reply.stream is not None:
+            await self._write_stream(reply, headers, receive, send)
+            return
+        headers.append((b"content-length", str(len(reply.body)).encode()))
+        await send({"type": "http.response.start", "status": reply.status, "headers": headers})
+        if req.method == "HEAD":
+            await send({"type": "http.response.body", "body": b""})
+        elif reply.truncate:
+            await send({"type": "http.response.body", "body": reply.body[: len(reply.body) // 2], "more_body": True})
+            await _drop(send)
+        else:
+            await send({"type": "http.response.body", "body": reply.body})
+
+    async def _write_stream(self, reply: Reply, headers: list, receive: Any, send: Any) -> None:
+        stream = reply.stream
+        assert stream is not None
+        gone = asyncio.Event()
+
+        async def watch() -> None:   # a client that hangs up mid-stream frees its slot, as on a real server
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            gone.set()
+
+        watcher = asyncio.get_running_loop().create_task(watch())
+        try:
+            await send({"type": "http.response.start", "status": reply.status, "headers": headers})
+            while not gone.is_set():
+                chunk = await anyio.to_thread.run_sync(next, stream, _DONE, limiter=self.limiter)
+                if chunk is _DONE:
+                    await send({"type": "http.response.body", "body": b""})
+                    return
+                if chunk:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except (AbortStream, Stopped):
+            await _drop(send)
+        finally:
+            watcher.cancel()
+            stream.close()   # type: ignore[attr-defined]  # releases the slot if the client went away
 
 
 class SimServer:
@@ -177,11 +246,8 @@ class SimServer:
         self._lock = threading.Lock()
         self._rng = random.Random(config.seed + 1)
         self._counter = itertools.count(1)
-        self._httpd: _Listener | None = None
-        self._serve_thread: threading.Thread | None = None
-        self._conns: set[socket.socket] = set()
+        self._listener: _Listener | None = None
         self._listener_lock = threading.Lock()   # outage timers, admin requests and stop() may race
-        self._threads: set[threading.Thread] = set()
         self._timers: list[threading.Timer] = []
         self._outage: dict[str, Any] | None = None
         self._outage_timer: threading.Timer | None = None
@@ -234,13 +300,9 @@ class SimServer:
         with self.engine.lock:
             self.engine.lock.notify_all()
         self._close_listener()
-        self._reset_connections()
-        deadline = time.monotonic() + 5.0
-        for t in list(self._threads):
-            t.join(max(0.0, deadline - time.monotonic()))
 
     def __enter__(self) -> SimServer:
-        return self.start() if self._httpd is None else self
+        return self.start() if self._listener is None else self
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
@@ -250,53 +312,30 @@ class SimServer:
 
     def _open_listener(self, port: int) -> None:
         with self._listener_lock:
-            if self._httpd is None and not (self.stop_event.is_set() and self.started_at is not None):
+            if self._listener is None and not (self.stop_event.is_set() and self.started_at is not None):
                 self._open_listener_locked(port)
 
     def _open_listener_locked(self, port: int) -> None:
         deadline = time.monotonic() + 5.0
         while True:
             try:
-                httpd = _Listener((self.config.host, port), self)
+                listener = _Listener(self, self.config.host, port)
                 break
             except OSError:
                 # After an outage the old port may linger briefly; a retry, not a synchronisation sleep.
                 if port == 0 or time.monotonic() > deadline:
                     raise
                 time.sleep(0.05)
-        self.port = httpd.server_address[1]
-        self._httpd = httpd
-        self._serve_thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                                              daemon=True, name=f"sim-{self.name}-{self.port}")
-        self._serve_thread.start()
+        listener.start()
+        self.port = listener.port
+        self._listener = listener
 
     def _close_listener(self) -> None:
+        """Closes the listening socket and resets every open connection (both before returning)."""
         with self._listener_lock:
-            httpd, thread = self._httpd, self._serve_thread
-            self._httpd = self._serve_thread = None
-            if httpd is not None:
-                httpd.shutdown()
-                httpd.server_close()
-            if thread is not None:
-                thread.join()
-
-    def _track(self, sock: socket.socket) -> None:
-        with self._lock:
-            self._conns.add(sock)
-
-    def _untrack(self, sock: socket.socket) -> None:
-        with self._lock:
-            self._conns.discard(sock)
-
-    def _reset_connections(self) -> None:
-        with self._lock:
-            conns = list(self._conns)
-        for sock in conns:
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+            listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.close()
 
     # ------------------------------------------------------------------ outages
 
@@ -311,7 +350,6 @@ class SimServer:
         if mode == "refuse":
             # Close first, then mark: once `in_outage` is true a new connection is certain to be refused.
             self._close_listener()
-            self._reset_connections()
         with self._lock:
             if self._outage_timer is not None:
                 self._outage_timer.cancel()

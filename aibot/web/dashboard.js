@@ -212,6 +212,64 @@ async function refreshChart() {
   $("chart").replaceChildren(svg);
 }
 
+async function refreshModelQueue() {
+  const { models } = await api("/api/model-queue");
+  $("model-queue").tBodies[0].replaceChildren(...models.map(m => el("tr", { dataset: { model: m.model } },
+    el("td", {}, m.model), el("td", {}, m.queued),
+    el("td", {}, m.oldest_wait_seconds == null ? "-" : fmtSeconds(m.oldest_wait_seconds)),
+    el("td", {}, m.replicas),
+    el("td", { class: "msg" + (m.serving.startsWith("no server") ? " status-down" : ""), title: m.serving },
+       m.serving))));
+}
+
+async function refreshEntityWait() {
+  const { entities } = await api("/api/entity-wait");
+  const s = v => v == null ? "-" : fmtSeconds(v);
+  $("entity-wait").tBodies[0].replaceChildren(...entities.map(e => el("tr", { dataset: { entity: e.entity_id } },
+    el("td", {}, e.entity_id), el("td", {}, e.queued), el("td", {}, s(e.oldest_wait_seconds)),
+    el("td", {}, s(e.p50_wait_seconds)), el("td", {}, s(e.p95_wait_seconds)))));
+}
+
+async function refreshWorkers() {
+  const { workers, fresh_seconds } = await api("/api/workers");
+  $("workers").tBodies[0].replaceChildren(...workers.map(w => el("tr", { dataset: { role: w.role } },
+    el("td", {}, w.worker_id), el("td", {}, w.role), el("td", {}, w.host), el("td", {}, w.pid),
+    el("td", {}, new Date(w.started_at).toLocaleTimeString()),
+    el("td", { class: w.heartbeat_age_seconds < fresh_seconds ? "status-healthy" : "status-down" },
+       fmtSeconds(w.heartbeat_age_seconds) + " ago"))));
+}
+
+async function refreshLoads() {
+  const { series } = await api("/api/loads-per-minute?minutes=60");
+  const W = 600, H = 120, pad = 18;
+  const max = Math.max(1, ...series.map(p => Math.max(p.loads + p.failed, p.unloads)));
+  const start = Date.now() - 60 * 60000;
+  const x = t => pad + (W - pad) * Math.max(0, (new Date(t).getTime() - start) / (60 * 60000));
+  const bw = Math.max((W - pad) / 60 - 2, 1);
+  const svg = document.createElementNS("http://www.w3.org/2000/svg", "svg");
+  svg.setAttribute("viewBox", `0 0 ${W} ${H}`);
+  svg.setAttribute("preserveAspectRatio", "none");
+  const ns = (tag, attrs, text) => {
+    const n = document.createElementNS("http://www.w3.org/2000/svg", tag);
+    for (const [k, v] of Object.entries(attrs)) n.setAttribute(k, v);
+    if (text !== undefined) n.textContent = text;
+    return n;
+  };
+  series.forEach(p => {
+    const mid = (H - pad) / 2;
+    const up = mid * (p.loads + p.failed) / max, down = mid * p.unloads / max;
+    const load = ns("rect", { x: x(p.minute), y: mid - up, width: bw, height: up, class: "load" });
+    load.append(ns("title", {}, `${new Date(p.minute).toLocaleTimeString()}: ${p.loads} load(s), ${p.failed} failed`));
+    const evict = ns("rect", { x: x(p.minute), y: mid, width: bw, height: down, class: "evict" });
+    evict.append(ns("title", {}, `${new Date(p.minute).toLocaleTimeString()}: ${p.unloads} unload(s)/eviction(s)`));
+    svg.append(load, evict);
+  });
+  svg.append(ns("text", { x: 0, y: 10 }, "loads"), ns("text", { x: 0, y: H - pad }, "evictions"),
+             ns("text", { x: pad, y: H - 4 }, "-60 min"), ns("text", { x: W - 30, y: H - 4 }, "now"));
+  $("loads-chart").replaceChildren(svg);
+  $("loads-chart").dataset.points = String(series.length);
+}
+
 // --- live feed -------------------------------------------------------------------------------------
 
 function setConn(kind, text) {
@@ -305,6 +363,10 @@ function start() {
   every(5000, refreshModels);
   every(10000, refreshFailed);
   every(15000, refreshChart);
+  every(5000, refreshModelQueue);
+  every(5000, refreshEntityWait);
+  every(5000, refreshWorkers);
+  every(15000, refreshLoads);
   runTestHook();
 }
 

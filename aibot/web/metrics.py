@@ -26,6 +26,9 @@ from aibot.settings import get_settings
 
 WINDOW_MINUTES = 60
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4   # what Prometheus negotiates by default; the format generate_latest writes
+# The roles that register in `aibot.workers` (aibot.worker.registry): Dramatiq workers, `aibot bot`,
+# the scheduler (on its own or inside the bot).
+ROLES = ("worker", "bot", "scheduler")
 
 Reader = Callable[[psycopg.Connection], Iterable[Metric]]
 READERS: list[Reader] = []
@@ -154,12 +157,25 @@ def model_loads(conn) -> Iterator[Metric]:
 
 
 @families
+def model_queue(conn) -> Iterator[Metric]:
+    queued = GaugeMetricFamily("aibot_model_queued", "Queued jobs per model.", labels=["model"])
+    replicas = GaugeMetricFamily("aibot_model_replicas", "Usable servers holding the model loaded.", labels=["model"])
+    stuck = GaugeMetricFamily("aibot_model_unservable", "1 when the model has queued jobs and no server holds it "
+                                                        "or is loading it (aibot status says why).", labels=["model"])
+    for r in inspection.model_queue(conn):
+        queued.add_metric([r["model"]], r["queued"])
+        replicas.add_metric([r["model"]], r["replicas"])
+        stuck.add_metric([r["model"]], int(bool(r["queued"] and not r["served_by"] and not r["loading_on"])))
+    yield from (queued, replicas, stuck)
+
+
+@families
 def workers(conn) -> Iterator[Metric]:
     fresh_seconds = get_settings().heartbeat_fresh_seconds()   # the one rule (aibot.settings)
     live = GaugeMetricFamily("aibot_workers", f"Registered processes by role with a heartbeat in the last "
                                               f"{fresh_seconds:.0f} s, one lease (0 for a role whose processes all went "
                                               "silent, so an alert sees it drop).", labels=["role"])
-    by_role: dict[str, int] = {}
+    by_role: dict[str, int] = dict.fromkeys(ROLES, 0)   # a sample per role even before any process registers
     for r in inspection.worker_status(conn):
         age = r["heartbeat_age_seconds"]
         fresh = age is not None and age < fresh_seconds

@@ -50,6 +50,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from aibot import db
 from aibot.ops import inspection
+from aibot.settings import get_settings
 from aibot.web import events, metrics
 
 log = logging.getLogger("aibot.web")
@@ -259,6 +260,23 @@ class Api:
         with self._conn() as conn:
             return {"series": inspection.replies_per_minute(conn, inspection.validate_limit(minutes, maximum=1440))}
 
+    def api_model_queue(self, query) -> dict:
+        with self._conn() as conn:
+            return {"models": inspection.model_queue(conn)}
+
+    def api_entity_wait(self, query) -> dict:
+        with self._conn() as conn:
+            return {"entities": inspection.entity_wait(conn)}
+
+    def api_loads(self, query) -> dict:
+        minutes = query.get("minutes") or "60"
+        with self._conn() as conn:
+            return {"series": inspection.load_timeline(conn, inspection.validate_limit(minutes, maximum=1440))}
+
+    def api_workers(self, query) -> dict:
+        with self._conn() as conn:
+            return {"workers": inspection.worker_status(conn), "fresh_seconds": get_settings().heartbeat_fresh_seconds()}
+
     # WebSocket client commands (as the original: delete, clear)
 
     def ws_command(self, msg: Any) -> dict | None:
@@ -427,6 +445,10 @@ def build_app(database: db.Database, hub: events.EventHub | None, token: str | N
         Route("/api/jobs/{job_id}/retry", _json_endpoint(api.api_retry), methods=["POST"]),
         Route("/api/jobs/{job_id}/cancel", _json_endpoint(api.api_cancel), methods=["POST"]),
         Route("/api/replies-per-minute", _json_endpoint(api.api_rpm)),
+        Route("/api/model-queue", _json_endpoint(api.api_model_queue)),
+        Route("/api/entity-wait", _json_endpoint(api.api_entity_wait)),
+        Route("/api/loads-per-minute", _json_endpoint(api.api_loads)),
+        Route("/api/workers", _json_endpoint(api.api_workers)),
     ]
     app = Starlette(routes=routes, exception_handlers={HTTPException: _http_exception})
     return Admission(app, token)

@@ -64,6 +64,10 @@ READ_ONLY = [
     (["servers", "list"], True, ""),
     (["models", "list"], True, ""),
     (["plan", "--no-refresh"], True, ""),
+    (["plan"], True, ""),                            # refreshes: the configured server is unreachable
+    (["status", "--plain"], True, ""),
+    (["models", "list", "--refresh"], True, ""),
+    (["servers", "list"], True, ""),
 ]
 IDS = [" ".join(a) for a, _, _ in READ_ONLY]
 
@@ -192,3 +196,39 @@ def test_readme_walkthrough_config_and_enqueue_examples_work(tmp_path, clean_env
         proc = aibot("enqueue", "--check", env=env, stdin=message + "\n")
         assert proc.returncode == 0, proc.stderr
         assert "would be: 1 new, 0 duplicate, 0 rejected, 0 ignored" in proc.stdout, proc.stdout
+
+
+def test_every_read_only_command_the_readme_shows_is_run_above():
+    """A command the README shows (in a shell block or its command table) that only reads is in READ_ONLY,
+    so the three database states above run it as documented."""
+    read_only = {("status",), ("top",), ("plan",), ("jobs", "list"), ("servers", "list"), ("models", "list"),
+                 ("config", "check"), ("scheduler", "--list"), ("migrate", "--dry-run"), ("jobs", "show")}
+    text = README.read_text()
+    shown = set()
+    for line in "\n".join(_code_blocks(r"\s*sh")).splitlines() + re.findall(r"`(aibot [^`]+)`", text):
+        words = line.strip().split("#")[0].split()
+        if "aibot" not in words:
+            continue
+        words = words[words.index("aibot") + 1:]
+        for n in (2, 1):
+            if tuple(words[:n]) in read_only:
+                shown.add(tuple(words[:n]))
+                break
+    covered = {tuple(a[:2]) for a, _, _ in READ_ONLY} | {tuple(a[:1]) for a, _, _ in READ_ONLY} | {("jobs", "show")}
+    assert shown and shown <= covered, shown - covered
+
+
+def test_jobs_show_of_an_unknown_job_is_one_line(clean_env, db_url):
+    proc = aibot("jobs", "show", "999999", env={**clean_env, "AIBOT_DATABASE_URL": db_url})
+    no_traceback(proc)
+    assert proc.returncode != 0 and len(proc.stderr.strip().splitlines()) == 1 and "999999" in proc.stderr, proc.stderr
+
+
+def test_an_older_schema_is_one_line_naming_the_missing_migration(clean_env, db_url, conn):
+    """A database migrated by an older aibot (here: without the newest migration recorded) is refused before
+    the command does anything, naming what is missing and the fix."""
+    newest = conn.execute("SELECT version, name FROM aibot.migrations ORDER BY version DESC LIMIT 1").fetchone()
+    conn.execute("DELETE FROM aibot.migrations WHERE version = %s", (newest["version"],))
+    proc = aibot("plan", env={**clean_env, "AIBOT_DATABASE_URL": db_url})
+    no_traceback(proc)
+    one_line_error(proc, "lacks 1 migration(s)", newest["name"], "aibot migrate")

@@ -80,3 +80,36 @@ def test_dashboard_screenshot(conn, server, tmp_path):
     proc = chromium(tmp_path, f"--screenshot={shot}", "--window-size=1400,1100", f"{server.url}/")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
+
+
+def test_dashboard_operator_panels(conn, server, tmp_path):
+    """Per-model queue with who serves it (or why nobody can), per-persona wait, loads/evictions over
+    time and the processes with their heartbeat, as Chromium renders them; screenshot in the artifacts."""
+    from tests.web.test_panels import panels
+
+    panels(conn)
+    conn.execute("INSERT INTO aibot.workers (worker_id, host, pid, role) VALUES ('bot@h:1', 'h', 1, 'bot'), "
+                 "('w@h:2', 'h', 2, 'worker')")
+    conn.execute("UPDATE aibot.workers SET heartbeat_at = now() - interval '5 min' WHERE role = 'worker'")
+    proc = chromium(tmp_path, "--dump-dom", f"{server.url}/")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    dom = html.unescape(proc.stdout)
+
+    queue = dom.split('id="model-queue"', 1)[1].split("</table>", 1)[0]
+    assert 'data-model="big"' in queue and "no server can hold it: alpha: not enough memory" in queue
+    assert "served by alpha" in queue and "loading on alpha" in queue
+    waits = dom.split('id="entity-wait"', 1)[1].split("</table>", 1)[0]
+    assert 'data-entity="eve"' in waits and 'data-entity="zed"' in waits
+    loads = dom.split('id="loads-chart"', 1)[1].split("</section>", 1)[0]
+    assert 'data-points="2"' in loads and 'class="load"' in loads and 'class="evict"' in loads
+    workers = dom.split('id="workers"', 1)[1].split("</table>", 1)[0]
+    bot = workers.split('data-role="bot"', 1)[1].split("</tr>", 1)[0]
+    stale = workers.split('data-role="worker"', 1)[1].split("</tr>", 1)[0]
+    assert "status-healthy" in bot and "status-down" in stale
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    shot = ARTIFACTS / "dashboard-panels.png"
+    shot.unlink(missing_ok=True)
+    proc = chromium(tmp_path, f"--screenshot={shot}", "--window-size=1400,2000", f"{server.url}/")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000

@@ -413,4 +413,9 @@ def test_workers_metric_counts_fresh_heartbeats_and_keeps_silent_roles_at_zero(c
                  "('w1', 'h', 1, 'worker', now(), now()), ('w2', 'h', 2, 'worker', now(), now() - interval '5 min'), "
                  "('b1', 'h', 3, 'bot', now(), now() - interval '5 min')")
     samples = {lab["role"]: v for lab, v in parse_metrics(http.get("/metrics").text)["aibot_workers"]}
-    assert samples == {"worker": 1, "bot": 0}
+    assert samples == {"worker": 1, "bot": 0, "scheduler": 0}
+
+
+def test_workers_metric_has_a_sample_before_any_process_registers(conn, http):
+    samples = {lab["role"]: v for lab, v in parse_metrics(http.get("/metrics").text)["aibot_workers"]}
+    assert samples == {"worker": 0, "bot": 0, "scheduler": 0}

@@ -19,7 +19,7 @@ SELECT * FROM servers WHERE name = %(name)s;
 SELECT * FROM servers WHERE id = %(server_id)s;
 
 -- cluster_instances --
--- Resident models with their requests in flight (held slots), last use and last load time, for one server or all
+-- Resident models with their requests in flight (held slots), last use (any slot taken or freed) and last load time, for one server or all
 SELECT mi.server_id, mi.model, mi.state, mi.size_bytes, mi.parallel, mi.context_length, mi.loaded_at,
        greatest(mi.last_used_at, h.last_taken) AS last_used_at,
        coalesce(h.held, 0)::integer AS held,
@@ -29,9 +29,9 @@ SELECT mi.server_id, mi.model, mi.state, mi.size_bytes, mi.parallel, mi.context_
         ORDER BY ml.finished_at DESC LIMIT 1) AS load_seconds
 FROM model_instances mi
 LEFT JOIN (
-    SELECT sl.server_id, sl.model, count(*) AS held, max(sl.taken_at) AS last_taken
+    SELECT sl.server_id, sl.model, count(*) FILTER (WHERE sl.job_id IS NOT NULL) AS held,
+           max(sl.last_used_at) AS last_taken
     FROM slots sl
-    WHERE sl.job_id IS NOT NULL
     GROUP BY sl.server_id, sl.model
 ) h ON h.server_id = mi.server_id AND h.model = mi.model
 WHERE %(server_id)s::integer IS NULL OR mi.server_id = %(server_id)s::integer

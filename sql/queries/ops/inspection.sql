@@ -187,3 +187,51 @@ ORDER BY 1, 2, 3, 4;
 -- ops_listen --
 -- Subscribes the serve process to the job events of 0005's triggers
 LISTEN aibot_events;
+
+-- ops_model_queue --
+-- Per model with queued jobs or an instance: what waits, the servers serving it (replicas), where it is loading, and why it waits when nowhere
+WITH q AS (
+    SELECT model, count(*)::bigint AS queued,
+           extract(epoch FROM now() - min(created_at))::double precision AS oldest_wait_seconds,
+           max(last_error) FILTER (WHERE last_error LIKE 'waiting: %%') AS waiting_reason
+    FROM jobs WHERE state = 'queued' AND model IS NOT NULL
+    GROUP BY model
+), r AS (
+    SELECT mi.model,
+           array_agg(s.name ORDER BY s.name) FILTER (WHERE mi.state = 'loaded' AND u.id IS NOT NULL) AS served_by,
+           array_agg(s.name ORDER BY s.name) FILTER (WHERE mi.state = 'loading') AS loading_on
+    FROM model_instances mi
+    JOIN servers s ON s.id = mi.server_id
+    LEFT JOIN usable_servers u ON u.id = s.id
+    GROUP BY mi.model
+)
+SELECT coalesce(q.model, r.model) AS model, coalesce(q.queued, 0) AS queued, q.oldest_wait_seconds,
+       coalesce(r.served_by, '{}') AS served_by, coalesce(r.loading_on, '{}') AS loading_on,
+       cardinality(coalesce(r.served_by, '{}'))::integer AS replicas, q.waiting_reason
+FROM q FULL JOIN r ON r.model = q.model
+ORDER BY coalesce(q.queued, 0) DESC, 1;
+
+-- ops_entity_wait --
+-- Per persona: jobs queued now, the oldest one's wait, and the median and p95 wait (enqueue to claim) of jobs claimed in the last hour
+SELECT entity_id,
+       count(*) FILTER (WHERE state = 'queued')::bigint AS queued,
+       extract(epoch FROM now() - min(created_at) FILTER (WHERE state = 'queued'))::double precision AS oldest_wait_seconds,
+       percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM claimed_at - created_at))
+           FILTER (WHERE claimed_at > now() - interval '60 minutes') AS p50_wait_seconds,
+       percentile_cont(0.95) WITHIN GROUP (ORDER BY extract(epoch FROM claimed_at - created_at))
+           FILTER (WHERE claimed_at > now() - interval '60 minutes') AS p95_wait_seconds
+FROM jobs
+WHERE state = 'queued' OR claimed_at > now() - interval '60 minutes'
+GROUP BY entity_id
+ORDER BY oldest_wait_seconds DESC NULLS LAST, entity_id;
+
+-- ops_load_timeline --
+-- Model loads, unloads (evictions) and failed loads per minute over the last minutes, for the dashboard chart
+SELECT date_trunc('minute', started_at) AS minute,
+       count(*) FILTER (WHERE action = 'load' AND ok IS DISTINCT FROM false)::bigint AS loads,
+       count(*) FILTER (WHERE action = 'unload')::bigint AS unloads,
+       count(*) FILTER (WHERE action = 'load' AND ok = false)::bigint AS failed
+FROM model_loads
+WHERE started_at > now() - make_interval(mins => %(minutes)s)
+GROUP BY 1
+ORDER BY 1;
