@@ -158,9 +158,11 @@ class Resident:
     loaded_at: datetime | None = None
     last_used_at: datetime | None = None
     load_seconds: float | None = None   # how long its last load took here (None: not loaded by us, unknown)
+    draining: bool = False              # evicted for a starving model once its requests finish: no new work
 
     def instance(self) -> Instance:
-        return Instance(self.model, self.size_bytes, self.parallel, self.state)
+        # A draining model serves nothing new (0 slots) but its memory counts until it is evicted.
+        return Instance(self.model, self.size_bytes, self.parallel, "unloading" if self.draining else self.state)
 
 
 @dataclass(frozen=True)
@@ -241,17 +243,25 @@ def _free_after(server: ServerView, size_bytes: int, evict: Sequence[str]) -> in
 
 def room_for(server: ServerView, size_bytes: int, *, now: datetime,
              min_residency_s: float = DEFAULT_MIN_RESIDENCY_SECONDS,
-             demand: Mapping[str, int] | None = None) -> tuple[str, ...] | None:
+             demand: Mapping[str, int] | None = None,
+             candidates: Sequence[str] | None = None) -> tuple[str, ...] | None:
     """The evictions that make room for a model of `size_bytes` on `server` (() = fits as is; None = never).
 
     "Room" means: after the load, the memory bound still covers every request in flight, and at
     least one request for every model that stays resident plus the new one, so loading never pushes
     accounted memory over RAM and never leaves a resident model without a slot (a model in memory that
     can serve nothing only starves the others). A server with unknown RAM always has room.
+    `candidates` (the demand policy's victims, in order: `aibot.cluster.demand`) replaces the default
+    victims; only those loaded and idle may still go.
     """
     budget = server.budget
     evict: list[str] = []
-    victims = evictable(server, now=now, min_residency_s=min_residency_s, demand=demand)
+    if candidates is None:
+        victims = evictable(server, now=now, min_residency_s=min_residency_s, demand=demand)
+    else:
+        by_name = {r.model: r for r in server.residents}
+        victims = [by_name[m] for m in candidates
+                   if m in by_name and by_name[m].state == "loaded" and by_name[m].held == 0]
     while True:
         staying = [r for r in server.residents if r.model not in evict]
         # A server that evicts by itself beyond `max_models` would choose its own victim, perhaps one
