@@ -72,6 +72,7 @@ def format_plan(p: plans.Plan) -> Group:
                            Column("target", "slots"), Column("rows", "slot rows"), Column("held", "in flight")],
                           title=f"{s.name}: {_arithmetic(s)}"))
     out.append(Text(""))
+    out.append(Text(p.cap_line))
     out.append(Text(f"Workers: {p.total_slots} slot(s) on usable servers. Each in-flight generation occupies one "
                f"worker thread while it waits on HTTP, so every worker host runs processes × threads >= "
                f"{p.total_slots} (each host alone can fill every slot; losing a host costs no capacity):"))

@@ -103,9 +103,10 @@ class ModelDemand:
         return self.load_s if self.load_s is not None and self.load_s >= 0 else policy.default_load_s
 
     def starved(self, policy: Policy) -> bool:
-        """Whether its oldest job is due: the swap starts early enough (one pass plus one request's
-        drain ahead of the aging time, at most half of it) that the model is resident by aging + load."""
-        lead = min(policy.aging_s / 2, policy.pass_s + self.service(policy))
+        """Whether its oldest job is due: the swap starts early enough that the model is resident by
+        aging + load time: two passes (the one that drains, the one that evicts) plus one request's
+        drain ahead of the aging time, at most half of it."""
+        lead = min(policy.aging_s / 2, 2 * policy.pass_s + self.service(policy))
         return self.queued > 0 and self.oldest_wait_s >= policy.aging_s - lead
 
 
@@ -395,22 +396,24 @@ def plan_pass(servers: Sequence[ServerView], demand: Mapping[str, ModelDemand], 
         swap = swap_for(candidates, d, demand, now=now, policy=policy, size_bytes=size)
         if swap is None:
             refused = choose_server(candidates, model, size, now=now, min_residency_s=policy.residency_cap_s)
-            if isinstance(refused, Refusal) and not d.starved(policy):
+            ever = [v for v in candidates if v.can_load and model not in v.blocked
+                    and _room(v, size, list(v.residents)) is not None]
+            if not ever:
                 waiting[model] = f"no server can load {model!r}: {refused}"
-                continue
-            if d.starved(policy):
-                waiting[model] = (f"starving ({d.oldest_wait_s:.0f} s) but no server can make room: "
-                                  f"{refused if isinstance(refused, Refusal) else 'every resident is busier'}")
-                continue
-            waiting[model] = (f"{d.queued} queued job(s), oldest waited {d.oldest_wait_s:.0f} s: not worth a swap "
-                              f"yet (load ~{d.load(policy):.0f} s); wins one at {policy.aging_s:g} s")
+            elif d.starved(policy):
+                waiting[model] = "due, but every resident that could make room has jobs waiting longer"
+            else:
+                why = (f"no ordinary swap ({refused})" if isinstance(refused, Refusal)
+                       else f"not worth a swap yet (load ~{d.load(policy):.0f} s)")
+                # No changing figures: the note is written on every queued job only when it changes.
+                waiting[model] = f"{why}; wins one once its oldest job has waited {policy.aging_s:g} s"
             continue
         if swap.drain:
             drains.extend((swap.server_id, m) for m in swap.drain)
             touched.update((swap.server_id, m) for m in swap.drain)
             views[swap.server_id] = _with_drains(views[swap.server_id], swap.drain)
-            waiting[model] = (f"starving ({d.oldest_wait_s:.0f} s): {', '.join(swap.drain)} on {swap.server} "
-                              f"finish their requests, then make room")
+            waiting[model] = (f"due: {', '.join(swap.drain)} on {swap.server} finish their requests in flight, "
+                              f"then make room")
         else:
             swaps.append(swap)
             touched.update((swap.server_id, m) for m in swap.evict)

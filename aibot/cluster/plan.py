@@ -59,6 +59,16 @@ class Plan:
     servers: tuple[ServerPlan, ...]
     total_slots: int                 # slots on usable servers: what workers can fill right now
     hosts: tuple[HostPlan, ...]      # one per live worker host; a single "*" row when none is known
+    max_in_flight: int | None = None  # queueSettings.maxConcurrentWorkers: cluster-wide cap on generations
+    generating: int = 0               # generations in flight now
+
+    @property
+    def cap_line(self) -> str:
+        """The cap on generations in flight, as `aibot plan` and `aibot status` print it."""
+        if self.max_in_flight is None:
+            return f"generations in flight: {self.generating} (no cap beyond the slots)"
+        return (f"generations in flight: {self.generating} of at most {self.max_in_flight} cluster-wide "
+                f"(queueSettings.maxConcurrentWorkers)")
 
 
 def plan(conn: psycopg.Connection, *, processes: int | None = None, live_seconds: float = 300.0) -> Plan:
@@ -96,4 +106,5 @@ def plan(conn: psycopg.Connection, *, processes: int | None = None, live_seconds
         p = processes or max(1, min(h["processes"] or default_p, total or 1))
         p, t, cmd = worker_command(total, p)
         hosts.append(HostPlan(h["host"], h["processes"], p, t, cmd))
-    return Plan(tuple(servers), total, tuple(hosts))
+    cap = state.dispatch_cap(conn)
+    return Plan(tuple(servers), total, tuple(hosts), cap["max_in_flight"], int(cap["generating"]))

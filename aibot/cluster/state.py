@@ -97,6 +97,11 @@ def model_demand(conn: psycopg.Connection, window_s: float = RATE_WINDOW_SECONDS
             for r in queries.all(conn, "cluster_model_demand", {"window_s": window_s})}
 
 
+def dispatch_cap(conn: psycopg.Connection) -> dict:
+    """The cluster-wide cap on generations in flight (`max_in_flight`, None: none) and how many run."""
+    return queries.one(conn, "cluster_dispatch_cap") or {"max_in_flight": None, "generating": 0}
+
+
 def unplaced_demand(conn: psycopg.Connection) -> list[dict]:
     """Runnable models that no usable server holds or is loading, best-ranked job first."""
     return queries.all(conn, "cluster_unplaced_demand")

@@ -31,7 +31,7 @@ def test_a_model_resident_nowhere_wins_a_swap_once_due_whatever_is_resident():
             "B": ModelDemand("B", queued=2, oldest_wait_s=2, rate_per_s=0.25)}
     young = ModelDemand("C", queued=4, oldest_wait_s=10)
     assert swap_for([s], young, busy, now=NOW, policy=POLICY, size_bytes=15 * GB) is None
-    due = ModelDemand("C", queued=4, oldest_wait_s=28.5)   # aging − (pass + one request)
+    due = ModelDemand("C", queued=4, oldest_wait_s=27.0)   # aging − (two passes + one request)
     swap = swap_for([s], due, busy, now=NOW, policy=POLICY, size_bytes=15 * GB)
     assert swap is not None and swap.starved
     assert swap.evict == ("B",)   # the resident with the least demand (B: lower queue and rate)

@@ -154,3 +154,9 @@ SELECT l.model,
         ORDER BY ml.finished_at DESC LIMIT 1) AS load_s
 FROM live l
 GROUP BY l.model;
+
+-- cluster_dispatch_cap --
+-- The cluster-wide cap on generations in flight (NULL: only the slots), and how many run now
+SELECT d.max_in_flight,
+       (SELECT count(*) FROM jobs j WHERE j.state = 'running' AND j.reply IS NULL)::integer AS generating
+FROM dispatch_limits d WHERE d.id;
