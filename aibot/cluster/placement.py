@@ -70,11 +70,31 @@ def split_slots(total: int, models: Sequence[ModelShare]) -> dict[str, int]:
     return alloc
 
 
+def keeps(current: Mapping[str, int], ideal: Mapping[str, int], models: Sequence[ModelShare]) -> bool:
+    """Whether the split the rows have now is as good as `ideal` for the demand at hand, so it stays.
+
+    The demand moves with every claim; a split recomputed from each instant's demand moved slots back
+    and forth between ticks (1 → 2 → 1 within 153 ms). The current split stays while it uses the same
+    number of slots, keeps every model within its parallel, gives every model the ideal gives a slot
+    one, and covers each model's demand as far as the ideal would.
+    """
+    if sum(current.get(m.model, 0) for m in models) != sum(ideal.values()):
+        return False
+    for m in models:
+        cur, want = current.get(m.model, 0), ideal.get(m.model, 0)
+        if cur > m.parallel or (want >= 1 and cur < 1) or cur < min(want, m.demand):
+            return False
+    return True
+
+
 def server_targets(budget: Budget, instances: Iterable[Instance],
-                   demand: Mapping[str, int] | None = None) -> dict[str, int]:
+                   demand: Mapping[str, int] | None = None,
+                   current: Mapping[str, int] | None = None) -> dict[str, int]:
     """Slot rows wanted per model on one server: the sizing total split across its loaded models.
 
     Models that are loading or unloading get 0 (they cannot serve) but their memory still counts.
+    With `current` (the active rows per model now), a split that is still as good as the fresh one
+    (`keeps`) is kept, so refreshes and rebalances never undo each other's decisions.
     """
     instances = list(instances)
     demand = demand or {}
@@ -82,6 +102,8 @@ def server_targets(budget: Budget, instances: Iterable[Instance],
     shares = [ModelShare(i.model, i.parallel, int(demand.get(i.model, 0)))
               for i in instances if i.state == "loaded"]
     targets = split_slots(total, shares)
+    if current is not None and keeps(current, targets, shares):
+        targets = {m.model: int(current.get(m.model, 0)) for m in shares}
     for inst in instances:
         targets.setdefault(inst.model, 0)
     return targets

@@ -88,7 +88,8 @@ def plan(conn: psycopg.Connection, *, processes: int | None = None, live_seconds
         rows = instances.get(s["id"], [])
         budget = Budget.from_row(s)
         sizing = server_slots(budget, state.as_instances(rows))
-        targets = server_targets(budget, state.as_instances(rows), demand) if s["enabled"] else {}
+        current = {m: c["free"] + c["held"] for (sid, m), c in counts.items() if sid == s["id"]}
+        targets = server_targets(budget, state.as_instances(rows), demand, current) if s["enabled"] else {}
         models = []
         for r in rows:
             c = counts.get((s["id"], r["model"]), {"free": 0, "held": 0})
