@@ -170,11 +170,13 @@ def victims(server: ServerView, incoming: ModelDemand, demand: Mapping[str, Mode
 def expected_ttft(server: ServerView, d: ModelDemand, evict: Sequence[str], policy: Policy,
                   size_bytes: int) -> float:
     """Expected time to first token of `d`'s waiting work if it is loaded on `server` after `evict` go:
-    the load time plus the mean job's wait behind the queue on the slots gained there (half the time
-    the queue takes to drain through them): ServerlessLLM's startup-time-aware placement, with
-    aibot's slot arithmetic."""
-    slots = max(1, min(server.expected_parallel, slots_gained(server, size_bytes, evict)))
-    return d.load(policy) + 0.5 * (d.queued / slots) * d.service(policy)
+    the load time (behind the loads already running there, which share its disk and memory bandwidth)
+    plus the mean job's wait behind the queue on the slots the sizing gains there (half the time the
+    queue takes to drain through them): ServerlessLLM's startup-time-aware placement, with aibot's slot
+    arithmetic."""
+    pending = sum(1 for r in server.residents if r.state == "loading")
+    slots = max(1, slots_gained(server, size_bytes, evict))
+    return d.load(policy) * (1 + pending) + 0.5 * (d.queued / slots) * d.service(policy)
 
 
 def swap_for(servers: Iterable[ServerView], incoming: ModelDemand, demand: Mapping[str, ModelDemand], *,
@@ -200,10 +202,20 @@ def swap_for(servers: Iterable[ServerView], incoming: ModelDemand, demand: Mappi
         busy = tuple(m for m in plan if s.holds(m).held > 0)
         swap = Swap(s.server_id, s.name, incoming.model, () if busy else plan, plan if busy else (),
                     incoming.starved(policy), expected_ttft(s, incoming, plan, policy, size_bytes))
-        options.append(((len(plan), bool(busy), swap.ettft_s, s.name), swap))
+        free = _free_bytes(s, size_bytes, plan)
+        options.append(((len(plan), bool(busy), round(swap.ettft_s, 3), free is None, -(free or 0), s.name), swap))
     if not options:
         return None
     return min(options, key=lambda o: o[0])[1]
+
+
+def _free_bytes(server: ServerView, size_bytes: int, evict: Sequence[str]) -> int | None:
+    """Memory left for request buffers after the load (None: unknown RAM)."""
+    b = server.budget
+    if b.memory_bytes is None:
+        return None
+    models = sum(r.size_bytes for r in server.residents if r.model not in evict) + size_bytes
+    return b.memory_bytes - b.system_reserve_bytes - b.safety_bytes - models
 
 
 def _room(server: ServerView, size_bytes: int, order: Sequence[Resident]) -> tuple[str, ...] | None:

@@ -174,3 +174,15 @@ def test_idle_unload_only_past_the_ttl_and_never_with_work():
     assert demand.idle_unloads([s], {"A": ModelDemand("A", queued=1)}, now=NOW, policy=drop) == []
     per_model = Policy(keep_loaded=True, model_ttl_s={"B": 60})
     assert [u.model for u in demand.idle_unloads([s], {}, now=NOW, policy=per_model)] == ["B"]
+
+
+def test_a_cold_cluster_spreads_first_loads_by_expected_first_token():
+    """Five models queued on two empty servers: a server already loading models delays the next load
+    there, so the pass spreads them instead of piling every load onto the first server."""
+    views = [server(sid=1, name="s1", memory_gb=128), server(sid=2, name="s2", memory_gb=128)]
+    models = [f"m{i}" for i in range(5)]
+    dem = {m: ModelDemand(m, queued=4, oldest_wait_s=1, load_s=30.0, service_s=3.0) for m in models}
+    plan = plan_pass(views, dem, unplaced=models, sizes={m: 15 * GB for m in models}, slots_by_model={},
+                     now=NOW, policy=POLICY)
+    where = [s.server for s in plan.swaps]
+    assert len(where) == 5 and sorted(where.count(n) for n in ("s1", "s2")) == [2, 3]
