@@ -461,15 +461,19 @@ def plan_pass(servers: Sequence[ServerView], demand: Mapping[str, ModelDemand], 
 def stranded(servers: Sequence[ServerView], demand: Mapping[str, ModelDemand],
              slots_by_model: Mapping[str, int]) -> list[str]:
     """Idle capacity beside a backlog (what the demo counts): a usable server with nothing in flight and
-    room for a model without evicting anything, while at least 2 × that model's slots (at least one job)
-    of its jobs wait. Each entry names the server and the model."""
+    no load running (idle) and room for a model without evicting anything, while at least 2 × that
+    model's slots (at least one job) of its jobs wait and no load of it is under way. Each entry names
+    the server and the model."""
     out = []
     for d in sorted(demand.values(), key=lambda d: d.model):
         if d.queued < max(1, 2 * int(slots_by_model.get(d.model, 0))):
             continue
+        if any((r := v.holds(d.model)) is not None and r.state == "loading" for v in servers):
+            continue
         size = next((r.size_bytes for v in servers if (r := v.holds(d.model)) is not None), 0)
         for s in servers:
-            if not s.can_load or s.held or s.holds(d.model) is not None or d.model in s.blocked:
+            if not s.can_load or s.held or s.holds(d.model) is not None or d.model in s.blocked \
+                    or any(r.state == "loading" for r in s.residents):
                 continue
             if _room(s, size, []) == ():
                 out.append(f"{s.name} idle while {d.queued} {d.model} job(s) wait")

@@ -186,3 +186,13 @@ def test_a_cold_cluster_spreads_first_loads_by_expected_first_token():
                      now=NOW, policy=POLICY)
     where = [s.server for s in plan.swaps]
     assert len(where) == 5 and sorted(where.count(n) for n in ("s1", "s2")) == [2, 3]
+
+
+def test_stranded_counts_an_idle_server_with_room_beside_a_backlog_only():
+    busy = server(resident("A", held=4), sid=1, name="s1", memory_gb=128)
+    idle = server(sid=2, name="s2", memory_gb=128)
+    backlog = {"A": ModelDemand("A", queued=8)}
+    assert demand.stranded([busy, idle], backlog, {"A": 4}) == ["s2 idle while 8 A job(s) wait"]
+    assert demand.stranded([busy, idle], {"A": ModelDemand("A", queued=7)}, {"A": 4}) == []
+    loading = server(Resident("B", 15 * GB, 4, "loading"), sid=2, name="s2", memory_gb=128)
+    assert demand.stranded([busy, loading], backlog, {"A": 4}) == []
