@@ -268,7 +268,7 @@ def replica_for(servers: Sequence[ServerView], d: ModelDemand, slots_now: int, *
         return None
     slots_now = max(1, slots_now)
     service = d.service(policy)
-    if d.queued <= policy.replica_queue_factor * slots_now and d.rate_per_s <= slots_now / service:
+    if d.queued < policy.replica_queue_factor * slots_now and d.rate_per_s <= slots_now / service:
         return None
     load = d.load(policy)
     backlog = d.queued + d.rate_per_s * load          # what waits once a replica could serve
