@@ -33,6 +33,7 @@ BENCHMARKS = [
     (6, "load_storm", "loads for 50 requests to a cold model"),
     (7, "swap_thrash", "loads per 1,000 replies, p99 wait"),
     (8, "real_inference", "real llama.cpp inference (another engineer's)"),
+    (9, "workload", "trace: 32 personas, 2 × 128 GB, aibot vs Ollama/llama-swap/LM Studio/LiteLLM/sequential"),
 ]
 
 
