@@ -10,8 +10,9 @@ The rules, and why:
   in-flight requests finish) and then evicted. Its wait is therefore bounded by
   aging + (the victim's longest request) + its own load time.
 - **Swaps stay rare.** Before that age a swap happens only when the victim has no queued work and has
-  been resident for its minimum residency (scaled to its own load time), and only when the incoming
-  model's waiting work is worth its load (expected service of its queue ≥ its load time).
+  been resident for its minimum residency (scaled to its own load time), and, unless every victim is
+  cold (no arrival in the rate window), only when the incoming model's waiting work is worth its load
+  (expected service of its queue ≥ its load time).
 - **Victims.** When a starving model must push someone out, the victim is the resident whose own
   demand is least (fewest queued, then lowest recent arrival rate, then least recently used); a
   resident whose oldest job has waited even longer is never the victim.
@@ -197,7 +198,10 @@ def swap_for(servers: Iterable[ServerView], incoming: ModelDemand, demand: Mappi
         plan = _room(s, size_bytes, order)
         if plan is None:
             continue
-        if plan and not worth_load(incoming, load, policy):
+        # A victim nobody asked for lately costs nothing to lose; one still in use is only pushed out
+        # for work that pays for the load.
+        cold = all(demand.get(m, ModelDemand(m)).rate_per_s == 0 for m in plan)
+        if plan and not cold and not worth_load(incoming, load, policy):
             continue
         busy = tuple(m for m in plan if s.holds(m).held > 0)
         swap = Swap(s.server_id, s.name, incoming.model, () if busy else plan, plan if busy else (),

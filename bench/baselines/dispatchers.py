@@ -138,13 +138,19 @@ class _Queued(Dispatcher):
                 self.lock.wait(0.05)
             return True
 
+    def _admin(self, i: int, path: str, body: dict) -> int:
+        try:
+            return self.admin[i].post(path, body)
+        except Exception:  # noqa: BLE001 - the run is over (simulators stopped) or the server failed: count it
+            return 0
+
     def _load(self, i: int, model: str) -> None:
-        if self.admin[i].post("/api/v1/models/load", {"model": lms_key(model)}) != 200:
+        if self._admin(i, "/api/v1/models/load", {"model": lms_key(model)}) != 200:
             with self.lock:
                 self.failed["load"] += 1
 
     def _unload(self, i: int, model: str) -> None:
-        self.admin[i].post("/api/v1/models/unload", {"instance_id": lms_key(model)})
+        self._admin(i, "/api/v1/models/unload", {"instance_id": lms_key(model)})
 
     def _run(self, i: int) -> None:
         raise NotImplementedError

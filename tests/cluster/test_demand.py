@@ -60,9 +60,12 @@ def test_ordinary_swaps_need_an_idle_settled_victim_and_work_worth_the_load():
     swap = swap_for([s], ModelDemand("C", queued=3, oldest_wait_s=1, load_s=2.0), idle, now=NOW, policy=POLICY,
                     size_bytes=15 * GB)
     assert swap.evict == ("B",) and not swap.starved
-    # One queued second of work does not pay for a 20 s load.
+    # One queued second of work does not pay for a 20 s load that pushes out a model still in use...
     slow = ModelDemand("C", queued=1, oldest_wait_s=1, load_s=20.0)
-    assert swap_for([s], slow, idle, now=NOW, policy=POLICY, size_bytes=15 * GB) is None
+    used = {"A": ModelDemand("A", rate_per_s=0.1), "B": ModelDemand("B", rate_per_s=0.1)}
+    assert swap_for([s], slow, used, now=NOW, policy=POLICY, size_bytes=15 * GB) is None
+    # ...but a victim nobody asked for lately costs nothing to lose.
+    assert swap_for([s], slow, idle, now=NOW, policy=POLICY, size_bytes=15 * GB).evict == ("B",)
 
 
 def test_minimum_residency_is_configurable_and_scaled_to_load_time():
