@@ -276,7 +276,7 @@ def ensure_loaded(database, model: str, *, server: str | None = None,
                 result = _load_locked(conn, choice, model, size_bytes=model_size(conn, model, size_bytes).bytes,
                                       backend_for=backend_for, worker_id=worker_id,
                                       min_residency_s=min_residency_s, progress=progress, deadline=deadline,
-                                      replica_ok=server is not None or plan is not None,
+                                      replica_ok=server is not None,
                                       candidates=None if plan is None else plan.evict)
             finally:
                 unlock_model(conn, choice.server_id, model)
@@ -661,9 +661,12 @@ def load_for_demand(database: db.Database, *, worker_id: str,
 
     def load(item):
         model, server_id, server, evict, what = item
+        # A replica is a second server on purpose; a swap is not: if another pass placed the model
+        # meanwhile, the loader finds it there (or waits for it) instead of loading a second copy.
+        replica = what.startswith("replica")
         try:
-            res = ensure_loaded(database, model, server=server, backend_for=backend_for, worker_id=worker_id,
-                                plan=placement.Placement(server_id, server, tuple(evict)))
+            res = ensure_loaded(database, model, server=server if replica else None, backend_for=backend_for,
+                                worker_id=worker_id, plan=placement.Placement(server_id, server, tuple(evict)))
             _not_loadable.pop(model, None)
             with database.transaction() as conn:
                 jobs.clear_waiting(conn, model)
