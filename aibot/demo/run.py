@@ -259,8 +259,9 @@ def _snapshot(conn, sims: SimCluster, chat: FakeChatServer, *, started: float, e
             loading=sum(c["loading_instances"] for c in models.values())))
     now = time.time()
     reply_times = [m["timestamp"] / 1000 for m in chat.replies()]
+    unplaced = tuple((r["model"], int(r["queued"])) for r in cluster_state.unplaced_demand(conn))
     snap = Snapshot(elapsed, phase, posted, planned, states, runnable, len(reply_times),
-                    replies_per_minute(reply_times, now, started), tuple(lines))
+                    replies_per_minute(reply_times, now, started), tuple(lines), unplaced)
     per_model: dict[str, int] = {}
     for c in cluster_state.slot_counts(conn):
         per_model[c["model"]] = per_model.get(c["model"], 0) + c["free"] + c["held"]

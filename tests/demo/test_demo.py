@@ -473,3 +473,10 @@ def test_backlog_utilisation_and_idle_capacity_count_only_their_moments():
     assert report.stranded_seconds(samples, 0, 40) == pytest.approx(10)
     assert report.stranded_seconds(samples, 25, 40) == pytest.approx(5)
     assert report.backlog_utilisation([report.SlotSample(0, 4)], 0, 10) is None
+
+
+def test_progress_names_models_queued_where_nothing_can_serve_them_yet():
+    snap = Snapshot(3.0, "posting", 5, 10, {"queued": 4}, 4, 0, 0.0, (), (("sim/model-3@f16", 4),))
+    assert "queued where nothing can serve them yet: model-3@f16 4" in "\n".join(render_block(snap))
+    assert render_line(snap).endswith("unserved: model-3@f16 4")
+    assert "unserved" not in render_line(Snapshot(3.0, "posting", 5, 10, {}, 0, 0, 0.0))
