@@ -34,6 +34,7 @@ BENCHMARKS = [
     (7, "swap_thrash", "loads per 1,000 replies, p99 wait"),
     (8, "real_inference", "real llama.cpp inference (another engineer's)"),
     (9, "scaling", "claim latency and jobs/s vs queue depth and cluster size, plans checked"),
+    (10, "workload", "trace: 32 personas, 2 × 128 GB, aibot vs Ollama/llama-swap/LM Studio/LiteLLM/sequential"),
 ]
 
 

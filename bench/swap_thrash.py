@@ -9,8 +9,9 @@ start resident. Requests arrive one at a time at `--rate` per second in the patt
 `--duration` seconds; then the run may drain for `--drain` seconds.
 
 - aibot: the real stack. Queued C jobs have no slot; an idle worker's demand loader (or the
-  scheduler's rebalance tick) asks the single-flight loader for C, which may evict an idle resident
-  model that has been loaded at least the minimum residency (120 s). The preloaded A and B are
+  scheduler's rebalance tick) runs a demand pass (aibot.cluster.demand): C takes an idle resident's
+  place when its queue is worth the load, and once its oldest job nears the aging time it wins a swap
+  whatever is resident (a busy victim is drained first). The preloaded A and B are
   marked as resident for an hour before the run (steady state), so the first swap is possible at once.
 - FIFO: a naive dispatcher with the same 4 slots and the same two-model limit: strict arrival order;
   when the head request's model is not resident it waits for the least recently used model to go
@@ -18,8 +19,9 @@ start resident. Requests arrive one at a time at `--rate` per second in the patt
 
 Wait = enqueue → the request reaches the server. Requests still waiting when the run ends count with
 the wait they had so far (a lower bound; the table says how many). Loads are the simulator's count.
-Target: aibot ≥ 3× fewer loads per 1,000 replies than FIFO, with p99 wait bounded by aging
-(aging_seconds = 30: no request waits longer than a priority step's aging).
+Target: aibot ≥ 3× fewer loads per 1,000 replies than FIFO, every request dispatched, and p99 wait
+(overall and B's) ≤ aging_seconds + the model's load time (the starvation bound of
+aibot.cluster.demand: a model resident nowhere wins a swap once its oldest job has waited its aging).
 """
 
 from __future__ import annotations
@@ -100,7 +102,17 @@ def run_aibot(admin_url: str, sched: list[tuple[float, str]], speed: float, drai
                 pass
         end = common.now()
         dispatched = d.recorder.first_arrival()
-        return summarise("aibot", sim.stats(), called, models, dispatched, d.chat.reply_count(), end, t0)
+        row = summarise("aibot", sim.stats(), called, models, dispatched, d.chat.reply_count(), end, t0)
+        row["load_s_max"] = round(float(d.scalar(
+            "SELECT coalesce(max(extract(epoch FROM finished_at - started_at)), 0)::float8 FROM aibot.model_loads "
+            "WHERE action = 'load' AND ok")), 2)
+        return row
+
+
+def lms_key(model: str) -> str:
+    """LM Studio's key for a variant name: its REST API loads `sim/model-1`, not `sim/model-1@f16`
+    (the simulator refuses the variant name as LM Studio does; aibot's identity rules do this mapping)."""
+    return model.split("@", 1)[0]
 
 
 class Fifo:
@@ -142,10 +154,10 @@ class Fifo:
                     victim = next(iter(self.resident))           # least recently used
                     if not self._wait(lambda: self.inflight[victim] == 0):
                         return
-                    self.admin.post("/api/v1/models/unload", {"instance_id": victim})
+                    self.admin.post("/api/v1/models/unload", {"instance_id": lms_key(victim)})
                     with self.cond:
                         del self.resident[victim]
-                status = self.admin.post("/api/v1/models/load", {"model": model})   # blocks for the load
+                status = self.admin.post("/api/v1/models/load", {"model": lms_key(model)})   # blocks for the load
                 if status != 200:
                     raise RuntimeError(f"FIFO baseline: loading {model} answered HTTP {status}")
                 self.swaps += 1
@@ -239,12 +251,13 @@ def main(argv: list[str] | None = None) -> int:
     p = common.parser(__doc__)
     p.add_argument("--duration", type=float, default=70.0, help="seconds of arrivals")
     p.add_argument("--rate", type=float, default=1.0, help="requests per second")
-    p.add_argument("--drain", type=float, default=15.0, help="seconds to wait for the last replies")
+    p.add_argument("--drain", type=float, default=40.0,
+                   help="seconds to wait for the last replies (≥ the bound, aging + a load, so every request can be served)")
     p.add_argument("--speed", type=float, default=0.05, help="simulator speed (0.05: 0.15 s replies, 1.5 s loads)")
     p.add_argument("--quick", action="store_true", help="20 s of arrivals at 2/s, 8 s drain")
     args = p.parse_args(argv)
     if args.quick:
-        args.duration, args.rate, args.drain = min(args.duration, 20.0), max(args.rate, 2.0), min(args.drain, 8.0)
+        args.duration, args.rate, args.drain = min(args.duration, 20.0), max(args.rate, 2.0), min(args.drain, 40.0)
     for name in ("duration", "rate", "speed"):
         if getattr(args, name) <= 0:
             p.error(f"--{name}: must be > 0, got {getattr(args, name)}")
@@ -263,8 +276,9 @@ def main(argv: list[str] | None = None) -> int:
     lower_bound = aibot["not_dispatched"] > 0.01 * aibot["requests"]
     aibot["wait_p99_is_lower_bound"] = lower_bound
     fifo["wait_p99_is_lower_bound"] = fifo["not_dispatched"] > 0.01 * fifo["requests"]
-    bounded = aibot["wait_p99_s"] <= AGING_SECONDS and not lower_bound
-    met = fewer is not None and fewer >= 3 and bounded
+    bound = AGING_SECONDS + aibot["load_s_max"]
+    bounded = aibot["wait_p99_by_model_s"].get("B", 0) <= bound and aibot["wait_p99_s"] <= bound and not lower_bound
+    met = fewer is not None and fewer >= 3 and bounded and aibot["not_dispatched"] == 0
     for r in rows:
         r["wait_p99_A_B_C_s"] = " / ".join(str(r["wait_p99_by_model_s"].get(m, "-")) for m in "ABC")
     print(common.table(rows, ["dispatcher", "requests", "replies", "not_dispatched", "loads", "loads_per_1000_replies",
@@ -273,8 +287,10 @@ def main(argv: list[str] | None = None) -> int:
                              f"(2 of 3 models fit; {slots} slots)"))
     print(f"loads per 1,000 replies: FIFO / aibot = {fewer:.1f}×" if fewer is not None
           else "loads per 1,000 replies: aibot loaded nothing (or answered nothing)")
-    print(f"target: ≥ 3× fewer loads and p99 wait ≤ {AGING_SECONDS:.0f} s (aging): {common.verdict(met)} "
-          f"(aibot p99 wait {'≥ ' if lower_bound else ''}{aibot['wait_p99_s']:.1f} s"
+    print(f"target: ≥ 3× fewer loads, every request dispatched, p99 wait (all and B) ≤ aging + load time "
+          f"({AGING_SECONDS:.0f} + {aibot['load_s_max']:.1f} = {bound:.1f} s): {common.verdict(met)} "
+          f"(aibot p99 wait {'≥ ' if lower_bound else ''}{aibot['wait_p99_s']:.1f} s, B's "
+          f"{aibot['wait_p99_by_model_s'].get('B')} s, {aibot['not_dispatched']} not dispatched"
           f"{'' if bounded else ', NOT shown to be bounded'})")
     common.write_json(args.output_dir, NAME, {
         "definitions": {"wait": "enqueue -> request at the server; not-dispatched requests count the wait so far",
@@ -282,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
                                 "same slots and two-model limit as aibot's sizing"},
         "parameters": {"duration_s": args.duration, "rate": args.rate, "drain_s": args.drain, "speed": args.speed,
                        "memory_gb": MEMORY_GB, "slots": slots, "max_resident": max_resident},
-        "target": {"fewer_loads_min": 3, "wait_p99_max_s": AGING_SECONDS, "met": met,
+        "target": {"fewer_loads_min": 3, "wait_p99_max_s": round(bound, 2), "met": met,
                    "fewer_loads": None if fewer is None else round(fewer, 2), "p99_bounded": bounded},
         "results": rows,
     })

@@ -83,6 +83,7 @@ def format_plan(p: plans.Plan) -> Group:
                           Column("server", "will load on"), Column("why", "why not", max_width=80)],
                          title="Configured models (where the loader will put them)"))
     out.append(Text(""))
+    out.append(Text(p.cap_line))
     where = "usable servers" if p.basis == "live" else "the servers once they hold the configured models"
     out.append(Text(f"Workers: {p.total_slots} slot(s) on {where}. Each in-flight generation occupies one "
                f"worker thread while it waits on HTTP, so every worker host runs processes × threads >= "

@@ -4,6 +4,7 @@ A one-way chain; a module imports only modules listed before it (tests/test_arch
 
     sizing      pure: the seed's slot formula and memory arithmetic
     placement   pure: slot split, where to load, what to evict
+    demand      pure: swaps under the starvation bound, replicas, idle unloads
     configured  what the cluster takes from the entity configuration (servers, model names)
     health      shared server and (server, model) health and backoff
     state       server rows and views, queued demand, the usable-server rule, can_load
@@ -17,4 +18,4 @@ Owns the tables `servers`, `model_instances`, `slots`, `model_loads`, `model_cat
 """
 
 #: The chain above, bottom first: a module may import only the modules before it.
-CHAIN = ("sizing", "placement", "configured", "health", "state", "slots", "loader", "refresh", "plan")
+CHAIN = ("sizing", "placement", "demand", "configured", "health", "state", "slots", "loader", "refresh", "plan")

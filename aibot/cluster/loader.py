@@ -40,7 +40,7 @@ from aibot.backends.base import (
     Offered,
 )
 from aibot.backends.factory import backend_for_server
-from aibot.cluster import health, placement, slots, state
+from aibot.cluster import demand, health, placement, slots, state
 from aibot.cluster.configured import configured
 from aibot.cluster.sizing import GB
 from aibot.queue import jobs
@@ -238,8 +238,12 @@ def ensure_loaded(database, model: str, *, server: str | None = None,
                   backend_for: Callable[[Mapping[str, Any]], Backend] = backend_for_server,
                   worker_id: str | None = None, size_bytes: int | None = None,
                   min_residency_s: float = placement.DEFAULT_MIN_RESIDENCY_SECONDS,
-                  wait_s: float = DEFAULT_WAIT_SECONDS, progress: Progress = _noop) -> LoadResult:
+                  wait_s: float = DEFAULT_WAIT_SECONDS, progress: Progress = _noop,
+                  plan: placement.Placement | None = None) -> LoadResult:
     """Makes sure `model` is loaded on a usable server (or on `server`), loading it at most once.
+
+    `plan` (a demand pass's decision: `aibot.cluster.demand`) names the server and the victims that
+    may leave for it; the room is re-checked under the server's lock with exactly those victims.
 
     `database` is an `aibot.db.Database` or a URL; the call uses one dedicated connection of its own.
     Size for placement: see `model_size`. A server that refuses the model for good (an unknown name,
@@ -263,7 +267,7 @@ def ensure_loaded(database, model: str, *, server: str | None = None,
                 _wait_for_loader(conn, pending[0]["server_id"], model, deadline, backend_for)
                 continue
             try:
-                choice = _choose(conn, model, server, size_bytes, min_residency_s)
+                choice = plan if plan is not None else _choose(conn, model, server, size_bytes, min_residency_s)
             except _Retry:
                 continue
             if not try_lock_model(conn, choice.server_id, model):
@@ -274,7 +278,8 @@ def ensure_loaded(database, model: str, *, server: str | None = None,
                 result = _load_locked(conn, choice, model, size_bytes=model_size(conn, model, size_bytes).bytes,
                                       backend_for=backend_for, worker_id=worker_id,
                                       min_residency_s=min_residency_s, progress=progress, deadline=deadline,
-                                      replica_ok=server is not None)
+                                      replica_ok=server is not None,
+                                      candidates=None if plan is None else plan.evict)
             finally:
                 unlock_model(conn, choice.server_id, model)
             if result is not None:
@@ -306,7 +311,7 @@ def _choose(conn: psycopg.Connection, model: str, server: str | None, size_bytes
 
 def _load_locked(conn: psycopg.Connection, choice: placement.Placement, model: str, *, size_bytes: int,
                  backend_for, worker_id, min_residency_s, progress: Progress, deadline: float,
-                 replica_ok: bool = False) -> LoadResult | None:
+                 replica_ok: bool = False, candidates: tuple[str, ...] | None = None) -> LoadResult | None:
     """Runs with the (server, model) lock held. Returns None when the decision must be made again.
 
     Victims are locked too (same single-flight key), so nobody mistakes their 'unloading' rows for
@@ -315,13 +320,14 @@ def _load_locked(conn: psycopg.Connection, choice: placement.Placement, model: s
     victim_locks: list[str] = []
     try:
         return _load_locked_inner(conn, choice, model, size_bytes, backend_for, worker_id, min_residency_s,
-                                  progress, deadline, victim_locks, replica_ok)
+                                  progress, deadline, victim_locks, replica_ok, candidates)
     finally:
         for victim in victim_locks:
             unlock_model(conn, choice.server_id, victim)
 
 
-def _decide(conn, sid, model, size_bytes, worker_id, min_residency_s, victim_locks, replica_ok=False):
+def _decide(conn, sid, model, size_bytes, worker_id, min_residency_s, victim_locks, replica_ok=False,
+            candidates=None):
     """Step 1, in one transaction under the server row lock: re-check room, take the victims' slots,
     reserve the memory ('loading' row). `_Retry` rolls it all back.
 
@@ -351,7 +357,7 @@ def _decide(conn, sid, model, size_bytes, worker_id, min_residency_s, victim_loc
         if not view.can_load:
             raise _Retry
         evict = placement.room_for(view, size_bytes, now=now, min_residency_s=min_residency_s,
-                                   demand=state.queued_demand(conn))
+                                   demand=state.queued_demand(conn), candidates=candidates)
         if evict is None:
             raise _Retry
         victims = []
@@ -380,7 +386,8 @@ def _decide(conn, sid, model, size_bytes, worker_id, min_residency_s, victim_loc
 
 
 def _load_locked_inner(conn, choice, model, size_bytes, backend_for, worker_id, min_residency_s,
-                       progress: Progress, deadline, victim_locks, replica_ok=False) -> LoadResult | None:
+                       progress: Progress, deadline, victim_locks, replica_ok=False,
+                       candidates=None) -> LoadResult | None:
     sid = choice.server_id
     srow = state.server_by_id(conn, sid)
     backend = backend_for(srow)
@@ -406,7 +413,7 @@ def _load_locked_inner(conn, choice, model, size_bytes, backend_for, worker_id, 
         size_bytes = offered.size_bytes or size_bytes
         try:
             srow, victims, load_id = _decide(conn, sid, model, size_bytes, worker_id, min_residency_s, victim_locks,
-                                             replica_ok)
+                                             replica_ok, candidates)
         except _Retry:
             return None
         if victims is None:
@@ -592,42 +599,110 @@ class DemandPass:
         return bool(self.deltas or self.loaded or self.failed)
 
 
+def demand_policy() -> demand.Policy:
+    """The demand decisions' knobs: the queue's aging step (`AIBOT_AGING_SECONDS`) and the config's
+    clusterSettings and per-model idle TTLs, re-read at every pass (the config hot-reloads)."""
+    aging = get_settings().aging_seconds
+    found = configured()
+    cfg = found.config if found is not None else None
+    if cfg is None:
+        return demand.Policy(aging_s=aging)
+    cs = cfg.cluster_settings
+    return demand.Policy(
+        aging_s=aging, residency_cap_s=cs.min_residency_seconds, residency_floor_s=cs.min_residency_floor_seconds,
+        residency_per_load_s=cs.residency_per_load_second, replica_queue_factor=cs.replica_queue_factor,
+        max_replicas=cs.max_replicas, keep_loaded=cs.keep_models_loaded, idle_ttl_s=cs.model_unload_delay_ms / 1000,
+        model_ttl_s={m: s.idle_ttl_seconds for m, s in cfg.models.items() if s.idle_ttl_seconds is not None})
+
+
+def plan_demand(conn: psycopg.Connection, policy: demand.Policy, *, replicas: bool, unloads: bool) -> demand.PassPlan:
+    """Reads one snapshot of the cluster and the queue and decides the pass (`demand.plan_pass`)."""
+    now = state.now(conn)
+    views = state.server_views(conn)
+    wanted = state.model_demand(conn)
+    unplaced = [w["model"] for w in state.unplaced_demand(conn)]
+    per_model: dict[str, int] = {}
+    for c in state.slot_counts(conn):
+        per_model[c["model"]] = per_model.get(c["model"], 0) + c["free"] + c["held"]
+    sizes = {m: model_size(conn, m).bytes for m in unplaced}
+    return demand.plan_pass(views, wanted, unplaced=unplaced, sizes=sizes, slots_by_model=per_model, now=now,
+                            policy=policy, replicas=replicas, unloads=unloads)
+
+
 def load_for_demand(database: db.Database, *, worker_id: str,
-                    backend_for: Callable[[Mapping[str, Any]], Backend] = backend_for_server) -> tuple[list[str], list[str]]:
-    """Loads every model that queued work needs and no usable server holds, several at once.
+                    backend_for: Callable[[Mapping[str, Any]], Backend] = backend_for_server,
+                    replicas: bool = False, unloads: bool = False,
+                    policy: demand.Policy | None = None) -> tuple[list[str], list[str]]:
+    """Loads what queued work needs, as one demand pass decides from one snapshot (`plan_demand`).
 
-    Loads go in parallel (a cold start of six 15 GB models should not take six load times); the loader
-    stays single-flight per model cluster-wide and checks memory under each server's row lock, so
-    parallel loads can neither duplicate a model nor overcommit a server. Models go in the order of
-    their best-ranked job, so aging decides which model waits when memory is short. Returns the
-    models loaded (`model@server`) and those that could not be (`model (why)`); each waiting job
-    carries the reason (`aibot.queue.jobs.note_waiting`).
+    Models resident nowhere get a server (a swap when memory is short, under the starvation bound);
+    with `replicas`, hot models get a replica; with `unloads`, idle and surplus models leave. Victims
+    of a starving model's swap that still have requests in flight are drained (no new claims) and
+    evicted on a later pass. Loads go in parallel; the loader stays single-flight per model cluster-wide
+    and re-checks memory under each server's row lock, so parallel loads can neither duplicate a model
+    nor overcommit a server. Returns the models loaded (`model@server`) and those that could not be
+    (`model (why)`); each waiting job carries the reason (`aibot.queue.jobs.note_waiting`). Replicas
+    and unloads are the scheduler's (one tick cluster-wide), swaps anyone's.
     """
+    policy = policy or demand_policy()
     with database.transaction() as conn:
-        wanted = state.unplaced_demand(conn)
-    if not wanted:
-        return [], []
+        plan = plan_demand(conn, policy, replicas=replicas, unloads=unloads)
+        changed = queries.all(conn, "cluster_set_drains", {
+            "keys": [f"{sid}/{m}" for sid, m in plan.drains]})
+        if changed:
+            slots.rebalance(conn)
+            for r in changed:
+                logger.info("%s %s on server id %d: %s", "draining" if r["draining"] else "no longer draining",
+                            r["model"], r["server_id"], plan.waiting.get(r["model"], "a starving model needs the room")
+                            if r["draining"] else "its room is no longer needed")
+        for model, why in plan.waiting.items():
+            jobs.note_waiting(conn, model, f"waiting: {why}")
+            if _not_loadable.get(model) != why:
+                _not_loadable[model] = why
+                logger.info("model %s waits: %s", model, why)
 
-    def load(w):
+    def load(item):
+        model, server_id, server, evict, what = item
+        # A replica is a second server on purpose; a swap is not: if another pass placed the model
+        # meanwhile, the loader finds it there (or waits for it) instead of loading a second copy.
+        replica = what.startswith("replica")
         try:
-            res = ensure_loaded(database, w["model"], backend_for=backend_for, worker_id=worker_id)
-            _not_loadable.pop(w["model"], None)
+            res = ensure_loaded(database, model, server=server if replica else None, backend_for=backend_for,
+                                worker_id=worker_id, plan=placement.Placement(server_id, server, tuple(evict)))
+            _not_loadable.pop(model, None)
             with database.transaction() as conn:
-                jobs.clear_waiting(conn, w["model"])
-            return f"{w['model']}@{res.server}", None
+                jobs.clear_waiting(conn, model)
+            if res.loaded_now:
+                logger.info("loaded %s on %s (%s%s)", model, res.server, what,
+                            f", evicted {', '.join(res.evicted)}" if res.evicted else "")
+            return f"{model}@{res.server}", None
         except LoadError as exc:
             reason = f"waiting: {exc}"
             with database.transaction() as conn:
-                jobs.note_waiting(conn, w["model"], reason)
-            if _not_loadable.get(w["model"]) != reason:   # once per new reason, not at every pass
-                _not_loadable[w["model"]] = reason
-                logger.warning("cannot load %s for %d queued job(s): %s", w["model"], w["queued"], exc)
-            return None, f"{w['model']} ({exc})"
+                jobs.note_waiting(conn, model, reason)
+            if _not_loadable.get(model) != reason:   # once per new reason, not at every pass
+                _not_loadable[model] = reason
+                logger.warning("cannot load %s on %s: %s", model, server, exc)
+            return None, f"{model} ({exc})"
 
+    items = [(s.model, s.server_id, s.server, s.evict, "starving: won a swap" if s.starved and s.evict
+              else "swap" if s.evict else "placement") for s in plan.swaps]
+    items += [(r.model, r.server_id, r.server, (), f"replica: expected first token {r.ettft_s:.1f} s there "
+               f"against {r.wait_now_s:.1f} s queued") for r in plan.replicas]
     loaded, failed = [], []
-    with ThreadPoolExecutor(max_workers=min(len(wanted), MAX_PARALLEL_LOADS), thread_name_prefix="aibot-load") as pool:
-        for ok, err in pool.map(load, wanted):
-            (loaded if ok else failed).append(ok or err)
+    if items:
+        with ThreadPoolExecutor(max_workers=min(len(items), MAX_PARALLEL_LOADS), thread_name_prefix="aibot-load") as pool:
+            for ok, err in pool.map(load, items):
+                (loaded if ok else failed).append(ok or err)
+    for u in plan.unloads:
+        try:
+            if unload(database, u.server, u.model, worker_id=worker_id, backend_for=backend_for, wait_s=5.0):
+                logger.info("unloaded %s from %s: %s", u.model, u.server, u.reason)
+                loaded.append(f"-{u.model}@{u.server}")
+        except LoadError as exc:   # got busy since the snapshot, or the server refused: next pass decides again
+            logger.info("did not unload %s from %s (%s): %s", u.model, u.server, u.reason, exc)
+    for model, why in plan.waiting.items():
+        failed.append(f"{model} ({why})")
     return loaded, failed
 
 
@@ -636,5 +711,6 @@ def rebalance_and_load(database: db.Database,
     """Resizes slots, then loads models that queued work needs and no usable server holds."""
     with database.transaction() as conn:
         deltas = slots.rebalance(conn)
-    loaded, failed = load_for_demand(database, worker_id="scheduler", backend_for=backend_for)
+    loaded, failed = load_for_demand(database, worker_id="scheduler", backend_for=backend_for,
+                                     replicas=True, unloads=True)
     return DemandPass(deltas, loaded, failed)

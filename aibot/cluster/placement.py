@@ -70,11 +70,31 @@ def split_slots(total: int, models: Sequence[ModelShare]) -> dict[str, int]:
     return alloc
 
 
+def keeps(current: Mapping[str, int], ideal: Mapping[str, int], models: Sequence[ModelShare]) -> bool:
+    """Whether the split the rows have now is as good as `ideal` for the demand at hand, so it stays.
+
+    The demand moves with every claim; a split recomputed from each instant's demand moved slots back
+    and forth between ticks (1 → 2 → 1 within 153 ms). The current split stays while it uses the same
+    number of slots, keeps every model within its parallel, gives every model the ideal gives a slot
+    one, and covers each model's demand as far as the ideal would.
+    """
+    if sum(current.get(m.model, 0) for m in models) != sum(ideal.values()):
+        return False
+    for m in models:
+        cur, want = current.get(m.model, 0), ideal.get(m.model, 0)
+        if cur > m.parallel or (want >= 1 and cur < 1) or cur < min(want, m.demand):
+            return False
+    return True
+
+
 def server_targets(budget: Budget, instances: Iterable[Instance],
-                   demand: Mapping[str, int] | None = None) -> dict[str, int]:
+                   demand: Mapping[str, int] | None = None,
+                   current: Mapping[str, int] | None = None) -> dict[str, int]:
     """Slot rows wanted per model on one server: the sizing total split across its loaded models.
 
     Models that are loading or unloading get 0 (they cannot serve) but their memory still counts.
+    With `current` (the active rows per model now), a split that is still as good as the fresh one
+    (`keeps`) is kept, so refreshes and rebalances never undo each other's decisions.
     """
     instances = list(instances)
     demand = demand or {}
@@ -82,6 +102,8 @@ def server_targets(budget: Budget, instances: Iterable[Instance],
     shares = [ModelShare(i.model, i.parallel, int(demand.get(i.model, 0)))
               for i in instances if i.state == "loaded"]
     targets = split_slots(total, shares)
+    if current is not None and keeps(current, targets, shares):
+        targets = {m.model: int(current.get(m.model, 0)) for m in shares}
     for inst in instances:
         targets.setdefault(inst.model, 0)
     return targets
@@ -158,9 +180,11 @@ class Resident:
     loaded_at: datetime | None = None
     last_used_at: datetime | None = None
     load_seconds: float | None = None   # how long its last load took here (None: not loaded by us, unknown)
+    draining: bool = False              # evicted for a starving model once its requests finish: no new work
 
     def instance(self) -> Instance:
-        return Instance(self.model, self.size_bytes, self.parallel, self.state)
+        # A draining model serves nothing new (0 slots) but its memory counts until it is evicted.
+        return Instance(self.model, self.size_bytes, self.parallel, "unloading" if self.draining else self.state)
 
 
 @dataclass(frozen=True)
@@ -241,17 +265,25 @@ def _free_after(server: ServerView, size_bytes: int, evict: Sequence[str]) -> in
 
 def room_for(server: ServerView, size_bytes: int, *, now: datetime,
              min_residency_s: float = DEFAULT_MIN_RESIDENCY_SECONDS,
-             demand: Mapping[str, int] | None = None) -> tuple[str, ...] | None:
+             demand: Mapping[str, int] | None = None,
+             candidates: Sequence[str] | None = None) -> tuple[str, ...] | None:
     """The evictions that make room for a model of `size_bytes` on `server` (() = fits as is; None = never).
 
     "Room" means: after the load, the memory bound still covers every request in flight, and at
     least one request for every model that stays resident plus the new one, so loading never pushes
     accounted memory over RAM and never leaves a resident model without a slot (a model in memory that
     can serve nothing only starves the others). A server with unknown RAM always has room.
+    `candidates` (the demand policy's victims, in order: `aibot.cluster.demand`) replaces the default
+    victims; only those loaded and idle may still go.
     """
     budget = server.budget
     evict: list[str] = []
-    victims = evictable(server, now=now, min_residency_s=min_residency_s, demand=demand)
+    if candidates is None:
+        victims = evictable(server, now=now, min_residency_s=min_residency_s, demand=demand)
+    else:
+        by_name = {r.model: r for r in server.residents}
+        victims = [by_name[m] for m in candidates
+                   if m in by_name and by_name[m].state == "loaded" and by_name[m].held == 0]
     while True:
         staying = [r for r in server.residents if r.model not in evict]
         # A server that evicts by itself beyond `max_models` would choose its own victim, perhaps one

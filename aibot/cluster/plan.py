@@ -80,6 +80,16 @@ class Plan:
     basis: str = "live"              # "live": what the servers hold; "config": a cold cluster, planned
                                      # for the configured models placed as the loader would
     cold: tuple[ColdModel, ...] = ()  # basis "config": every configured model and where it would go
+    max_in_flight: int | None = None  # queueSettings.maxConcurrentWorkers: cluster-wide cap on generations
+    generating: int = 0               # generations in flight now
+
+    @property
+    def cap_line(self) -> str:
+        """The cap on generations in flight, as `aibot plan` and `aibot status` print it."""
+        if self.max_in_flight is None:
+            return f"generations in flight: {self.generating} (no cap beyond the slots)"
+        return (f"generations in flight: {self.generating} of at most {self.max_in_flight} cluster-wide "
+                f"(queueSettings.maxConcurrentWorkers)")
 
 
 def place_cold(views: list[ServerView], models: list[tuple[str, int, str]], *, now) -> list[ColdModel]:
@@ -124,7 +134,9 @@ def plan(conn: psycopg.Connection, *, processes: int | None = None, live_seconds
         if found is not None and found.models:
             servers, total, cold = _cold_plan(conn, sorted(found.models), found.config)
             basis = "config"
-    return Plan(servers, total, _hosts(conn, total, processes, live_seconds), basis, cold)
+    cap = state.dispatch_cap(conn)
+    return Plan(servers, total, _hosts(conn, total, processes, live_seconds), basis, cold,
+                cap["max_in_flight"], int(cap["generating"]))
 
 
 def _live_plan(conn: psycopg.Connection) -> tuple[tuple[ServerPlan, ...], int]:
@@ -139,7 +151,8 @@ def _live_plan(conn: psycopg.Connection) -> tuple[tuple[ServerPlan, ...], int]:
         rows = instances.get(s["id"], [])
         budget = Budget.from_row(s)
         sizing = server_slots(budget, state.as_instances(rows))
-        targets = server_targets(budget, state.as_instances(rows), demand) if s["enabled"] else {}
+        current = {m: c["free"] + c["held"] for (sid, m), c in counts.items() if sid == s["id"]}
+        targets = server_targets(budget, state.as_instances(rows), demand, current) if s["enabled"] else {}
         models = []
         for r in rows:
             c = counts.get((s["id"], r["model"]), {"free": 0, "held": 0})

@@ -238,6 +238,18 @@ def refresh_server(conn: psycopg.Connection, server_row: Mapping[str, Any], back
     return result
 
 
+def set_dispatch_cap(database: db.Database, cap: int | None) -> bool:
+    """Makes `queueSettings.maxConcurrentWorkers` the cluster-wide cap on generations in flight (None:
+    no cap beyond the slots); the claim reads it at every call, so an edit applies at the next refresh."""
+    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
+        raise ValueError(f"queueSettings.maxConcurrentWorkers must be an integer >= 1 or absent, got {cap!r}")
+    with database.transaction() as conn:
+        changed = queries.one(conn, "cluster_set_dispatch_cap", {"cap": cap})
+    if changed is not None:
+        logger.info("cluster-wide cap on generations in flight: %s", cap if cap is not None else "none (slots only)")
+    return changed is not None
+
+
 @dataclass(frozen=True)
 class RefreshPass:
     """What one `refresh_all` did: every server's refresh and the slot changes that followed."""
@@ -269,6 +281,8 @@ def refresh_all(database: db.Database, backend_for: Callable[[Mapping[str, Any]]
             retried = health.clear_config_refusals(conn, found.fingerprint)
         if retried:
             logger.info("the configuration changed; will try again: %s", ", ".join(sorted({m for _, m in retried})))
+        if found.config is not None:
+            set_dispatch_cap(database, found.config.queue_settings.max_concurrent_workers)
     with database.transaction() as conn:
         now = state.now(conn)
         servers = [s for s in state.servers(conn)

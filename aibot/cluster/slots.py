@@ -41,12 +41,13 @@ def _rebalance_server(conn: psycopg.Connection, server: Mapping[str, Any], deman
         state.lock_server_slots(conn, server["id"])
         instances = state.as_instances(state.instances(conn, server["id"]))
         budget = Budget.from_row(server)
+        counts = {c["model"]: c for c in state.slot_counts(conn, server["id"])}
         if server["enabled"]:
             total = server_slots(budget, instances).slots
-            targets = server_targets(budget, instances, demand)
+            targets = server_targets(budget, instances, demand,
+                                     current={m: c["free"] + c["held"] for m, c in counts.items()})
         else:
             total, targets = 0, {}
-        counts = {c["model"]: c for c in state.slot_counts(conn, server["id"])}
         if any(c["retired_free"] for c in counts.values()):
             queries.run(conn, "cluster_delete_stale_retired", {"server_id": server["id"]})
         changes = server_slot_changes(total, targets, {m: (c["free"], c["held"], c["retired_held"])

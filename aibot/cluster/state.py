@@ -22,6 +22,7 @@ from aibot import db
 from aibot.backends import registry
 from aibot.backends.base import LoadedModel, Offered
 from aibot.cluster import health
+from aibot.cluster.demand import ModelDemand
 from aibot.cluster.placement import Resident, ServerView
 from aibot.cluster.sizing import Budget, Instance
 
@@ -55,8 +56,9 @@ def instances(conn: psycopg.Connection, server_id: int | None = None) -> list[di
 
 
 def as_instances(rows: Iterable[Mapping[str, Any]]) -> list[Instance]:
-    """`instances` rows as the sizing formula counts them."""
-    return [Instance(r["model"], int(r["size_bytes"]), int(r["parallel"]), r["state"]) for r in rows]
+    """`instances` rows as the sizing formula counts them (a draining model: memory, no slots)."""
+    return [Instance(r["model"], int(r["size_bytes"]), int(r["parallel"]),
+                     "unloading" if r.get("draining") and r["state"] == "loaded" else r["state"]) for r in rows]
 
 
 def slot_counts(conn: psycopg.Connection, server_id: int | None = None) -> list[dict]:
@@ -82,6 +84,22 @@ def recorded_models(conn: psycopg.Connection, server_id: int) -> list[dict]:
 def queued_demand(conn: psycopg.Connection) -> dict[str, int]:
     """Queued jobs per model: the demand the slot split and the eviction order prefer."""
     return {r["model"]: r["queued"] for r in queries.all(conn, "cluster_queued_demand")}
+
+
+#: Arrivals over this window make a model's recent rate (jobs per second).
+RATE_WINDOW_SECONDS = 120.0
+
+
+def model_demand(conn: psycopg.Connection, window_s: float = RATE_WINDOW_SECONDS) -> dict[str, ModelDemand]:
+    """Every model's demand at this instant, as `aibot.cluster.demand` weighs it."""
+    return {r["model"]: ModelDemand(r["model"], r["queued"], float(r["oldest_wait_s"]), r["recent"] / window_s,
+                                    r["inflight"], r["load_s"], service_s=r["service_s"])
+            for r in queries.all(conn, "cluster_model_demand", {"window_s": window_s})}
+
+
+def dispatch_cap(conn: psycopg.Connection) -> dict:
+    """The cluster-wide cap on generations in flight (`max_in_flight`, None: none) and how many run."""
+    return queries.one(conn, "cluster_dispatch_cap") or {"max_in_flight": None, "generating": 0}
 
 
 def unplaced_demand(conn: psycopg.Connection) -> list[dict]:
@@ -147,7 +165,7 @@ def server_views(conn: psycopg.Connection) -> list[ServerView]:
     for r in instances(conn):
         residents.setdefault(r["server_id"], []).append(Resident(
             r["model"], int(r["size_bytes"]), int(r["parallel"]), r["state"], int(r["held"]),
-            r["loaded_at"], r["last_used_at"], r["load_seconds"]))
+            r["loaded_at"], r["last_used_at"], r["load_seconds"], bool(r.get("draining"))))
     blocked: dict[int, dict[str, str]] = {}
     for (sid, model), row in health.blocked_pairs(conn).items():
         blocked.setdefault(sid, {})[model] = _blocked_reason(row)

@@ -268,7 +268,8 @@ class BotSettings(ConfigModel):
 
 class QueueSettings(ConfigModel):
     enabled: bool = True  # the original's "direct mode" only logged an error; aibot always queues
-    max_concurrent_workers: int = Field(1, ge=1)
+    # The cluster-wide cap on generations in flight (None: only the slots limit); see docs/cluster.md.
+    max_concurrent_workers: int | None = Field(None, ge=1)
     stale_claim_timeout_ms: int = Field(60000, ge=1, validation_alias=_aliases(
         "staleClaimTimeout", "stale_claim_timeout", "staleClaimTimeoutMs", "stale_claim_timeout_ms"))
     max_retries: int = Field(3, ge=1)
@@ -302,6 +303,20 @@ class ClusterSettings(ConfigModel):
     max_retries: int = Field(3, ge=0)
     model_unload_delay_ms: int = Field(300000, ge=0, validation_alias=_aliases(
         "modelUnloadDelay", "model_unload_delay", "modelUnloadDelayMs", "model_unload_delay_ms"))
+    # aibot's demand scheduling (docs/cluster.md "Demand"): minimum residency = perLoadSecond × the
+    # model's load time within [floor, cap]; replicas when queued > replicaQueueFactor × its slots.
+    min_residency_seconds: float = Field(120.0, ge=0)
+    min_residency_floor_seconds: float = Field(5.0, ge=0)
+    residency_per_load_second: float = Field(10.0, ge=0)
+    replica_queue_factor: float = Field(2.0, gt=0)
+    max_replicas: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _residency_range(self) -> "ClusterSettings":
+        if self.min_residency_floor_seconds > self.min_residency_seconds:
+            raise ValueError(f"clusterSettings.minResidencyFloorSeconds ({self.min_residency_floor_seconds:g}) must "
+                             f"not exceed clusterSettings.minResidencySeconds ({self.min_residency_seconds:g})")
+        return self
 
 
 class GlobalSettings(ConfigModel):
@@ -339,6 +354,8 @@ class ModelSettings(ConfigModel):
     """Per-model facts the servers may not report (`"models": {"<model id>": {...}}` at the top level)."""
 
     size_gb: float | None = Field(None, gt=0, validation_alias=_aliases("sizeGB", "sizeGb", "size_gb"))
+    # Unloaded once idle this long (nothing queued, nothing in flight), even with keepModelsLoaded.
+    idle_ttl_seconds: float | None = Field(None, ge=0)
 
     @property
     def size_bytes(self) -> int | None:

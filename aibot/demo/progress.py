@@ -39,6 +39,12 @@ class Snapshot:
     replies: int
     replies_per_minute: float
     servers: tuple[ServerLine, ...] = field(default_factory=tuple)
+    unplaced: tuple[tuple[str, int], ...] = ()   # (model, queued jobs) no usable server holds or is loading
+
+
+def unplaced_text(s: Snapshot) -> str:
+    """Models whose jobs wait where nothing can serve them yet (resident and loading nowhere)."""
+    return ", ".join(f"{short_model(m)} {n}" for m, n in s.unplaced)
 
 
 def short_model(model: str) -> str:
@@ -65,6 +71,8 @@ def render_block(s: Snapshot) -> list[str]:
         f"  queue: {states_text(s.states)} (runnable {s.runnable})",
     ]
     lines.extend(f"  {server_text(x)}" for x in s.servers)
+    if s.unplaced:
+        lines.append(f"  queued where nothing can serve them yet: {unplaced_text(s)}")
     return lines
 
 
@@ -74,7 +82,8 @@ def render_line(s: Snapshot) -> str:
         f"RAM {fmt_bytes(x.ram_used)}, loads {x.loads}{'+' + str(x.loading) if x.loading else ''}"
         for x in s.servers)
     return (f"[{s.elapsed:6.1f}s] {s.phase} posted {s.posted}/{s.planned} replies {s.replies} "
-            f"({s.replies_per_minute:.0f}/min) queue: {states_text(s.states)} | {servers}")
+            f"({s.replies_per_minute:.0f}/min) queue: {states_text(s.states)} | {servers}"
+            + (f" | unserved: {unplaced_text(s)}" if s.unplaced else ""))
 
 
 def replies_per_minute(reply_times: list[float], now: float, started: float, window: float = 60.0) -> float:

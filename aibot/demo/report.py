@@ -71,6 +71,9 @@ class ServerRecord:
 class SlotSample:
     t: float                            # epoch seconds
     total: int                          # slot rows on usable servers at that moment
+    busy: int = 0                       # of which held by a job
+    backlog: int = 0                    # runnable queued jobs at that moment
+    stranded: int = 0                   # idle servers with room beside ≥ 2 × a model's slots of its jobs waiting
 
 
 @dataclass(frozen=True)
@@ -111,6 +114,9 @@ class Report:
     loads_in_progress: int = 0          # model loads still running when the run stopped
     notes: list[str] = field(default_factory=list)
     context: dict[str, Any] = field(default_factory=dict)   # database, workers, duration: how the run was set up
+    backlog_utilisation: float | None = None    # held / total slot-seconds while a backlog existed
+    stranded_seconds: float = 0.0               # idle server with room beside a waiting backlog (target 0)
+    replicas: dict[str, list[str]] = field(default_factory=dict)   # model -> servers that loaded it
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
@@ -166,6 +172,30 @@ def available_slot_seconds(samples: Sequence[SlotSample], start: float, end: flo
     return total
 
 
+def backlog_utilisation(samples: Sequence[SlotSample], start: float, end: float) -> float | None:
+    """Held / total slot-seconds over the sampled moments when runnable work was queued (a backlog):
+    the capacity the scheduler left idle while people waited."""
+    pts = sorted(samples, key=lambda s: s.t)
+    busy = total = 0.0
+    for i, s in enumerate(pts):
+        seg = min(pts[i + 1].t if i + 1 < len(pts) else end, end) - max(s.t, start)
+        if seg > 0 and s.backlog > 0:
+            busy += s.busy * seg
+            total += s.total * seg
+    return busy / total if total else None
+
+
+def stranded_seconds(samples: Sequence[SlotSample], start: float, end: float) -> float:
+    """Seconds during which some idle server had room while ≥ 2 × a model's slots of its jobs waited."""
+    pts = sorted(samples, key=lambda s: s.t)
+    out = 0.0
+    for i, s in enumerate(pts):
+        seg = min(pts[i + 1].t if i + 1 < len(pts) else end, end) - max(s.t, start)
+        if seg > 0 and s.stranded:
+            out += seg
+    return out
+
+
 def loads_per_model(servers: Sequence[ServerRecord]) -> dict[str, dict[str, int]]:
     out: dict[str, dict[str, int]] = {}
     for s in servers:
@@ -198,6 +228,7 @@ def build_report(*, posted: Sequence[PostRecord], jobs: Sequence[JobRecord], rep
         makespan = max(r.timestamp_ms for r in ours_replies) / 1000 - min(p.timestamp_ms for p in posted) / 1000
     busy = busy_slot_seconds(own_jobs)
     available = 0.0
+    start = 0.0
     if makespan:
         start = min(p.timestamp_ms for p in posted) / 1000
         available = available_slot_seconds(samples, start, start + makespan)
@@ -226,6 +257,9 @@ def build_report(*, posted: Sequence[PostRecord], jobs: Sequence[JobRecord], rep
         replies_per_minute=len(ours_replies) / makespan * 60 if makespan else None,
         busy_slot_seconds=busy, available_slot_seconds=available,
         slot_utilisation=busy / available if available else None,
+        backlog_utilisation=backlog_utilisation(samples, start, start + makespan) if makespan else None,
+        stranded_seconds=stranded_seconds(samples, start, start + makespan) if makespan else 0.0,
+        replicas={m: sorted(by) for m, by in loads_per_model(servers).items() if len(by) > 1},
         servers=server_rows, loads_per_model=loads_per_model(servers),
         baseline=[baseline_figures(run, makespan) for run in baseline],
         loads_in_progress=sum(s.loading for s in servers), notes=notes, context=dict(context or {}),
@@ -278,7 +312,10 @@ def format_report(r: Report) -> str:
     rpm = "-" if r.replies_per_minute is None else f"{r.replies_per_minute:.1f}"
     out.append(f"Makespan  (first post → last reply) {secs(r.makespan_seconds)}, {rpm} replies/min")
     out.append(f"Slots     utilisation {pct(r.slot_utilisation)} = busy {r.busy_slot_seconds:.1f} / available "
-               f"{r.available_slot_seconds:.1f} slot-seconds")
+               f"{r.available_slot_seconds:.1f} slot-seconds; while a backlog existed {pct(r.backlog_utilisation)}")
+    out.append(f"Idle      seconds with a server idle (free memory, free slots) beside ≥ 2 × a model's slots "
+               f"of its jobs waiting: {r.stranded_seconds:.0f}")
+    out.append(f"Replicas  {', '.join(f'{m} on {len(s)} servers' for m, s in r.replicas.items()) or 'none'}")
     out.append("")
     out.append(_table(r.servers, [
         "server", "parallel", Column("peak_ram_bytes", "peak RAM", fmt_bytes), Column("budget_bytes", "budget", fmt_bytes),

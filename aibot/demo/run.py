@@ -29,7 +29,8 @@ from psycopg import sql
 
 from aibot import db
 from aibot.cli.render import is_plain
-from aibot.cluster import sizing
+from aibot.cluster import demand, sizing
+from aibot.cluster import state as cluster_state
 from aibot.db import migrate
 from aibot.demo import baseline, capacity, report
 from aibot.demo.embedded import DEMO_DATABASE, EmbeddedError, EmbeddedPostgres, default_pgdata
@@ -258,9 +259,15 @@ def _snapshot(conn, sims: SimCluster, chat: FakeChatServer, *, started: float, e
             loading=sum(c["loading_instances"] for c in models.values())))
     now = time.time()
     reply_times = [m["timestamp"] / 1000 for m in chat.replies()]
+    unplaced = tuple((r["model"], int(r["queued"])) for r in cluster_state.unplaced_demand(conn))
     snap = Snapshot(elapsed, phase, posted, planned, states, runnable, len(reply_times),
-                    replies_per_minute(reply_times, now, started), tuple(lines))
-    return snap, sum(u[1] for u in usage.values())
+                    replies_per_minute(reply_times, now, started), tuple(lines), unplaced)
+    per_model: dict[str, int] = {}
+    for c in cluster_state.slot_counts(conn):
+        per_model[c["model"]] = per_model.get(c["model"], 0) + c["free"] + c["held"]
+    idle = demand.stranded(cluster_state.server_views(conn), cluster_state.model_demand(conn), per_model)
+    return snap, report.SlotSample(now, sum(u[1] for u in usage.values()), sum(u[0] for u in usage.values()),
+                                   runnable, len(idle))
 
 
 def _drained(conn, posted_ids: list[str]) -> bool:
@@ -430,8 +437,8 @@ def _watch_run(opts, plan, rec: Recording, watch: ProcessWatch, intr: Interrupts
             watch.sample()
             got = monitor.run(lambda conn: snapshot(conn, phase))
             if got is not None:
-                snap, total_slots = got
-                rec.samples.append(report.SlotSample(time.time(), total_slots))
+                snap, sample = got
+                rec.samples.append(sample)
                 if now >= next_show:
                     display.show(snap)
                     next_show = max(next_show + opts.interval, now)

@@ -362,3 +362,33 @@ def test_null_means_default(tmp_path):
     assert config.queue_settings.default_priority == 50
     raw["entities"][1]["username"] = None
     assert "got null" in errors_of(tmp_path, raw)["entities[1].username"].message
+
+
+def test_demand_keys_parse_and_bad_values_name_the_field():
+    from aibot.config import ConfigError, load_config
+    from aibot.harness import entity
+
+    def load(tmp, cluster=None, queue=None, models=None):
+        doc = {"entities": [entity("alice", "m-1")], "clusterSettings": cluster or {},
+               "queueSettings": queue or {}, "models": models or {}}
+        p = tmp / "c.json"
+        p.write_text(json.dumps(doc))
+        return load_config(str(p))
+
+    import tempfile
+    from pathlib import Path
+    tmp = Path(tempfile.mkdtemp())
+    c = load(tmp)
+    assert c.queue_settings.max_concurrent_workers is None              # absent: no cap
+    assert (c.cluster_settings.min_residency_seconds, c.cluster_settings.residency_per_load_second,
+            c.cluster_settings.min_residency_floor_seconds) == (120.0, 10.0, 5.0)
+    c = load(tmp, {"minResidencySeconds": 60, "residencyPerLoadSecond": 4, "minResidencyFloorSeconds": 2,
+                   "replicaQueueFactor": 3, "maxReplicas": 2, "keepModelsLoaded": False},
+             {"maxConcurrentWorkers": 1}, {"m-1": {"idleTtlSeconds": 90}})
+    assert c.queue_settings.max_concurrent_workers == 1
+    assert c.cluster_settings.max_replicas == 2 and c.models["m-1"].idle_ttl_seconds == 90
+    for cluster, queue, field in (({"minResidencyFloorSeconds": 200}, {}, "minResidencyFloorSeconds"),
+                                  ({"replicaQueueFactor": 0}, {}, "replicaQueueFactor"),
+                                  ({}, {"maxConcurrentWorkers": 0}, "maxConcurrentWorkers")):
+        with pytest.raises(ConfigError, match=field):
+            load(tmp, cluster, queue)

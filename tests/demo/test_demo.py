@@ -463,3 +463,20 @@ def test_demo_without_a_database_url_uses_embedded_postgres_and_stops_it(tmp_pat
         psutil.Process(database["postmaster_pid"]).status() == psutil.STATUS_ZOMBIE
     assert not (pgdata / "postmaster.pid").exists(), "postgres did not shut down cleanly"
     assert demo.survivors() == [] and rep["context"]["processes"]["left_running"] == []
+
+
+def test_backlog_utilisation_and_idle_capacity_count_only_their_moments():
+    samples = [report.SlotSample(0, 4, busy=4, backlog=3), report.SlotSample(10, 4, busy=1, backlog=0),
+               report.SlotSample(20, 4, busy=2, backlog=5, stranded=1), report.SlotSample(30, 4, busy=0, backlog=0)]
+    # While a backlog existed (0-10 s and 20-30 s): busy 4·10 + 2·10 over 4·20 slot-seconds.
+    assert report.backlog_utilisation(samples, 0, 40) == pytest.approx(60 / 80)
+    assert report.stranded_seconds(samples, 0, 40) == pytest.approx(10)
+    assert report.stranded_seconds(samples, 25, 40) == pytest.approx(5)
+    assert report.backlog_utilisation([report.SlotSample(0, 4)], 0, 10) is None
+
+
+def test_progress_names_models_queued_where_nothing_can_serve_them_yet():
+    snap = Snapshot(3.0, "posting", 5, 10, {"queued": 4}, 4, 0, 0.0, (), (("sim/model-3@f16", 4),))
+    assert "queued where nothing can serve them yet: model-3@f16 4" in "\n".join(render_block(snap))
+    assert render_line(snap).endswith("unserved: model-3@f16 4")
+    assert "unserved" not in render_line(Snapshot(3.0, "posting", 5, 10, {}, 0, 0, 0.0))

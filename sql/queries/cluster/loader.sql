@@ -99,3 +99,11 @@ WHERE server_id = %(server_id)s AND model = %(model)s AND action = 'load' AND fi
 -- Loads left open by a loader that died (we now hold their lock): close them as failed
 UPDATE model_loads SET finished_at = now(), ok = false, error = 'abandoned: the loader went away'
 WHERE server_id = %(server_id)s AND model = %(model)s AND finished_at IS NULL;
+
+-- cluster_set_drains --
+-- The demand pass's drains (keys 'server_id/model'): victims of a starving model's swap take no new
+-- claims until evicted; every other instance stops draining. Returns the rows that changed
+UPDATE model_instances
+SET draining = ((server_id::text || '/' || model) = ANY (%(keys)s::text[]))
+WHERE draining IS DISTINCT FROM ((server_id::text || '/' || model) = ANY (%(keys)s::text[]))
+RETURNING server_id, model, draining;

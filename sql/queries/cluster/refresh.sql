@@ -57,3 +57,10 @@ UPDATE servers
 SET memory_bytes = %(memory_bytes)s, memory_source = %(memory_source)s, safety_bytes = %(safety_bytes)s,
     refreshed_at = now(), updated_at = now()
 WHERE id = %(server_id)s;
+
+-- cluster_set_dispatch_cap --
+-- queueSettings.maxConcurrentWorkers as the cluster-wide cap on generations in flight (NULL: none),
+-- read by claim_jobs (0009_scheduling.sql); returns the row only when it changed
+UPDATE dispatch_limits SET max_in_flight = %(cap)s, updated_at = now()
+WHERE id AND max_in_flight IS DISTINCT FROM %(cap)s::integer
+RETURNING max_in_flight;

@@ -20,7 +20,7 @@ SELECT * FROM servers WHERE id = %(server_id)s;
 
 -- cluster_instances --
 -- Resident models with their requests in flight (held slots), last use (any slot taken or freed) and last load time, for one server or all
-SELECT mi.server_id, mi.model, mi.state, mi.size_bytes, mi.parallel, mi.context_length, mi.loaded_at,
+SELECT mi.server_id, mi.model, mi.state, mi.size_bytes, mi.parallel, mi.context_length, mi.loaded_at, mi.draining,
        greatest(mi.last_used_at, h.last_taken) AS last_used_at,
        coalesce(h.held, 0)::integer AS held,
        (SELECT extract(epoch FROM ml.finished_at - ml.started_at)::double precision
@@ -122,3 +122,41 @@ ON CONFLICT (server_id, model) DO UPDATE SET
     instances = EXCLUDED.instances,
     ttl_seconds = EXCLUDED.ttl_seconds
 RETURNING *, (xmax = 0) AS inserted;
+
+-- cluster_model_demand --
+-- Per model: runnable queued jobs, its oldest runnable job's wait, jobs running, arrivals in the last
+-- %(window_s)s seconds, recent mean service time, last measured load time: what the demand decisions
+-- (aibot.cluster.demand) weigh. Each branch walks a partial index (queued, running, finished).
+WITH live AS (
+    SELECT j.model, j.state::text AS state, j.available_at, j.created_at, j.reply IS NULL AS generates,
+           NULL::double precision AS service_s
+    FROM jobs j WHERE j.state = 'queued' AND j.model IS NOT NULL
+    UNION ALL
+    SELECT j.model, 'running', j.available_at, j.created_at, j.reply IS NULL, NULL
+    FROM jobs j WHERE j.state = 'running' AND j.model IS NOT NULL
+    UNION ALL
+    SELECT j.model, 'finished', j.available_at, j.created_at, false,
+           CASE WHEN j.state IN ('done', 'skipped') AND j.started_at IS NOT NULL
+                THEN extract(epoch FROM coalesce(j.generated_at, j.finished_at) - j.started_at)::double precision END
+    FROM jobs j
+    WHERE j.finished_at > now() - make_interval(secs => %(window_s)s) AND j.model IS NOT NULL
+)
+SELECT l.model,
+       count(*) FILTER (WHERE l.state = 'queued' AND l.available_at <= now() AND l.generates)::integer AS queued,
+       coalesce(extract(epoch FROM now() - min(greatest(l.created_at, l.available_at))
+                FILTER (WHERE l.state = 'queued' AND l.available_at <= now() AND l.generates)), 0)::double precision
+           AS oldest_wait_s,
+       count(*) FILTER (WHERE l.state = 'running')::integer AS inflight,
+       count(*) FILTER (WHERE l.created_at > now() - make_interval(secs => %(window_s)s))::integer AS recent,
+       avg(l.service_s) AS service_s,
+       (SELECT extract(epoch FROM ml.finished_at - ml.started_at)::double precision
+        FROM model_loads ml WHERE ml.model = l.model AND ml.action = 'load' AND ml.ok
+        ORDER BY ml.finished_at DESC LIMIT 1) AS load_s
+FROM live l
+GROUP BY l.model;
+
+-- cluster_dispatch_cap --
+-- The cluster-wide cap on generations in flight (NULL: only the slots), and how many run now
+SELECT d.max_in_flight,
+       (SELECT count(*) FROM jobs j WHERE j.state = 'running' AND j.reply IS NULL)::integer AS generating
+FROM dispatch_limits d WHERE d.id;
