@@ -7,7 +7,10 @@ decisions are pure functions in `aibot.queue.policy`; the SQL is in `sql/queries
 function in `sql/migrations/0002_queue.sql`. See docs/queue.md.
 
 Every call runs in its own transaction, or in a savepoint when the caller already has one open (so
-`bot.ingest` can insert jobs and ring doorbells atomically).
+`bot.ingest` can insert jobs and ring doorbells atomically). The single-statement calls (claim,
+renew, store, complete, release, reject) open no transaction of their own on an idle autocommit
+connection (`db.single_statement`): the statement is its own transaction, one round trip instead of
+three, which is how the worker's happy path runs them (`Database.autocommit`).
 
 Owns the `jobs` rows and their states; the retry decisions are `aibot.queue.policy`'s and the
 claim order is SQL's (`jobs_enqueue`). Knows nothing of LLM servers beyond the slot a claim takes.
@@ -176,7 +179,7 @@ def claim_batch(conn: psycopg.Connection, worker_id: str, limit: int, *, lease_s
     scan = max(DEFAULT_MAX_SCAN, limit) if max_scan is None else max_scan
     if isinstance(scan, bool) or not isinstance(scan, int) or scan < limit:
         raise ValueError(f"max_scan must be an int >= limit ({limit}), got {scan!r}")
-    with conn.transaction():
+    with db.single_statement(conn):
         rows = queries.all(conn, "jobs_claim", {"worker_id": worker_id, "lease_seconds": lease,
                                                 "use_slots": bool(use_slots), "limit": limit, "max_scan": scan})
     claims = [Claim._from_row(r) for r in rows]
@@ -212,7 +215,7 @@ def clear_waiting(conn: psycopg.Connection, model: str) -> int:
 
 
 def _token_call(conn: psycopg.Connection, name: str, params: dict[str, Any]) -> dict | None:
-    with conn.transaction():
+    with db.single_statement(conn):
         return queries.one(conn, name, params)
 
 
@@ -252,6 +255,23 @@ def finish_delivered(conn: psycopg.Connection, job_id: int, token: uuid.UUID, re
     return _token_call(conn, "jobs_finish_delivered", {
         "job_id": job_id, "token": token, "reply": None if reply is None else Jsonb(dict(reply)),
         "started_at": started_at, "generated_at": generated_at}) is not None
+
+
+def finish_delivered_into_replies(conn: psycopg.Connection, job_id: int, token: uuid.UUID,
+                                  reply: Mapping[str, Any] | None, *, started_at: datetime | None,
+                                  generated_at: datetime | None, row: Mapping[str, Any]) -> bool:
+    """Done and delivered in one fenced statement, for the Postgres sink in the job's own database:
+    the `replies` row (`row`: reply_id, reply_to, entity_id, message, as `PostgresSink.row` builds
+    it) is inserted only if this claim still holds the job, and commits with the completion, so no
+    reply exists without its job done and none is lost with a session. A reply id already present
+    (an earlier attempt's) is left as it is. False: the claim is no longer ours, nothing written."""
+    missing = {"reply_id", "reply_to", "entity_id", "message"} - set(row)
+    if missing:
+        raise ValueError(f"row is missing {', '.join(sorted(missing))}")
+    return _token_call(conn, "jobs_finish_delivered_into_replies", {
+        "job_id": job_id, "token": token, "reply": None if reply is None else Jsonb(dict(reply)),
+        "started_at": started_at, "generated_at": generated_at, "reply_id": row["reply_id"],
+        "reply_to": row["reply_to"], "entity_id": row["entity_id"], "message": Jsonb(row["message"])}) is not None
 
 
 def finished_by(conn: psycopg.Connection, job_id: int, token: uuid.UUID) -> str | None:

@@ -5,7 +5,10 @@ byte-identical) is written to the job row before it is posted (one small UPDATE,
 waiting for the WAL flush unless AIBOT_WORKER_SYNC_COMMIT=1); every later attempt -- a failed post, a
 completion lost with its session, a worker killed after the post, a re-claim after the lease --
 re-sends that stored reply and never generates again. The happy path is three short statements per
-job: the claim, the store, and the completing UPDATE.
+job: the claim, the store, and the completing UPDATE, each on an autocommit connection (its own
+transaction, one round trip: no BEGIN or COMMIT of their own). With the Postgres sink in the worker's
+own database it is two: the completing statement also inserts the `replies` row, so reply and
+completion commit together and there is nothing to store first (no post leaves the database).
 
 Connection loss is an expected event: the claim, the store, the completion and the heartbeat are
 idempotent (fenced by the claim's token) and retried once on a fresh connection
@@ -45,7 +48,7 @@ from aibot.backends.factory import backend_for_server, deployment_timeouts
 from aibot.cluster import health, loader
 from aibot.cluster import state as cluster_state
 from aibot.config import ConfigStore
-from aibot.delivery.sinks import SinkError, make_sink, reply_id
+from aibot.delivery.sinks import PostgresSink, SinkError, make_sink, reply_id
 from aibot.generation import postprocess, prompt, tokens
 from aibot.queue import doorbell, jobs, ratelimit
 from aibot.settings import Settings, get_settings
@@ -197,8 +200,9 @@ class Runtime:
         WAL flush per job.
 
         The block is one transaction, so several changes (a failure, its server fault, the cancelled
-        rate reservation) commit together; the two single-statement steps of the happy path (claim,
-        completion) use `database.transaction()` directly and skip the savepoint round trips.
+        rate reservation) commit together; the single-statement steps of the happy path (claim,
+        store, completion) run on `database.autocommit()` connections instead (`Database.retrying(...,
+        autocommit=True)`): one round trip each, no BEGIN/COMMIT.
         """
         with self.database.transaction() as conn, conn.transaction():
             yield conn
@@ -252,7 +256,7 @@ class Runtime:
         for attempt in range(EMPTY_CLAIM_RETRIES + 1):
             # Retrying a claim whose commit was lost with its session at worst strands that one job
             # until its lease ends (we never learnt its token); it never runs twice at once.
-            claim, more = self.database.retrying("claim", step)
+            claim, more = self.database.retrying("claim", step, autocommit=True)
             if claim is not None or attempt == EMPTY_CLAIM_RETRIES or not more:
                 return claim
             time.sleep(0.005 * (attempt + 1))
@@ -279,7 +283,7 @@ class Runtime:
         if claim.reply is not None:
             logger.info("re-sending the stored reply %s (an earlier attempt generated it)",
                         claim.reply.get("id") or reply_id(claim.job_id))
-            self._deliver(claim, claim.reply)
+            self._deliver(claim, claim.reply, stored=True, note="re-sent")
             return
         cfg = self.config.get()
         entity = cfg.entity(claim.entity_id)
@@ -358,19 +362,25 @@ class Runtime:
             "server": server["name"],
             "generated_at": generated_at.isoformat(),
         }
-        logger.info("generated %d chars in %.2fs", len(text), time.monotonic() - started)
+        note = f"{len(text)} chars generated in {time.monotonic() - started:.2f}s"
         if item.released.is_set():
-            logger.warning("not delivering: the job was handed back at shutdown and will run again")
+            logger.warning("not delivering: the job was handed back at shutdown and will run again (%s)", note)
+            return
+        if self._completes_into_replies():
+            # The reply and the completion commit in one statement: nothing outside the database
+            # sees the reply before it is durable, so there is nothing to store first.
+            self._deliver(claim, reply, stored=False, note=note, started_at=started_at, generated_at=generated_at)
             return
         if not self._store(claim, reply, started_at, generated_at):
             return
-        self._deliver(claim, reply)
+        self._deliver(claim, reply, stored=True, note=note)
 
     def _store(self, claim: jobs.Claim, reply: dict, started_at: datetime, generated_at: datetime) -> bool:
         """The reply made durable on the job before it leaves; False means do not post it."""
         try:
             ok = self.database.retrying("store the reply", lambda conn: jobs.store_reply(
-                conn, claim.job_id, claim.token, reply, started_at=started_at, generated_at=generated_at))
+                conn, claim.job_id, claim.token, reply, started_at=started_at, generated_at=generated_at),
+                autocommit=True)
         except db.CONNECTION_ERRORS as exc:
             # Posting a reply that is not durable could post a second, different one after the
             # lease: better a regeneration nobody sees than two answers.
@@ -408,9 +418,19 @@ class Runtime:
                 f"{budget} (context {claim.context_length} per request − max_tokens − template margin)")
         return request
 
-    def _deliver(self, claim: jobs.Claim, reply: dict) -> None:
-        """Posts the stored reply and completes the job. The reply is already on the job row, so
-        neither step needs to carry it again."""
+    def _completes_into_replies(self) -> bool:
+        """The sink is the `replies` table of the worker's own database: the completion writes it."""
+        return isinstance(self.sink, PostgresSink) and self.sink.shares(self.database)
+
+    def _deliver(self, claim: jobs.Claim, reply: dict, *, stored: bool, note: str,
+                 started_at: datetime | None = None, generated_at: datetime | None = None) -> None:
+        """Posts the reply and completes the job. A stored reply is already on the job row, so
+        neither step needs to carry it again; an unstored one goes only into the statement that
+        writes it to the Postgres sink and completes the job together."""
+        if self._completes_into_replies():
+            self._complete_into_replies(claim, reply, stored=stored, note=note, started_at=started_at,
+                                        generated_at=generated_at)
+            return
         try:
             sent_id = self.sink.deliver(claim.job_id, claim.payload, reply)
         except SinkError as exc:
@@ -427,9 +447,55 @@ class Runtime:
                 return
             logger.warning("delivery failed (%s); job is %s, the stored reply will be re-sent", exc, state)
             return
-        self._complete_delivered(claim, sent_id)
+        self._complete_delivered(claim, sent_id, note)
 
-    def _complete_delivered(self, claim: jobs.Claim, sent_id: str) -> None:
+    def _complete_into_replies(self, claim: jobs.Claim, reply: dict, *, stored: bool, note: str,
+                               started_at: datetime | None, generated_at: datetime | None) -> None:
+        """The Postgres sink's row inserted by the fenced completing statement, retried at once on a
+        fresh connection like any completion. A lost claim writes nothing; so does a session lost
+        before the commit, and then an unstored reply is generated again after the lease -- which
+        nobody can tell, since nothing of it was ever delivered."""
+        row = self.sink.row(claim.job_id, claim.payload, reply)
+
+        def step(conn):
+            if jobs.finish_delivered_into_replies(conn, claim.job_id, claim.token, None if stored else reply,
+                                                  started_at=started_at, generated_at=generated_at, row=row):
+                return True
+            return jobs.finished_by(conn, claim.job_id, claim.token) == "done"
+
+        try:
+            ok = self.database.retrying("complete the job with its reply", step, attempts=COMPLETE_ATTEMPTS,
+                                        pause=0.2, autocommit=True)
+        except db.CONNECTION_ERRORS as exc:
+            logger.error("could not complete the job with its reply (%s); nothing was delivered (reply and completion "
+                         "commit together), the job runs again after its lease (%s)", exc, note)
+            return
+        except psycopg.Error as exc:
+            # The replies row was refused (a constraint): a failed delivery, recorded as the sink's
+            # own failure would be, with the reply kept so the retry re-sends rather than regenerates.
+            error = f"delivery failed: replies insert: {type(exc).__name__}: {exc}"
+
+            def record(conn):
+                with conn.transaction():
+                    if not stored:
+                        jobs.store_reply(conn, claim.job_id, claim.token, reply, started_at=started_at,
+                                         generated_at=generated_at)
+                    return jobs.fail(conn, claim.job_id, claim.token, error, server_fault=True)
+
+            try:
+                state = self.database.retrying("record the failed delivery", record)
+            except db.CONNECTION_ERRORS as db_exc:
+                logger.error("%s, and could not be recorded (%s); the job runs again after its lease", error, db_exc)
+                return
+            logger.warning("%s; job is %s", error, state)
+            return
+        if ok:
+            logger.info("delivered as %s (%s)", row["reply_id"], note)
+        else:
+            logger.warning("not delivered: the claim was lost (lease expired or job cancelled); whoever holds the job "
+                           "delivers it (%s)", note)
+
+    def _complete_delivered(self, claim: jobs.Claim, sent_id: str, note: str) -> None:
         """The completing UPDATE after a successful post, retried at once on a fresh connection: left
         to the lease, a lost completion would cost a lease of latency and a repeat post."""
         def step(conn):
@@ -439,13 +505,14 @@ class Runtime:
             return jobs.finished_by(conn, claim.job_id, claim.token) == "done"
 
         try:
-            ok = self.database.retrying("complete the delivered job", step, attempts=COMPLETE_ATTEMPTS, pause=0.2)
+            ok = self.database.retrying("complete the delivered job", step, attempts=COMPLETE_ATTEMPTS, pause=0.2,
+                                        autocommit=True)
         except db.CONNECTION_ERRORS as exc:
             logger.error("delivered as %s but could not complete the job (%s); after its lease the stored reply "
                          "is re-sent with the same id, not regenerated", sent_id, exc)
             return
         if ok:
-            logger.info("delivered as %s", sent_id)
+            logger.info("delivered as %s (%s)", sent_id, note)
         else:
             logger.warning("delivered as %s but the lease was lost; the same stored reply and id are re-sent by "
                            "whoever holds the job", sent_id)
