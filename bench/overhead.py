@@ -235,7 +235,7 @@ def aibot_config(path: Path, url: str, slots: int, n_entities: int) -> str:
 
 
 def run_aibot(admin_url: str, args, workdir: Path, *, label: str = "aibot", extra_env: dict | None = None,
-              lean: bool = False) -> dict:
+              lean: bool = False, worker_tree: Path | None = None) -> dict:
     with common.scratch_database(admin_url, "ovh_aibot") as url:
         os.environ["AIBOT_DATABASE_URL"] = url   # the ingest's doorbell asks which broker kind is in use
         if args.statement_log:
@@ -270,6 +270,13 @@ def run_aibot(admin_url: str, args, workdir: Path, *, label: str = "aibot", extr
                          for i in range(args.processes)]
                 for proc in procs:
                     wait_log(proc, r"lean loop ready")
+            elif worker_tree:   # dramatiq puts its --path (default: the working directory) first on sys.path
+                dramatiq_bin = shutil.which("dramatiq", path=os.path.dirname(PY)) or "dramatiq"
+                procs = [stack.spawn("workers", [dramatiq_bin, "aibot.actors", "--path", str(worker_tree),
+                                                 "--processes", str(args.processes), "--threads", str(args.threads),
+                                                 "--worker-shutdown-timeout", "10000"],
+                                     {"AIBOT_WORKER_NAME": "workers", **env, "PYTHONPATH": str(worker_tree)})]
+                wait_count(url, "bench_aibot_workers", args.processes, "aibot workers to register", procs)
             else:
                 procs = [stack.start_workers("workers", processes=args.processes, threads=args.threads,
                                              shutdown_timeout_ms=10_000, env=env)]
@@ -588,8 +595,7 @@ def run_aibot_base(admin_url: str, args, workdir: Path) -> dict:
     the ingest are this tree's (the schema must be the same)."""
     if not args.baseline_tree:
         raise SystemExit("--systems aibot-base needs --baseline-tree")
-    result = run_aibot(admin_url, args, workdir, label="aibot-base",
-                       extra_env={"PYTHONPATH": str(args.baseline_tree)})
+    result = run_aibot(admin_url, args, workdir, label="aibot-base", worker_tree=args.baseline_tree.resolve())
     result["baseline_commit"] = subprocess.run(["git", "-C", str(args.baseline_tree), "rev-parse", "--short", "HEAD"],
                                                capture_output=True, text=True).stdout.strip() or None
     return result
