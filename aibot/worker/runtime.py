@@ -74,6 +74,15 @@ class InFlight:
     released: threading.Event = field(default_factory=threading.Event)
 
 
+@dataclass
+class _Invocation:
+    """One claim loop's state, per thread: until `deadline` its completions also claim the next job
+    (`jobs.finish_delivered_and_claim`), which they leave in `next_claim` for the loop."""
+
+    deadline: float
+    next_claim: jobs.Claim | None = None
+
+
 class InFlightRegistry:
     """Claims this process holds; the heartbeat renews them and shutdown releases them."""
 
@@ -190,6 +199,7 @@ class Runtime:
         self._faulted: dict[int | tuple[int, str], float] = {}
         self._loader = DemandLoader(self)
         self.stream = self.settings.stream
+        self._local = threading.local()   # .invocation: the _Invocation of this thread's claim loop
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[psycopg.Connection]:
@@ -218,16 +228,22 @@ class Runtime:
         """
         with log.context(worker=self.worker_id):
             done = 0
+            claim: jobs.Claim | None = None
+            deadline = time.monotonic() + self.budget_seconds
+            invocation = self._local.invocation = _Invocation(deadline)
             try:
-                deadline = time.monotonic() + self.budget_seconds
                 while not self.stopping.is_set():
-                    claim = self._claim()
                     if claim is None:
-                        self._on_idle()
-                        return done
-                    self.process(claim)
+                        claim = self._claim()
+                        if claim is None:
+                            self._on_idle()
+                            return done
+                    current, claim = claim, None   # from here on `claim` is only a claim not yet processed
+                    self.process(current)
+                    # The completion claimed the next job in its own round trip (before the deadline only).
+                    claim, invocation.next_claim = invocation.next_claim, None
                     done += 1
-                    if time.monotonic() >= deadline:
+                    if claim is None and time.monotonic() >= deadline:
                         self._ring("time budget spent")
                         return done
                 return done
@@ -238,6 +254,66 @@ class Runtime:
                              type(exc).__name__, exc, exc_info=not isinstance(exc, db.CONNECTION_ERRORS))
                 self._ring("after an error")
                 return done
+            finally:
+                self._local.invocation = None
+                if claim is not None:   # claimed by the last completion, then the worker began stopping
+                    self._hand_back(claim)
+
+    def _hand_back(self, claim: jobs.Claim) -> None:
+        """A claim this loop will not process goes back to the queue, its attempt refunded."""
+        try:
+            self.database.retrying("hand back the next claim", lambda conn: jobs.release(
+                conn, claim.job_id, claim.token), autocommit=True)
+        except db.CONNECTION_ERRORS as exc:
+            logger.warning("could not hand back job %s (%s); it returns after its lease", claim.job_id, exc)
+            return
+        self._ring("after handing a claim back")
+
+    def _next_claim_wanted(self) -> jobs.NextClaim | None:
+        """The next claim a completion should take along: only inside a claim loop, before its
+        deadline, while the worker is not stopping."""
+        invocation = getattr(self._local, "invocation", None)
+        if invocation is None or self.stopping.is_set() or time.monotonic() >= invocation.deadline:
+            return None
+        return jobs.NextClaim(self.worker_id, self.lease_seconds)
+
+    def _completion_step(self, claim: jobs.Claim, reply: dict | None, *, started_at: datetime | None,
+                         generated_at: datetime | None, row: dict | None):
+        """The `Database.retrying` step that completes a delivered job (with `row`: inserting the
+        Postgres sink's row too). Its first attempt also claims the invocation's next job in the same
+        round trip and transaction; a retry does not, since the first attempt's claim may have
+        committed with its lost session (that job then waits for its lease; it never runs twice)."""
+        first = [True]
+
+        def plain(conn) -> bool:
+            if row is None:
+                return jobs.finish_delivered(conn, claim.job_id, claim.token, reply, started_at=started_at,
+                                             generated_at=generated_at)
+            return jobs.finish_delivered_into_replies(conn, claim.job_id, claim.token, reply, started_at=started_at,
+                                                      generated_at=generated_at, row=row)
+
+        def step(conn) -> bool:
+            wanted = self._next_claim_wanted() if first[0] else None
+            first[0] = False
+            if wanted is None:
+                ok = plain(conn)
+            else:
+                try:
+                    ok, nxt = jobs.finish_delivered_and_claim(conn, claim.job_id, claim.token, reply,
+                                                              started_at=started_at, generated_at=generated_at,
+                                                              row=row, next_claim=wanted)
+                except db.CONNECTION_ERRORS:
+                    raise
+                except psycopg.Error as exc:   # both were rolled back: complete alone, claim in the loop
+                    logger.warning("completing with the next claim failed (%s: %s); completing alone",
+                                   type(exc).__name__, exc)
+                    ok = plain(conn)
+                else:
+                    self._local.invocation.next_claim = nxt
+            # A retry after a commit whose acknowledgement was lost finds the job already done by us.
+            return ok or jobs.finished_by(conn, claim.job_id, claim.token) == "done"
+
+        return step
 
     def _ring(self, why: str) -> None:
         try:
@@ -456,13 +532,8 @@ class Runtime:
         before the commit, and then an unstored reply is generated again after the lease -- which
         nobody can tell, since nothing of it was ever delivered."""
         row = self.sink.row(claim.job_id, claim.payload, reply)
-
-        def step(conn):
-            if jobs.finish_delivered_into_replies(conn, claim.job_id, claim.token, None if stored else reply,
-                                                  started_at=started_at, generated_at=generated_at, row=row):
-                return True
-            return jobs.finished_by(conn, claim.job_id, claim.token) == "done"
-
+        step = self._completion_step(claim, None if stored else reply, started_at=started_at,
+                                     generated_at=generated_at, row=row)
         try:
             ok = self.database.retrying("complete the job with its reply", step, attempts=COMPLETE_ATTEMPTS,
                                         pause=0.2, autocommit=True)
@@ -498,12 +569,7 @@ class Runtime:
     def _complete_delivered(self, claim: jobs.Claim, sent_id: str, note: str) -> None:
         """The completing UPDATE after a successful post, retried at once on a fresh connection: left
         to the lease, a lost completion would cost a lease of latency and a repeat post."""
-        def step(conn):
-            if jobs.finish_delivered(conn, claim.job_id, claim.token, None, started_at=None, generated_at=None):
-                return True
-            # A retry after a commit whose acknowledgement was lost finds the job already done by us.
-            return jobs.finished_by(conn, claim.job_id, claim.token) == "done"
-
+        step = self._completion_step(claim, None, started_at=None, generated_at=None, row=None)
         try:
             ok = self.database.retrying("complete the delivered job", step, attempts=COMPLETE_ATTEMPTS, pause=0.2,
                                         autocommit=True)

@@ -88,15 +88,18 @@ def test_a_completion_lost_with_its_session_is_retried_and_delivers_once(conn, w
     sim, _, settings = world
     job_id = enqueue(conn, "m1", "plain")
     rt = postgres_runtime(settings)
-    real = jobs.finish_delivered_into_replies
     killed = []
 
-    def kill_first(c, *args, **kw):
-        if not killed:
-            killed.append(terminate_others(conn))   # this session too: the statement never reaches the server
-        return real(c, *args, **kw)
+    def killing_first(real):
+        def call(c, *args, **kw):
+            if not killed:
+                killed.append(terminate_others(conn))   # this session too: the statement never reaches the server
+            return real(c, *args, **kw)
+        return call
 
-    monkeypatch.setattr(jobs, "finish_delivered_into_replies", kill_first)
+    # The loop's first attempt completes and claims the next job together; the retry completes alone.
+    for name in ("finish_delivered_and_claim", "finish_delivered_into_replies"):
+        monkeypatch.setattr(jobs, name, killing_first(getattr(jobs, name)))
     try:
         with caplog.at_level(logging.WARNING, logger="aibot.db"):
             rt.run_invocation()
@@ -140,3 +143,43 @@ def test_a_sink_in_another_database_keeps_the_store_before_the_post(conn, world,
         assert rt._completes_into_replies()
     finally:
         rt.close()
+
+
+def test_a_busy_loop_claims_each_next_job_with_the_completion_of_the_last(conn, world, monkeypatch):  # noqa: F811
+    sim, _, settings = world
+    ids = [enqueue(conn, f"m{i}", "plain") for i in range(4)]
+    rt = postgres_runtime(settings)
+    standalone = []
+    real_claim = rt._claim
+    monkeypatch.setattr(rt, "_claim", lambda: standalone.append(1) or real_claim())
+    try:
+        assert rt.run_invocation() == 4
+    finally:
+        rt.close()
+    assert [jobs.get(conn, i)["state"] for i in ids] == ["done"] * 4
+    assert all(len(replies(conn, i)) == 1 for i in ids) and held_slots(conn) == 0
+    # The first claim and the final empty one; the three in between came with the completions.
+    assert len(standalone) == 2, standalone
+    assert sim.model_stats("tiny")["served"] == 4
+
+
+def test_a_next_claim_taken_as_the_worker_stops_is_handed_back(conn, world, monkeypatch):  # noqa: F811
+    sim, _, settings = world
+    ids = [enqueue(conn, f"m{i}", "plain") for i in range(2)]
+    rt = postgres_runtime(settings)
+    real = jobs.finish_delivered_and_claim
+
+    def then_stop(*args, **kw):
+        got = real(*args, **kw)
+        rt.stopping.set()                 # shutdown begins right after the completion claimed the next job
+        return got
+
+    monkeypatch.setattr(jobs, "finish_delivered_and_claim", then_stop)
+    try:
+        assert rt.run_invocation() == 1
+    finally:
+        rt.close()
+    first, second = (jobs.get(conn, i) for i in ids)
+    assert first["state"] == "done" and len(replies(conn, ids[0])) == 1
+    assert second["state"] == "queued" and second["attempts"] == 0, f"handed back, attempt refunded: {second}"
+    assert held_slots(conn) == 0 and sim.model_stats("tiny")["served"] == 1
