@@ -665,8 +665,14 @@ class Runtime:
     # --- process lifecycle ----------------------------------------------------------------------
 
     def renew_leases(self) -> None:
-        """One transaction renews every claim in flight and the process's heartbeat (renewal cadence:
-        `Settings.renewal_seconds`), retried once on a fresh connection."""
+        """Renews every claim in flight and the process's heartbeat (renewal cadence:
+        `Settings.renewal_seconds`) on one autocommit connection, retried once on a fresh one.
+
+        Each renewal is its own statement and transaction: one transaction renewing them all held
+        the row locks of the jobs already renewed while it waited for the next one (locked by a
+        thread failing or completing it), which closed deadlock cycles with the slot-freeing
+        trigger of that thread and any transaction holding slots (seen in the chaos run). A renewal
+        needs no other for company."""
         items = [i for i in self.inflight.snapshot() if not i.released.is_set()]
 
         def step(conn):
@@ -674,7 +680,7 @@ class Runtime:
                 jobs.renew(conn, item.job_id, item.token, self.lease_seconds)
             registry.heartbeat(conn, self.worker_id)
 
-        self.database.retrying("renew leases and heartbeat", step)
+        self.database.retrying("renew leases and heartbeat", step, autocommit=True)
 
     def release_all(self, reason: str) -> int:
         """Hands every in-flight job back to the queue with its attempt refunded (shutdown deadline)."""
