@@ -623,15 +623,26 @@ class Runtime:
         server_fault = exc.server_fault or isinstance(exc, ModelNotLoaded)
         scope = "model" if isinstance(exc, ModelNotLoaded) else exc.scope
         error = f"{type(exc).__name__}: {exc}"
-        with self.transaction() as conn:
-            if scope == "server":
-                self._faulted[server["id"]] = time.monotonic()
-                health.record_fault(conn, server["id"], error)
-            elif scope == "model":
-                self._faulted[(server["id"], claim.model)] = time.monotonic()
-                health.record_model_fault(conn, server["id"], claim.model, error)
-            state = jobs.fail(conn, claim.job_id, claim.token, error, server_fault=server_fault)
-            ratelimit.cancel(conn, claim.job_id)
+        if scope == "server":
+            self._faulted[server["id"]] = time.monotonic()
+        elif scope == "model":
+            self._faulted[(server["id"], claim.model)] = time.monotonic()
+
+        def record(conn):
+            # Retried on a fresh connection when the session died or the transaction was a deadlock's
+            # victim (both OperationalErrors): the failure is fenced by the token, so a repeat after a
+            # commit whose acknowledgement was lost changes nothing; left unrecorded, the job would
+            # wait out its lease.
+            with conn.transaction():
+                if scope == "server":
+                    health.record_fault(conn, server["id"], error)
+                elif scope == "model":
+                    health.record_model_fault(conn, server["id"], claim.model, error)
+                state = jobs.fail(conn, claim.job_id, claim.token, error, server_fault=server_fault)
+                ratelimit.cancel(conn, claim.job_id)
+            return state
+
+        state = self.database.retrying("record the failed generation", record)
         logger.warning("generation failed (%s, %s scope); job is now %s", error, scope, state)
 
     def _server_ok(self, server: dict, model: str) -> None:
