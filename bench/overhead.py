@@ -235,7 +235,7 @@ def aibot_config(path: Path, url: str, slots: int, n_entities: int) -> str:
 
 
 def run_aibot(admin_url: str, args, workdir: Path, *, label: str = "aibot", extra_env: dict | None = None,
-              lean: bool = False) -> dict:
+              lean: bool = False, worker_tree: Path | None = None) -> dict:
     with common.scratch_database(admin_url, "ovh_aibot") as url:
         os.environ["AIBOT_DATABASE_URL"] = url   # the ingest's doorbell asks which broker kind is in use
         if args.statement_log:
@@ -270,6 +270,13 @@ def run_aibot(admin_url: str, args, workdir: Path, *, label: str = "aibot", extr
                          for i in range(args.processes)]
                 for proc in procs:
                     wait_log(proc, r"lean loop ready")
+            elif worker_tree:   # dramatiq puts its --path (default: the working directory) first on sys.path
+                dramatiq_bin = shutil.which("dramatiq", path=os.path.dirname(PY)) or "dramatiq"
+                procs = [stack.spawn("workers", [dramatiq_bin, "aibot.actors", "--path", str(worker_tree),
+                                                 "--processes", str(args.processes), "--threads", str(args.threads),
+                                                 "--worker-shutdown-timeout", "10000"],
+                                     {"AIBOT_WORKER_NAME": "workers", **env, "PYTHONPATH": str(worker_tree)})]
+                wait_count(url, "bench_aibot_workers", args.processes, "aibot workers to register", procs)
             else:
                 procs = [stack.start_workers("workers", processes=args.processes, threads=args.threads,
                                              shutdown_timeout_ms=10_000, env=env)]
@@ -581,7 +588,23 @@ def run_whatif_lean_async(admin_url: str, args, workdir: Path) -> dict:
                      extra_env={"PGOPTIONS": "-c synchronous_commit=off"})
 
 
-SYSTEMS = {"aibot": run_aibot, "dramatiq-noop": run_dramatiq, "procrastinate": run_procrastinate,
+def run_aibot_base(admin_url: str, args, workdir: Path, which: int = 0) -> dict:
+    """The same aibot run with the workers importing `--baseline-tree` (another checkout, e.g. the
+    commit before a change) instead of this one: before and after in one run, so their ratio holds
+    on a busy machine. Only the worker processes run the baseline; this script, the migrations and
+    the ingest are this tree's (the schema must be the same)."""
+    trees = args.baseline_tree or []
+    if len(trees) <= which:
+        raise SystemExit(f"--systems aibot-base{which + 1 if which else ''} needs {which + 1} --baseline-tree")
+    tree = trees[which].resolve()
+    result = run_aibot(admin_url, args, workdir, label=f"aibot-base{which + 1 if which else ''}", worker_tree=tree)
+    result["baseline_commit"] = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"],
+                                               capture_output=True, text=True).stdout.strip() or None
+    return result
+
+
+SYSTEMS = {"aibot": run_aibot, "aibot-base": run_aibot_base,
+           "aibot-base2": lambda admin_url, args, workdir: run_aibot_base(admin_url, args, workdir, 1), "dramatiq-noop": run_dramatiq, "procrastinate": run_procrastinate,
            "pgqueuer": run_pgqueuer, "aibot+async-commit": run_aibot_async_commit, "aibot+quiet-log": run_aibot_quiet,
            "whatif-lean": run_whatif_lean, "whatif-lean+async-commit": run_whatif_lean_async}
 
@@ -788,6 +811,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--statement-log", type=Path, default=None, metavar="SERVER_LOG",
                    help="the Postgres server's log file (readable): log every statement of the aibot scratch "
                         "databases and count server statements and transactions per job by statement")
+    p.add_argument("--baseline-tree", type=Path, action="append", default=None,
+                   help="another checkout whose workers the 'aibot-base' system runs (before/after in one run); "
+                        "a second one is 'aibot-base2'")
     p.add_argument("--profile-jobs", type=int, default=0, help="also count round trips per aibot job (in-process)")
     p.add_argument("--quick", action="store_true", help="a fast pass: 2,000 jobs, each system once, no what-ifs")
     args = p.parse_args(argv)

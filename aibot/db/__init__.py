@@ -152,6 +152,15 @@ class Queries:
 _session = Queries(__name__)
 
 
+def single_statement(conn: psycopg.Connection) -> contextlib.AbstractContextManager:
+    """The transaction one statement needs: none of its own on an idle autocommit connection (the
+    statement is atomic by itself, one round trip), else `conn.transaction()` as usual (a
+    transaction, or a savepoint inside the caller's)."""
+    if conn.autocommit and conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
+        return contextlib.nullcontext()
+    return conn.transaction()
+
+
 class Database:
     """A lazily opened pool shared by the threads of one process.
 
@@ -184,9 +193,30 @@ class Database:
         with self.pool.connection() as conn:
             yield conn
 
+    @contextlib.contextmanager
+    def autocommit(self) -> Iterator[psycopg.Connection]:
+        """A pooled connection in autocommit mode for the length of the block, for steps that are one
+        statement each (a claim, a fenced completion): the statement is its own transaction, so it
+        costs one round trip instead of BEGIN + statement + COMMIT, and it is just as atomic. Blocks
+        of several changes that must commit together still say `conn.transaction()` inside. The
+        session's settings (the worker's asynchronous commit) apply as before.
+
+        The mode is a client-side flag in psycopg (no round trip); the connection goes back to the
+        pool in its usual mode, so other users of the pool keep their implicit transactions.
+        """
+        with self.pool.connection() as conn:
+            conn.autocommit = True
+            try:
+                yield conn
+            finally:
+                with contextlib.suppress(psycopg.Error):   # a broken session is discarded by the pool anyway
+                    conn.autocommit = False
+
     def retrying(self, step: str, fn: Callable[[psycopg.Connection], T], *,
-                 attempts: int = RETRY_ATTEMPTS, pause: float = 0.05) -> T:
-        """`fn(conn)` in one transaction; when the session died under it, again on a fresh connection.
+                 attempts: int = RETRY_ATTEMPTS, pause: float = 0.05, autocommit: bool = False) -> T:
+        """`fn(conn)` in one transaction (with `autocommit`: on an autocommit connection, each of its
+        single-statement steps its own transaction); when the session died under it, again on a
+        fresh connection.
 
         Only for steps that are safe to repeat (a claim, a completion or renewal fenced by its token,
         a heartbeat). A lost session is an expected event: the pool's other idle connections most
@@ -197,7 +227,7 @@ class Database:
         """
         for attempt in range(1, attempts + 1):
             try:
-                with self.transaction() as conn:
+                with (self.autocommit() if autocommit else self.transaction()) as conn:
                     return fn(conn)
             except CONNECTION_ERRORS as exc:
                 if attempt >= attempts:

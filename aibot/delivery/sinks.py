@@ -138,23 +138,39 @@ def _is_duplicate(resp: httpx.Response) -> bool:
 
 
 class PostgresSink:
-    """Replies into `aibot.replies` (for a chat service that shares the database)."""
+    """Replies into `aibot.replies` (for a chat service that shares the database).
+
+    A worker whose own database is the sink's does not call `deliver`: it writes `row()` in the
+    statement that completes the job (`aibot.queue.jobs.finish_delivered_into_replies`), so the
+    reply and the completion commit together. `deliver` (its own pool, synchronous commit) serves
+    a sink in another database and every other caller.
+    """
 
     def __init__(self, database: Any, *, domain: str = DEFAULT_DOMAIN):
         self.database = database
         self.domain = domain
 
-    def deliver(self, job_id: int, payload: dict, reply: dict) -> str:
+    def row(self, job_id: int, payload: dict, reply: dict) -> dict:
+        """The `replies` row of a reply: reply_id, reply_to, entity_id and the chat message."""
         message = reply_message(job_id, payload, reply, domain=self.domain)
+        return {"reply_id": message["id"], "job_id": job_id, "reply_to": str(payload.get("message_id") or ""),
+                "entity_id": payload.get("entity_id") or "-", "message": message}
+
+    def shares(self, database: Any) -> bool:
+        """Whether the replies table is in `database` (the same URL): then the completion can write it."""
+        try:
+            return self.database is database or self.database.url == database.url
+        except Exception:   # no URL configured on one side: not provably the same database
+            return False
+
+    def deliver(self, job_id: int, payload: dict, reply: dict) -> str:
+        row = self.row(job_id, payload, reply)
         try:
             with self.database.transaction() as conn:
-                queries.run(conn, "reply_insert", {
-                    "reply_id": message["id"], "job_id": job_id, "reply_to": str(payload.get("message_id") or ""),
-                    "entity_id": payload.get("entity_id") or "-", "message": Jsonb(message),
-                })
+                queries.run(conn, "reply_insert", {**row, "message": Jsonb(row["message"])})
         except Exception as exc:  # the database may be restarting: retry later
             raise SinkError(f"replies insert: {type(exc).__name__}: {exc}") from exc
-        return message["id"]
+        return row["reply_id"]
 
 
 class DryRunSink:

@@ -7,7 +7,10 @@ decisions are pure functions in `aibot.queue.policy`; the SQL is in `sql/queries
 function in `sql/migrations/0002_queue.sql`. See docs/queue.md.
 
 Every call runs in its own transaction, or in a savepoint when the caller already has one open (so
-`bot.ingest` can insert jobs and ring doorbells atomically).
+`bot.ingest` can insert jobs and ring doorbells atomically). The single-statement calls (claim,
+renew, store, complete, release, reject) open no transaction of their own on an idle autocommit
+connection (`db.single_statement`): the statement is its own transaction, one round trip instead of
+three, which is how the worker's happy path runs them (`Database.autocommit`).
 
 Owns the `jobs` rows and their states; the retry decisions are `aibot.queue.policy`'s and the
 claim order is SQL's (`jobs_enqueue`). Knows nothing of LLM servers beyond the slot a claim takes.
@@ -168,6 +171,14 @@ def enqueue_many(conn: psycopg.Connection, jobs: Iterable[NewJob], *,
 def claim_batch(conn: psycopg.Connection, worker_id: str, limit: int, *, lease_seconds: float,
                 use_slots: bool = False, max_scan: int | None = None) -> list[Claim]:
     """Claims up to `limit` jobs in priority order in one short transaction (see `claim`)."""
+    params = _claim_params(worker_id, limit, lease_seconds=lease_seconds, use_slots=use_slots, max_scan=max_scan)
+    with db.single_statement(conn):
+        rows = queries.all(conn, "jobs_claim", params)
+    return _claims(rows)
+
+
+def _claim_params(worker_id: str, limit: int, *, lease_seconds: float, use_slots: bool,
+                  max_scan: int | None) -> dict[str, Any]:
     if not isinstance(worker_id, str) or not worker_id:
         raise ValueError(f"worker_id must be a non-empty string, got {worker_id!r}")
     if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
@@ -176,12 +187,15 @@ def claim_batch(conn: psycopg.Connection, worker_id: str, limit: int, *, lease_s
     scan = max(DEFAULT_MAX_SCAN, limit) if max_scan is None else max_scan
     if isinstance(scan, bool) or not isinstance(scan, int) or scan < limit:
         raise ValueError(f"max_scan must be an int >= limit ({limit}), got {scan!r}")
-    with conn.transaction():
-        rows = queries.all(conn, "jobs_claim", {"worker_id": worker_id, "lease_seconds": lease,
-                                                "use_slots": bool(use_slots), "limit": limit, "max_scan": scan})
+    return {"worker_id": worker_id, "lease_seconds": lease, "use_slots": bool(use_slots), "limit": limit,
+            "max_scan": scan}
+
+
+def _claims(rows: list[dict]) -> list[Claim]:
     claims = [Claim._from_row(r) for r in rows]
-    for c in claims:
-        log.debug("claimed job %s (attempt %s, server %s, slot %s)", c.job_id, c.attempts, c.server_id, c.slot_id)
+    if log.isEnabledFor(logging.DEBUG):
+        for c in claims:
+            log.debug("claimed job %s (attempt %s, server %s, slot %s)", c.job_id, c.attempts, c.server_id, c.slot_id)
     return claims
 
 
@@ -212,7 +226,7 @@ def clear_waiting(conn: psycopg.Connection, model: str) -> int:
 
 
 def _token_call(conn: psycopg.Connection, name: str, params: dict[str, Any]) -> dict | None:
-    with conn.transaction():
+    with db.single_statement(conn):
         return queries.one(conn, name, params)
 
 
@@ -249,9 +263,73 @@ def finish_delivered(conn: psycopg.Connection, job_id: int, token: uuid.UUID, re
                      started_at: datetime | None, generated_at: datetime | None) -> bool:
     """Done: the sink accepted the reply. `reply`/timings None keep what `store_reply` stored (the
     worker's path: the reply is not rewritten, so the completing UPDATE stays small)."""
-    return _token_call(conn, "jobs_finish_delivered", {
-        "job_id": job_id, "token": token, "reply": None if reply is None else Jsonb(dict(reply)),
-        "started_at": started_at, "generated_at": generated_at}) is not None
+    return _token_call(conn, "jobs_finish_delivered",
+                       _finish_params(job_id, token, reply, started_at, generated_at)) is not None
+
+
+def finish_delivered_into_replies(conn: psycopg.Connection, job_id: int, token: uuid.UUID,
+                                  reply: Mapping[str, Any] | None, *, started_at: datetime | None,
+                                  generated_at: datetime | None, row: Mapping[str, Any]) -> bool:
+    """Done and delivered in one fenced statement, for the Postgres sink in the job's own database:
+    the `replies` row (`row`: reply_id, reply_to, entity_id, message, as `PostgresSink.row` builds
+    it) is inserted only if this claim still holds the job, and commits with the completion, so no
+    reply exists without its job done and none is lost with a session. A reply id already present
+    (an earlier attempt's) is left as it is. False: the claim is no longer ours, nothing written."""
+    return _token_call(conn, "jobs_finish_delivered_into_replies",
+                       _finish_into_replies_params(job_id, token, reply, started_at, generated_at, row)) is not None
+
+
+def _finish_params(job_id: int, token: uuid.UUID, reply: Mapping[str, Any] | None, started_at: datetime | None,
+                   generated_at: datetime | None) -> dict[str, Any]:
+    return {"job_id": job_id, "token": token, "reply": None if reply is None else Jsonb(dict(reply)),
+            "started_at": started_at, "generated_at": generated_at}
+
+
+def _finish_into_replies_params(job_id: int, token: uuid.UUID, reply: Mapping[str, Any] | None,
+                                started_at: datetime | None, generated_at: datetime | None,
+                                row: Mapping[str, Any]) -> dict[str, Any]:
+    missing = {"reply_id", "reply_to", "entity_id", "message"} - set(row)
+    if missing:
+        raise ValueError(f"row is missing {', '.join(sorted(missing))}")
+    return {**_finish_params(job_id, token, reply, started_at, generated_at), "reply_id": row["reply_id"],
+            "reply_to": row["reply_to"], "entity_id": row["entity_id"], "message": Jsonb(row["message"])}
+
+
+@dataclass(frozen=True)
+class NextClaim:
+    """What `finish_delivered_and_claim` claims after the completion: `claim`'s arguments."""
+
+    worker_id: str
+    lease_seconds: float
+    use_slots: bool = True
+    max_scan: int | None = None
+
+
+def finish_delivered_and_claim(conn: psycopg.Connection, job_id: int, token: uuid.UUID,
+                               reply: Mapping[str, Any] | None, *, started_at: datetime | None,
+                               generated_at: datetime | None, row: Mapping[str, Any] | None = None,
+                               next_claim: NextClaim) -> tuple[bool, Claim | None]:
+    """`finish_delivered` (or, with `row`, `finish_delivered_into_replies`) and then `claim`, sent
+    together in one pipeline: one round trip and, on an idle autocommit connection, one transaction
+    (statements before a pipeline's sync share its implicit transaction), so a busy worker's slot is
+    handed to its next job as the last one completes, with no gap and no round trip of its own.
+
+    Both commit or neither: a claim that fails undoes the completion too, and the caller's retry
+    (plain completion) redoes it. Returns (completed, the next claim or None)."""
+    claim_params = _claim_params(next_claim.worker_id, 1, lease_seconds=next_claim.lease_seconds,
+                                 use_slots=next_claim.use_slots, max_scan=next_claim.max_scan)
+    if row is None:
+        name, params = "jobs_finish_delivered", _finish_params(job_id, token, reply, started_at, generated_at)
+    else:
+        name, params = "jobs_finish_delivered_into_replies", _finish_into_replies_params(
+            job_id, token, reply, started_at, generated_at, row)
+    with conn.pipeline():
+        finished = queries.run(conn, name, params)
+        claimed = queries.run(conn, "jobs_claim", claim_params)
+    # Leaving the pipeline synced it: both results are in.
+    done = finished.fetchone() is not None
+    claims = _claims(claimed.fetchall())
+    return done, (claims[0] if claims else None)
 
 
 def finished_by(conn: psycopg.Connection, job_id: int, token: uuid.UUID) -> str | None:

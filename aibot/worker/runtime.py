@@ -5,7 +5,13 @@ byte-identical) is written to the job row before it is posted (one small UPDATE,
 waiting for the WAL flush unless AIBOT_WORKER_SYNC_COMMIT=1); every later attempt -- a failed post, a
 completion lost with its session, a worker killed after the post, a re-claim after the lease --
 re-sends that stored reply and never generates again. The happy path is three short statements per
-job: the claim, the store, and the completing UPDATE.
+job: the claim, the store, and the completing UPDATE, each on an autocommit connection (its own
+transaction, one round trip: no BEGIN or COMMIT of their own). With the Postgres sink in the worker's
+own database it is two: the completing statement also inserts the `replies` row, so reply and
+completion commit together and there is nothing to store first (no post leaves the database). A busy
+claim loop also sends its next claim in the same pipeline as the completion (`jobs.
+finish_delivered_and_claim`: one round trip, one transaction), so with that sink a job costs one
+round trip and one transaction on the happy path, and its slot passes to the next job at once.
 
 Connection loss is an expected event: the claim, the store, the completion and the heartbeat are
 idempotent (fenced by the claim's token) and retried once on a fresh connection
@@ -45,7 +51,7 @@ from aibot.backends.factory import backend_for_server, deployment_timeouts
 from aibot.cluster import health, loader
 from aibot.cluster import state as cluster_state
 from aibot.config import ConfigStore
-from aibot.delivery.sinks import SinkError, make_sink, reply_id
+from aibot.delivery.sinks import PostgresSink, SinkError, make_sink, reply_id
 from aibot.generation import postprocess, prompt, tokens
 from aibot.queue import doorbell, jobs, ratelimit
 from aibot.settings import Settings, get_settings
@@ -69,6 +75,15 @@ class InFlight:
     job_id: int
     token: object
     released: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass
+class _Invocation:
+    """One claim loop's state, per thread: until `deadline` its completions also claim the next job
+    (`jobs.finish_delivered_and_claim`), which they leave in `next_claim` for the loop."""
+
+    deadline: float
+    next_claim: jobs.Claim | None = None
 
 
 class InFlightRegistry:
@@ -187,6 +202,7 @@ class Runtime:
         self._faulted: dict[int | tuple[int, str], float] = {}
         self._loader = DemandLoader(self)
         self.stream = self.settings.stream
+        self._local = threading.local()   # .invocation: the _Invocation of this thread's claim loop
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[psycopg.Connection]:
@@ -197,8 +213,9 @@ class Runtime:
         WAL flush per job.
 
         The block is one transaction, so several changes (a failure, its server fault, the cancelled
-        rate reservation) commit together; the two single-statement steps of the happy path (claim,
-        completion) use `database.transaction()` directly and skip the savepoint round trips.
+        rate reservation) commit together; the single-statement steps of the happy path (claim,
+        store, completion) run on `database.autocommit()` connections instead (`Database.retrying(...,
+        autocommit=True)`): one round trip each, no BEGIN/COMMIT.
         """
         with self.database.transaction() as conn, conn.transaction():
             yield conn
@@ -208,22 +225,29 @@ class Runtime:
     def run_invocation(self) -> int:
         """Claims and processes jobs until none is claimable or the time budget is spent.
 
-        Going straight on to the next claim keeps the per-job overhead to two short transactions
-        instead of a broker round trip per job; the budget keeps one invocation from hogging a thread
+        Going straight on to the next claim (taken by the last completion's own round trip while
+        the budget lasts) keeps the per-job overhead to one or two short statements instead of a
+        broker round trip per job; the budget keeps one invocation from hogging a thread
         forever, and the doorbell it rings on leaving hands the work to a fresh one.
         """
         with log.context(worker=self.worker_id):
             done = 0
+            claim: jobs.Claim | None = None
+            deadline = time.monotonic() + self.budget_seconds
+            invocation = self._local.invocation = _Invocation(deadline)
             try:
-                deadline = time.monotonic() + self.budget_seconds
                 while not self.stopping.is_set():
-                    claim = self._claim()
                     if claim is None:
-                        self._on_idle()
-                        return done
-                    self.process(claim)
+                        claim = self._claim()
+                        if claim is None:
+                            self._on_idle()
+                            return done
+                    current, claim = claim, None   # from here on `claim` is only a claim not yet processed
+                    self.process(current)
+                    # The completion claimed the next job in its own round trip (before the deadline only).
+                    claim, invocation.next_claim = invocation.next_claim, None
                     done += 1
-                    if time.monotonic() >= deadline:
+                    if claim is None and time.monotonic() >= deadline:
                         self._ring("time budget spent")
                         return done
                 return done
@@ -234,6 +258,66 @@ class Runtime:
                              type(exc).__name__, exc, exc_info=not isinstance(exc, db.CONNECTION_ERRORS))
                 self._ring("after an error")
                 return done
+            finally:
+                self._local.invocation = None
+                if claim is not None:   # claimed by the last completion, then the worker began stopping
+                    self._hand_back(claim)
+
+    def _hand_back(self, claim: jobs.Claim) -> None:
+        """A claim this loop will not process goes back to the queue, its attempt refunded."""
+        try:
+            self.database.retrying("hand back the next claim", lambda conn: jobs.release(
+                conn, claim.job_id, claim.token), autocommit=True)
+        except db.CONNECTION_ERRORS as exc:
+            logger.warning("could not hand back job %s (%s); it returns after its lease", claim.job_id, exc)
+            return
+        self._ring("after handing a claim back")
+
+    def _next_claim_wanted(self) -> jobs.NextClaim | None:
+        """The next claim a completion should take along: only inside a claim loop, before its
+        deadline, while the worker is not stopping."""
+        invocation = getattr(self._local, "invocation", None)
+        if invocation is None or self.stopping.is_set() or time.monotonic() >= invocation.deadline:
+            return None
+        return jobs.NextClaim(self.worker_id, self.lease_seconds)
+
+    def _completion_step(self, claim: jobs.Claim, reply: dict | None, *, started_at: datetime | None,
+                         generated_at: datetime | None, row: dict | None):
+        """The `Database.retrying` step that completes a delivered job (with `row`: inserting the
+        Postgres sink's row too). Its first attempt also claims the invocation's next job in the same
+        round trip and transaction; a retry does not, since the first attempt's claim may have
+        committed with its lost session (that job then waits for its lease; it never runs twice)."""
+        first = [True]
+
+        def plain(conn) -> bool:
+            if row is None:
+                return jobs.finish_delivered(conn, claim.job_id, claim.token, reply, started_at=started_at,
+                                             generated_at=generated_at)
+            return jobs.finish_delivered_into_replies(conn, claim.job_id, claim.token, reply, started_at=started_at,
+                                                      generated_at=generated_at, row=row)
+
+        def step(conn) -> bool:
+            wanted = self._next_claim_wanted() if first[0] else None
+            first[0] = False
+            if wanted is None:
+                ok = plain(conn)
+            else:
+                try:
+                    ok, nxt = jobs.finish_delivered_and_claim(conn, claim.job_id, claim.token, reply,
+                                                              started_at=started_at, generated_at=generated_at,
+                                                              row=row, next_claim=wanted)
+                except db.CONNECTION_ERRORS:
+                    raise
+                except psycopg.Error as exc:   # both were rolled back: complete alone, claim in the loop
+                    logger.warning("completing with the next claim failed (%s: %s); completing alone",
+                                   type(exc).__name__, exc)
+                    ok = plain(conn)
+                else:
+                    self._local.invocation.next_claim = nxt
+            # A retry after a commit whose acknowledgement was lost finds the job already done by us.
+            return ok or jobs.finished_by(conn, claim.job_id, claim.token) == "done"
+
+        return step
 
     def _ring(self, why: str) -> None:
         try:
@@ -252,7 +336,7 @@ class Runtime:
         for attempt in range(EMPTY_CLAIM_RETRIES + 1):
             # Retrying a claim whose commit was lost with its session at worst strands that one job
             # until its lease ends (we never learnt its token); it never runs twice at once.
-            claim, more = self.database.retrying("claim", step)
+            claim, more = self.database.retrying("claim", step, autocommit=True)
             if claim is not None or attempt == EMPTY_CLAIM_RETRIES or not more:
                 return claim
             time.sleep(0.005 * (attempt + 1))
@@ -279,7 +363,7 @@ class Runtime:
         if claim.reply is not None:
             logger.info("re-sending the stored reply %s (an earlier attempt generated it)",
                         claim.reply.get("id") or reply_id(claim.job_id))
-            self._deliver(claim, claim.reply)
+            self._deliver(claim, claim.reply, stored=True, note="re-sent")
             return
         cfg = self.config.get()
         entity = cfg.entity(claim.entity_id)
@@ -358,19 +442,25 @@ class Runtime:
             "server": server["name"],
             "generated_at": generated_at.isoformat(),
         }
-        logger.info("generated %d chars in %.2fs", len(text), time.monotonic() - started)
+        note = f"{len(text)} chars generated in {time.monotonic() - started:.2f}s"
         if item.released.is_set():
-            logger.warning("not delivering: the job was handed back at shutdown and will run again")
+            logger.warning("not delivering: the job was handed back at shutdown and will run again (%s)", note)
+            return
+        if self._completes_into_replies():
+            # The reply and the completion commit in one statement: nothing outside the database
+            # sees the reply before it is durable, so there is nothing to store first.
+            self._deliver(claim, reply, stored=False, note=note, started_at=started_at, generated_at=generated_at)
             return
         if not self._store(claim, reply, started_at, generated_at):
             return
-        self._deliver(claim, reply)
+        self._deliver(claim, reply, stored=True, note=note)
 
     def _store(self, claim: jobs.Claim, reply: dict, started_at: datetime, generated_at: datetime) -> bool:
         """The reply made durable on the job before it leaves; False means do not post it."""
         try:
             ok = self.database.retrying("store the reply", lambda conn: jobs.store_reply(
-                conn, claim.job_id, claim.token, reply, started_at=started_at, generated_at=generated_at))
+                conn, claim.job_id, claim.token, reply, started_at=started_at, generated_at=generated_at),
+                autocommit=True)
         except db.CONNECTION_ERRORS as exc:
             # Posting a reply that is not durable could post a second, different one after the
             # lease: better a regeneration nobody sees than two answers.
@@ -408,9 +498,19 @@ class Runtime:
                 f"{budget} (context {claim.context_length} per request − max_tokens − template margin)")
         return request
 
-    def _deliver(self, claim: jobs.Claim, reply: dict) -> None:
-        """Posts the stored reply and completes the job. The reply is already on the job row, so
-        neither step needs to carry it again."""
+    def _completes_into_replies(self) -> bool:
+        """The sink is the `replies` table of the worker's own database: the completion writes it."""
+        return isinstance(self.sink, PostgresSink) and self.sink.shares(self.database)
+
+    def _deliver(self, claim: jobs.Claim, reply: dict, *, stored: bool, note: str,
+                 started_at: datetime | None = None, generated_at: datetime | None = None) -> None:
+        """Posts the reply and completes the job. A stored reply is already on the job row, so
+        neither step needs to carry it again; an unstored one goes only into the statement that
+        writes it to the Postgres sink and completes the job together."""
+        if self._completes_into_replies():
+            self._complete_into_replies(claim, reply, stored=stored, note=note, started_at=started_at,
+                                        generated_at=generated_at)
+            return
         try:
             sent_id = self.sink.deliver(claim.job_id, claim.payload, reply)
         except SinkError as exc:
@@ -427,25 +527,62 @@ class Runtime:
                 return
             logger.warning("delivery failed (%s); job is %s, the stored reply will be re-sent", exc, state)
             return
-        self._complete_delivered(claim, sent_id)
+        self._complete_delivered(claim, sent_id, note)
 
-    def _complete_delivered(self, claim: jobs.Claim, sent_id: str) -> None:
+    def _complete_into_replies(self, claim: jobs.Claim, reply: dict, *, stored: bool, note: str,
+                               started_at: datetime | None, generated_at: datetime | None) -> None:
+        """The Postgres sink's row inserted by the fenced completing statement, retried at once on a
+        fresh connection like any completion. A lost claim writes nothing; so does a session lost
+        before the commit, and then an unstored reply is generated again after the lease -- which
+        nobody can tell, since nothing of it was ever delivered."""
+        row = self.sink.row(claim.job_id, claim.payload, reply)
+        step = self._completion_step(claim, None if stored else reply, started_at=started_at,
+                                     generated_at=generated_at, row=row)
+        try:
+            ok = self.database.retrying("complete the job with its reply", step, attempts=COMPLETE_ATTEMPTS,
+                                        pause=0.2, autocommit=True)
+        except db.CONNECTION_ERRORS as exc:
+            logger.error("could not complete the job with its reply (%s); nothing was delivered (reply and completion "
+                         "commit together), the job runs again after its lease (%s)", exc, note)
+            return
+        except psycopg.Error as exc:
+            # The replies row was refused (a constraint): a failed delivery, recorded as the sink's
+            # own failure would be, with the reply kept so the retry re-sends rather than regenerates.
+            error = f"delivery failed: replies insert: {type(exc).__name__}: {exc}"
+
+            def record(conn):
+                with conn.transaction():
+                    if not stored:
+                        jobs.store_reply(conn, claim.job_id, claim.token, reply, started_at=started_at,
+                                         generated_at=generated_at)
+                    return jobs.fail(conn, claim.job_id, claim.token, error, server_fault=True)
+
+            try:
+                state = self.database.retrying("record the failed delivery", record)
+            except db.CONNECTION_ERRORS as db_exc:
+                logger.error("%s, and could not be recorded (%s); the job runs again after its lease", error, db_exc)
+                return
+            logger.warning("%s; job is %s", error, state)
+            return
+        if ok:
+            logger.info("delivered as %s (%s)", row["reply_id"], note)
+        else:
+            logger.warning("not delivered: the claim was lost (lease expired or job cancelled); whoever holds the job "
+                           "delivers it (%s)", note)
+
+    def _complete_delivered(self, claim: jobs.Claim, sent_id: str, note: str) -> None:
         """The completing UPDATE after a successful post, retried at once on a fresh connection: left
         to the lease, a lost completion would cost a lease of latency and a repeat post."""
-        def step(conn):
-            if jobs.finish_delivered(conn, claim.job_id, claim.token, None, started_at=None, generated_at=None):
-                return True
-            # A retry after a commit whose acknowledgement was lost finds the job already done by us.
-            return jobs.finished_by(conn, claim.job_id, claim.token) == "done"
-
+        step = self._completion_step(claim, None, started_at=None, generated_at=None, row=None)
         try:
-            ok = self.database.retrying("complete the delivered job", step, attempts=COMPLETE_ATTEMPTS, pause=0.2)
+            ok = self.database.retrying("complete the delivered job", step, attempts=COMPLETE_ATTEMPTS, pause=0.2,
+                                        autocommit=True)
         except db.CONNECTION_ERRORS as exc:
             logger.error("delivered as %s but could not complete the job (%s); after its lease the stored reply "
                          "is re-sent with the same id, not regenerated", sent_id, exc)
             return
         if ok:
-            logger.info("delivered as %s", sent_id)
+            logger.info("delivered as %s (%s)", sent_id, note)
         else:
             logger.warning("delivered as %s but the lease was lost; the same stored reply and id are re-sent by "
                            "whoever holds the job", sent_id)
@@ -486,15 +623,26 @@ class Runtime:
         server_fault = exc.server_fault or isinstance(exc, ModelNotLoaded)
         scope = "model" if isinstance(exc, ModelNotLoaded) else exc.scope
         error = f"{type(exc).__name__}: {exc}"
-        with self.transaction() as conn:
-            if scope == "server":
-                self._faulted[server["id"]] = time.monotonic()
-                health.record_fault(conn, server["id"], error)
-            elif scope == "model":
-                self._faulted[(server["id"], claim.model)] = time.monotonic()
-                health.record_model_fault(conn, server["id"], claim.model, error)
-            state = jobs.fail(conn, claim.job_id, claim.token, error, server_fault=server_fault)
-            ratelimit.cancel(conn, claim.job_id)
+        if scope == "server":
+            self._faulted[server["id"]] = time.monotonic()
+        elif scope == "model":
+            self._faulted[(server["id"], claim.model)] = time.monotonic()
+
+        def record(conn):
+            # Retried on a fresh connection when the session died or the transaction was a deadlock's
+            # victim (both OperationalErrors): the failure is fenced by the token, so a repeat after a
+            # commit whose acknowledgement was lost changes nothing; left unrecorded, the job would
+            # wait out its lease.
+            with conn.transaction():
+                if scope == "server":
+                    health.record_fault(conn, server["id"], error)
+                elif scope == "model":
+                    health.record_model_fault(conn, server["id"], claim.model, error)
+                state = jobs.fail(conn, claim.job_id, claim.token, error, server_fault=server_fault)
+                ratelimit.cancel(conn, claim.job_id)
+            return state
+
+        state = self.database.retrying("record the failed generation", record)
         logger.warning("generation failed (%s, %s scope); job is now %s", error, scope, state)
 
     def _server_ok(self, server: dict, model: str) -> None:
@@ -528,8 +676,14 @@ class Runtime:
     # --- process lifecycle ----------------------------------------------------------------------
 
     def renew_leases(self) -> None:
-        """One transaction renews every claim in flight and the process's heartbeat (renewal cadence:
-        `Settings.renewal_seconds`), retried once on a fresh connection."""
+        """Renews every claim in flight and the process's heartbeat (renewal cadence:
+        `Settings.renewal_seconds`) on one autocommit connection, retried once on a fresh one.
+
+        Each renewal is its own statement and transaction: one transaction renewing them all held
+        the row locks of the jobs already renewed while it waited for the next one (locked by a
+        thread failing or completing it), which closed deadlock cycles with the slot-freeing
+        trigger of that thread and any transaction holding slots (seen in the chaos run). A renewal
+        needs no other for company."""
         items = [i for i in self.inflight.snapshot() if not i.released.is_set()]
 
         def step(conn):
@@ -537,7 +691,7 @@ class Runtime:
                 jobs.renew(conn, item.job_id, item.token, self.lease_seconds)
             registry.heartbeat(conn, self.worker_id)
 
-        self.database.retrying("renew leases and heartbeat", step)
+        self.database.retrying("renew leases and heartbeat", step, autocommit=True)
 
     def release_all(self, reason: str) -> int:
         """Hands every in-flight job back to the queue with its attempt refunded (shutdown deadline)."""

@@ -86,6 +86,26 @@ SET state = 'done',
 WHERE id = %(job_id)s AND claim_token = %(token)s AND state = 'running'
 RETURNING id;
 
+-- jobs_finish_delivered_into_replies --
+-- Finishes a job and inserts its reply for the Postgres sink in one fenced statement: both commit or neither
+WITH done AS (
+    UPDATE jobs
+    SET state = 'done',
+        reply = coalesce(%(reply)s::jsonb, reply),
+        started_at = coalesce(%(started_at)s::timestamptz, started_at),
+        generated_at = coalesce(%(generated_at)s::timestamptz, generated_at, now()),
+        finished_at = now(),
+        delivered_at = now(),
+        lease_expires_at = NULL
+    WHERE id = %(job_id)s AND claim_token = %(token)s AND state = 'running'
+    RETURNING id
+), delivered AS (
+    INSERT INTO replies (reply_id, job_id, reply_to, entity_id, message)
+    SELECT %(reply_id)s, done.id, %(reply_to)s, %(entity_id)s, %(message)s::jsonb FROM done
+    ON CONFLICT (reply_id) DO NOTHING
+)
+SELECT id FROM done;
+
 -- jobs_finished_by --
 -- Whether a claim's completion already committed (its acknowledgement was lost with the session)
 SELECT state::text AS state FROM jobs
