@@ -8,6 +8,7 @@ import datetime as dt
 import pytest
 
 from aibot.ops import inspection
+from aibot.settings import get_settings
 from tests.ops.test_inspection import GB, add_job, db_now, seed
 from tests.web.test_web import http, server  # noqa: F401 - fixtures
 
@@ -69,7 +70,7 @@ def test_panels_over_http(conn, http):  # noqa: F811
     assert len(http.get("/api/loads-per-minute?minutes=60").json()["series"]) == 2
     conn.execute("INSERT INTO aibot.workers (worker_id, host, pid, role) VALUES ('bot@h:1', 'h', 1, 'bot')")
     body = http.get("/api/workers").json()
-    assert body["fresh_seconds"] == 60 and [w["role"] for w in body["workers"]] == ["bot"]
+    assert body["fresh_seconds"] == get_settings().heartbeat_fresh_seconds() and [w["role"] for w in body["workers"]] == ["bot"]
     assert http.get("/api/loads-per-minute?minutes=0").status_code == 400
 
     from tests.web.test_web import parse_metrics

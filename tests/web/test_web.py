@@ -203,7 +203,7 @@ def test_every_metric_has_help_and_type(conn, http):
         "aibot_server_failures", "aibot_server_backoff_level", "aibot_server_up", "aibot_server_draining",
         "aibot_server_memory_bytes", "aibot_server_accounted_bytes", "aibot_replies_per_minute",
         "aibot_job_wait_seconds", "aibot_job_duration_seconds", "aibot_job_latency_seconds", "aibot_model_loads",
-        "aibot_workers"}, names
+        "aibot_workers", "aibot_model_queued", "aibot_model_replicas", "aibot_model_unservable"}, names
     assert "# TYPE aibot_model_loads_total counter" in text and "# TYPE aibot_job_latency_seconds summary" in text
 
 
