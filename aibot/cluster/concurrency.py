@@ -48,11 +48,19 @@ class Level:
     k: int
     samples: int
     per_request_tps: float     # Σ tokens / Σ seconds of the generations at this level
+    in_flight: float = 0.0     # their time-weighted mean concurrency (0: use k)
+
+    @property
+    def x(self) -> float:
+        """How many requests really ran at once at this level. Between one request and the next a
+        worker stores, completes and claims, so k users keep slightly fewer than k in flight; using k
+        itself would make the curve look flatter than it is."""
+        return self.in_flight or float(self.k)
 
     @property
     def aggregate_tps(self) -> float:
-        """k requests each at the per-request rate: the pair's total tokens/s at this level."""
-        return self.k * self.per_request_tps
+        """x requests each at the per-request rate: the pair's total tokens/s at this level."""
+        return self.x * self.per_request_tps
 
 
 def level_of(concurrency: float) -> int:
@@ -65,6 +73,7 @@ def curve(samples: Iterable[Sample]) -> dict[int, Level]:
     generation weighs by its length and a few very short ones cannot dominate."""
     tokens: dict[int, float] = {}
     seconds: dict[int, float] = {}
+    weighted: dict[int, float] = {}
     counts: dict[int, int] = {}
     for s in samples:
         if s.seconds < MIN_SAMPLE_SECONDS or s.tokens <= 0 or s.concurrency <= 0:
@@ -72,8 +81,9 @@ def curve(samples: Iterable[Sample]) -> dict[int, Level]:
         k = level_of(s.concurrency)
         tokens[k] = tokens.get(k, 0.0) + s.tokens
         seconds[k] = seconds.get(k, 0.0) + s.seconds
+        weighted[k] = weighted.get(k, 0.0) + s.concurrency * s.seconds
         counts[k] = counts.get(k, 0) + 1
-    return {k: Level(k, counts[k], tokens[k] / seconds[k]) for k in sorted(counts)}
+    return {k: Level(k, counts[k], tokens[k] / seconds[k], weighted[k] / seconds[k]) for k in sorted(counts)}
 
 
 @dataclass(frozen=True)
@@ -91,7 +101,8 @@ def knee(levels: Mapping[int, Level], parallel: int, *, min_gain: float = DEFAUL
 
     Only levels 1..M that all have `min_samples` generations count (a gap means the curve past it is
     unknown). The knee is the smallest c < M such that every measured c' in (c, M] adds less than
-    `min_gain` × the lone-request throughput per added request: T(c') − T(c) < min_gain · T(1) · (c' − c).
+    `min_gain` × the lone-request throughput per added request: T(c') − T(c) < min_gain · T(1) · (x(c') − x(c)),
+    x being the requests really in flight at each level (`Level.x`).
     Comparing against every higher level, not only c + 1, keeps one noisy dip from settling a pair
     that grows again past it. No knee up to M: if M reached `parallel` the curve grows all the way;
     otherwise the next level is unmeasured and the pair keeps `parallel` so it gets measured.
@@ -116,9 +127,10 @@ def knee(levels: Mapping[int, Level], parallel: int, *, min_gain: float = DEFAUL
         have = levels[need].samples if need in levels else 0
         return Decision(parallel, f"exploring: {have}/{min_samples} samples at {need} in flight", measured)
     t = {k: levels[k].aggregate_tps for k in range(1, measured + 1)}
+    x = {k: levels[k].x for k in range(1, measured + 1)}
     step = min_gain * t[1]
     for c in range(1, measured):
-        if all(t[c2] - t[c] < step * (c2 - c) for c2 in range(c + 1, measured + 1)):
+        if all(t[c2] - t[c] < step * max(x[c2] - x[c], 0.0) for c2 in range(c + 1, measured + 1)):
             return Decision(c, f"knee at {c}: {t[c]:.1f} tok/s, at most {max(t.values()):.1f} up to {measured} "
                                f"in flight (< {min_gain:.0%} of a lone request's {t[1]:.1f} per added request)",
                             measured)

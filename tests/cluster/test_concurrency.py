@@ -17,10 +17,10 @@ def samples_for(throughput, levels, n=10, tokens=100.0, noise=0.0, seed=1):
     rng = random.Random(seed)
     out = []
     for k in levels:
-        per_request = throughput(k) / k
         for _ in range(n):
-            rate = per_request * (1 + rng.uniform(-noise, noise))
-            out.append(Sample(concurrency=k + rng.uniform(-0.3, 0.3), tokens=tokens, seconds=tokens / rate))
+            x = k + rng.uniform(-0.3, 0.3)          # k requests keep about k in flight
+            rate = throughput(k) / x * (1 + rng.uniform(-noise, noise))
+            out.append(Sample(concurrency=x, tokens=tokens, seconds=tokens / rate))
     return out
 
 

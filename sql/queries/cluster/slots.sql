@@ -39,7 +39,8 @@ DELETE FROM slots WHERE server_id = %(server_id)s AND retired AND job_id IS NULL
 -- requests were in flight on its (server, model) pair meanwhile, time-weighted and itself included,
 -- its reply size in estimated tokens (chars / 4, the estimate aibot.generation.tokens uses) and its
 -- length. The generation interval is started_at (first byte sent) .. generated_at (reply complete).
--- Walks jobs_finished: only jobs finished within the window, the last p_limit per pair.
+-- Walks jobs_finished: only jobs finished within the window, the newest `limit` per pair. (The FILTER
+-- matters: least/greatest ignore NULLs, so the LEFT JOIN's empty row would count as a full overlap.)
 WITH recent AS (
     SELECT j.id, j.model, j.started_at, j.generated_at,
            length(coalesce(j.reply->>'text', ''))::double precision / 4 AS tokens,
@@ -54,7 +55,8 @@ WITH recent AS (
 SELECT r.model, r.tokens,
        extract(epoch FROM r.generated_at - r.started_at)::double precision AS seconds,
        1 + coalesce(sum(extract(epoch FROM least(r.generated_at, o.generated_at)
-                                          - greatest(r.started_at, o.started_at))), 0)::double precision
+                                          - greatest(r.started_at, o.started_at)))
+                    FILTER (WHERE o.id IS NOT NULL), 0)::double precision
            / extract(epoch FROM r.generated_at - r.started_at)::double precision AS concurrency
 FROM recent r
 LEFT JOIN recent o ON o.model = r.model AND o.id <> r.id
