@@ -146,3 +146,28 @@ def test_a_linear_server_keeps_its_parallel(conn, db_url):
         assert pair_slots(conn) == 3
     finally:
         sim.stop()
+
+
+def test_the_switch_is_read_from_the_config(tmp_path, monkeypatch):
+    from aibot.harness import entity, write_config
+    from aibot.settings import reset_settings
+
+    def config(name: str, **cluster) -> str:
+        return write_config(tmp_path / name, servers=[{"name": "a", "url": "http://127.0.0.1:9"}],
+                            entities=[entity("e", "m1")], clusterSettings={"keepModelsLoaded": True, **cluster})
+
+    for path, want in ((config("absent.json"), False), (config("on.json", adaptiveConcurrency=True), True),
+                       (config("off.json", adaptiveConcurrency=False), False)):
+        monkeypatch.setenv("AIBOT_CONFIG", path)
+        reset_settings()
+        assert slots.adaptive_enabled() is want, path
+    monkeypatch.setenv("AIBOT_CONFIG", str(tmp_path / "missing.json"))
+    reset_settings()
+    assert slots.adaptive_enabled() is False
+
+
+def test_a_bad_switch_names_the_field():
+    from aibot.config.models import ClusterSettings
+
+    with pytest.raises(ValueError, match="adaptiveConcurrency|adaptive_concurrency"):
+        ClusterSettings.model_validate({"adaptiveConcurrency": "sometimes"})
