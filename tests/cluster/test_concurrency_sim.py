@@ -104,13 +104,13 @@ def test_slots_converge_to_the_simulators_knee(conn, db_url):
         for users in (1, 2, 3):   # traffic grows: each level of concurrency gets measured
             peak = [0]
             run_users(db_url, users, PER_USER, f"p{users}", peak)
-            assert peak[0] == users, "the level was really run"
+            assert peak[0] == users, ("the level was really run", peak, curve_of(conn, server_id))
             slots.rebalance(conn, {}, adaptive=True)
             decisions.append(slots.concurrency_decisions(conn, server_id, {"m1": 4})["m1"])
             if users < 3:
                 # The curve beyond this level is unknown: keep the full parallel so it is measured.
-                assert pair_slots(conn) == 4, decisions[-1]
-                assert decisions[-1].reason.startswith("exploring"), decisions[-1]
+                assert pair_slots(conn) == 4, (decisions[-1], curve_of(conn, server_id))
+                assert decisions[-1].reason.startswith("exploring"), (decisions[-1], curve_of(conn, server_id))
 
         # The third request bought nothing: the pair settles at 2 without needing the fourth.
         assert decisions[-1].slots == 2 and decisions[-1].reason.startswith("knee at 2"), \
@@ -142,7 +142,7 @@ def test_a_linear_server_keeps_its_parallel(conn, db_url):
             run_users(db_url, users, PER_USER, f"p{users}", [0])
         slots.rebalance(conn, {}, adaptive=True)
         d = slots.concurrency_decisions(conn, server_id, {"m1": 3})["m1"]
-        assert (d.slots, d.measured) == (3, 3) and "grows" in d.reason, d
+        assert (d.slots, d.measured) == (3, 3) and "grows" in d.reason, (d, curve_of(conn, server_id))
         assert pair_slots(conn) == 3
     finally:
         sim.stop()
