@@ -66,7 +66,7 @@ class SlotDelta:
 
 
 #: The last adaptive decision logged per (server id, model): logged when it changes, not every tick.
-_last_reason: dict[tuple[int, str], str] = {}
+_last_reason: dict[tuple[int, str], tuple[int, str]] = {}
 
 
 def _rebalance_server(conn: psycopg.Connection, server: Mapping[str, Any], demand: Mapping[str, int],
@@ -84,8 +84,9 @@ def _rebalance_server(conn: psycopg.Connection, server: Mapping[str, Any], deman
                                             {i.model: i.parallel for i in instances if i.state == "loaded"})
             caps = {m: d.slots for m, d in decided.items()}
             for m, d in sorted(decided.items()):
-                if _last_reason.get((server["id"], m)) != d.reason:
-                    _last_reason[(server["id"], m)] = d.reason
+                kind = (d.slots, d.reason.split(":")[0])   # the figures in the reason move every tick
+                if _last_reason.get((server["id"], m)) != kind:
+                    _last_reason[(server["id"], m)] = kind
                     logger.info("adaptive concurrency %s/%s: %d slot(s), %s", server["name"], m, d.slots, d.reason)
         if server["enabled"]:
             total = server_slots(budget, capped(instances, caps)).slots
