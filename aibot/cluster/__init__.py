@@ -5,6 +5,7 @@ A one-way chain; a module imports only modules listed before it (tests/test_arch
     sizing      pure: the seed's slot formula and memory arithmetic
     placement   pure: slot split, where to load, what to evict
     demand      pure: swaps under the starvation bound, replicas, idle unloads
+    concurrency pure: a (server, model)'s slots at the knee of its measured tokens/s curve
     configured  what the cluster takes from the entity configuration (servers, model names)
     health      shared server and (server, model) health and backoff
     state       server rows and views, queued demand, the usable-server rule, can_load
@@ -18,4 +19,4 @@ Owns the tables `servers`, `model_instances`, `slots`, `model_loads`, `model_cat
 """
 
 #: The chain above, bottom first: a module may import only the modules before it.
-CHAIN = ("sizing", "placement", "demand", "configured", "health", "state", "slots", "loader", "refresh", "plan")
+CHAIN = ("sizing", "placement", "demand", "concurrency", "configured", "health", "state", "slots", "loader", "refresh", "plan")

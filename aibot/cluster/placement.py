@@ -10,7 +10,7 @@ No I/O and no state: `aibot.cluster.loader` and `aibot.cluster.slots` apply what
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
 from aibot.cluster.sizing import Budget, Instance, gb, memory_bound, server_slots
@@ -87,17 +87,30 @@ def keeps(current: Mapping[str, int], ideal: Mapping[str, int], models: Sequence
     return True
 
 
+def capped(instances: Iterable[Instance], caps: Mapping[str, int] | None) -> list[Instance]:
+    """The instances with each capped model's `parallel` lowered to its cap (never raised, never < 1),
+    so the sizing total and the split both see the adaptive concurrency."""
+    caps = caps or {}
+    return [replace(i, parallel=max(1, min(i.parallel, int(caps[i.model])))) if i.model in caps else i
+            for i in instances]
+
+
 def server_targets(budget: Budget, instances: Iterable[Instance],
                    demand: Mapping[str, int] | None = None,
-                   current: Mapping[str, int] | None = None) -> dict[str, int]:
+                   current: Mapping[str, int] | None = None,
+                   caps: Mapping[str, int] | None = None) -> dict[str, int]:
     """Slot rows wanted per model on one server: the sizing total split across its loaded models.
 
     Models that are loading or unloading get 0 (they cannot serve) but their memory still counts.
     With `current` (the active rows per model now), a split that is still as good as the fresh one
-    (`keeps`) is kept, so refreshes and rebalances never undo each other's decisions.
+    (`keeps`) is kept, so refreshes and rebalances never undo each other's decisions. `caps` (model →
+    the knee of its throughput curve, `aibot.cluster.concurrency`) lowers a model's `parallel` before
+    the formula runs, so the slots it does not need go to the server's other models; a cap never
+    raises anything above `parallel` or the memory bound.
     """
     instances = list(instances)
     demand = demand or {}
+    instances = capped(instances, caps)
     total = server_slots(budget, instances).slots
     shares = [ModelShare(i.model, i.parallel, int(demand.get(i.model, 0)))
               for i in instances if i.state == "loaded"]

@@ -310,6 +310,9 @@ class ClusterSettings(ConfigModel):
     residency_per_load_second: float = Field(10.0, ge=0)
     replica_queue_factor: float = Field(2.0, gt=0)
     max_replicas: int | None = Field(None, ge=1)
+    # docs/cluster.md "Adaptive concurrency": each (server, model)'s slots settle at the knee of its
+    # measured tokens/s curve instead of the server's full `parallel`. Off by default (see there why).
+    adaptive_concurrency: bool = False
 
     @model_validator(mode="after")
     def _residency_range(self) -> "ClusterSettings":

@@ -41,7 +41,11 @@ def batch_multiplier(k: int, alpha: float, curve: list[float] | None = None) -> 
     """Per-token slowdown with k requests batched on one instance (continuous batching).
 
     Throughput grows with k while each request slows down a little: 1 + alpha*(k-1) by default; an explicit
-    measured `curve` (multipliers for k = 1, 2, ...) wins, extended linearly past its end.
+    measured `curve` (multipliers for k = 1, 2, ...) wins, extended linearly past its end. The default has no
+    knee (aggregate k / (1 + alpha*(k-1)) keeps growing); real servers saturate -- llama.cpp's `--parallel`
+    slots share each continuous-batching decode, so past the point where compute is used up a bigger batch
+    only slows every request -- and a `curve` such as [1, 1, 1.8, 2.6] models that (throughput peaks at 2;
+    what aibot's adaptive concurrency, docs/cluster.md, is tested against).
     """
     k = max(1, k)
     if curve:

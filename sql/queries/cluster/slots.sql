@@ -33,3 +33,33 @@ UPDATE slots SET retired = false WHERE id IN (
 -- cluster_delete_stale_retired --
 -- Retired rows without a holder should not exist (release deletes them); clear any left behind
 DELETE FROM slots WHERE server_id = %(server_id)s AND retired AND job_id IS NULL;
+
+-- cluster_concurrency_samples --
+-- Adaptive concurrency (aibot.cluster.concurrency): each recent generation on one server with how many
+-- requests were in flight on its (server, model) pair meanwhile, time-weighted and itself included,
+-- its reply size in estimated tokens (chars / 4, the estimate aibot.generation.tokens uses) and its
+-- length. The generation interval is started_at (first byte sent) .. generated_at (reply complete).
+-- Walks jobs_finished: only jobs finished within the window, the newest `limit` per pair. (The FILTER
+-- matters: least/greatest ignore NULLs, so the LEFT JOIN's empty row would count as a full overlap.)
+WITH recent AS (
+    SELECT j.id, j.model, j.started_at, j.generated_at,
+           length(coalesce(j.reply->>'text', ''))::double precision / 4 AS tokens,
+           row_number() OVER (PARTITION BY j.model ORDER BY j.generated_at DESC) AS n
+    FROM jobs j
+    WHERE j.finished_at > now() - make_interval(secs => %(window_s)s)
+      AND j.server_id = %(server_id)s
+      AND j.model IS NOT NULL
+      AND j.started_at IS NOT NULL
+      AND j.generated_at > j.started_at
+)
+SELECT r.model, r.tokens,
+       extract(epoch FROM r.generated_at - r.started_at)::double precision AS seconds,
+       1 + coalesce(sum(extract(epoch FROM least(r.generated_at, o.generated_at)
+                                          - greatest(r.started_at, o.started_at)))
+                    FILTER (WHERE o.id IS NOT NULL), 0)::double precision
+           / extract(epoch FROM r.generated_at - r.started_at)::double precision AS concurrency
+FROM recent r
+LEFT JOIN recent o ON o.model = r.model AND o.id <> r.id
+                  AND o.started_at < r.generated_at AND o.generated_at > r.started_at
+WHERE r.n <= %(limit)s
+GROUP BY r.id, r.model, r.tokens, r.started_at, r.generated_at;
