@@ -18,7 +18,21 @@ Figures: latency = arrival → reply received; wait = latency − the service ti
 to a loaded model (measured once before the runs), so it counts queueing and loads whatever the policy
 does inside the server; loads = the simulators' count; slot utilisation = generations served × the
 unqueued service time / (Σ parallel × the run); peak memory against the budget and over-commits (loads the servers refused for
-memory). Target (issue 12): aibot's p95 wait ≥ 2× lower than the best peer's, at most half its loads,
+memory).
+
+Fair time: the simulator divides every duration by `--speed`, so aibot's own durations are scaled the same
+way (`scaled_settings`): the aging step (`AIBOT_AGING_SECONDS`, 30 s), the refresh / rebalance / doorbell
+ticks (`AIBOT_SCHEDULE_*`, 15 s / 30 s / 5 s) and clusterSettings' minimum residency (120 s, floor 5 s) and
+idle TTL are their production defaults × speed, so a simulated second means the same for aibot as for the
+baselines (which have no such knobs). Not scaled: failure timeouts and leases (they only bound recovery),
+and the 120 s arrival-rate window of aibot.cluster.state (a constant there, not a setting: at speed 0.05 it
+averages over 40 simulated minutes, so aibot's replica decisions see a smoother rate than production).
+
+Unanswered requests: a request with no reply when the run ends is reported per policy (`not_answered`),
+and percentiles come two ways: `*_answered_*` over answered requests only (an optimistic figure for a
+policy that leaves work behind), and the plain `wait_p95_s` etc. counting every unanswered request's wait
+up to the run's end (a lower bound on what it would have waited). The target uses the latter for every
+policy: a peer's lower bound makes the comparison conservative for aibot. Target (issue 12): aibot's p95 wait ≥ 2× lower than the best peer's, at most half its loads,
 0 over-commits, every persona's p95 within 3× the median persona's.
 """
 
@@ -95,11 +109,35 @@ def spec(speed: float, catalog):
                         for i in range(2)])
 
 
+#: aibot's production defaults for the durations that decide scheduling (seconds): the queue's aging step,
+#: the scheduled jobs that refresh, rebalance and wake workers, clusterSettings' residency and idle TTL.
+PRODUCTION_S = {"aging": 30.0, "refresh": 15.0, "rebalance": 30.0, "doorbell": 5.0,
+                "min_residency": 120.0, "min_residency_floor": 5.0, "idle_ttl": 300.0}
+
+
+def scaled_settings(speed: float) -> tuple[dict[str, str], dict]:
+    """(environment, clusterSettings) with aibot's scheduling durations × speed, as the simulator scales
+    its own: without this, at speed 0.05 the 30 s aging would be 600 simulated seconds."""
+    s = {k: v * speed for k, v in PRODUCTION_S.items()}
+    env = {"AIBOT_AGING_SECONDS": f"{s['aging']:.4g}",
+           **{f"AIBOT_SCHEDULE_{job.upper()}": f"{s[job] * 1000:.0f}ms" for job in ("refresh", "rebalance", "doorbell")}}
+    cluster = {"keepModelsLoaded": True, "minResidencySeconds": round(s["min_residency"], 3),
+               "minResidencyFloorSeconds": round(s["min_residency_floor"], 3),
+               "modelUnloadDelayMs": int(s["idle_ttl"] * 1000)}
+    return env, cluster
+
+
 def run_aibot(admin_url: str, events, catalog, speed: float, drain: float, keep_logs: bool) -> dict:
     by_model = {m: p for p, m, _ in catalog}
     ents = [common.bench_entity(p, m) for p, m, _ in catalog]
+    env, cluster = scaled_settings(speed)
+    log(f"aibot scaled to speed {speed:g}: {env}, clusterSettings {cluster}")
     with common.scratch_database(admin_url, "workload") as url, \
-            common.deployment(url, spec(speed, catalog), ents, keep_logs=keep_logs) as d:
+            common.deployment(url, spec(speed, catalog), ents, env=env, keep_logs=keep_logs) as d:
+        # clusterSettings live in the config file; set them before any aibot process reads it.
+        doc = json.loads(Path(d.config_path).read_text())
+        doc["clusterSettings"] = {**doc.get("clusterSettings", {}), **cluster}
+        Path(d.config_path).write_text(json.dumps(doc, indent=2))
         d.sync_cluster()
         d.start_scheduler()
         d.start_workers(processes=1, threads=16)
@@ -121,8 +159,11 @@ def run_aibot(admin_url: str, events, catalog, speed: float, drain: float, keep_
                 common.wait_until(lambda: set(called) <= set(d.chat.arrivals()), drain, "drain", 0.1)
             except TimeoutError:
                 pass
+        end = common.now()
         done = dict(d.chat.arrivals())
-        return summarise("aibot", [s.stats() for s in d.sims.servers], called, models, done, t0, common.now(), speed)
+        row = summarise("aibot", [s.stats() for s in d.sims.servers], called, models, done, t0, end, speed)
+        row["scaled_settings"] = {"env": env, "clusterSettings": cluster}
+        return row
 
 
 def run_baseline(make, events, catalog, speed: float, drain: float) -> dict:
@@ -175,16 +216,18 @@ SERVICE_S = 0.0
 
 def summarise(who: str, stats: list[dict], called: dict, models: dict, done: dict, t0: float, end: float,
               speed: float) -> dict:
-    lat, per_persona, timeline, censored = [], {}, [], 0
+    lat, per_persona, timeline, censored, answered = [], {}, [], 0, []
     for key, at in called.items():
         if key in done:
             v = done[key] - at
+            answered.append(v)
         else:
             v, censored = end - at, censored + 1
         lat.append(v)
         per_persona.setdefault(models[key], []).append(max(0.0, v - SERVICE_S))
         timeline.append([round((at - t0) / speed, 1), round(max(0.0, v - SERVICE_S) / speed, 2)])
     waits = [max(0.0, v - SERVICE_S) for v in lat]
+    waits_ans = [max(0.0, v - SERVICE_S) for v in answered]
     p95s = {m: common.percentile(v, 95) for m, v in per_persona.items() if len(v) >= 3}
     med = sorted(p95s.values())[len(p95s) // 2] if p95s else None
     busy = sum(m.get("served", 0) for s in stats for m in s["models"].values()) * SERVICE_S
@@ -195,6 +238,13 @@ def summarise(who: str, stats: list[dict], called: dict, models: dict, done: dic
     sim_s = lambda x: None if x is None else round(x / speed, 1)   # noqa: E731 - report in simulated seconds
     return {"policy": who, "requests": len(called), "replies": len(set(done) & set(called)),
             "not_answered": censored,
+            "unanswered_oldest_wait_s": sim_s(max((end - at for k, at in called.items() if k not in done), default=None)),
+            "wait_answered_p50_s": sim_s(common.percentile(waits_ans, 50)) if waits_ans else None,
+            "wait_answered_p95_s": sim_s(common.percentile(waits_ans, 95)) if waits_ans else None,
+            "wait_answered_p99_s": sim_s(common.percentile(waits_ans, 99)) if waits_ans else None,
+            "latency_answered_p95_s": sim_s(common.percentile(answered, 95)) if answered else None,
+            "percentiles": "wait_*/latency_* count unanswered requests at the run's end (lower bounds); "
+                           "*_answered_* are over answered requests only",
             "wait_p50_s": sim_s(common.percentile(waits, 50)), "wait_p95_s": sim_s(common.percentile(waits, 95)),
             "wait_p99_s": sim_s(common.percentile(waits, 99)),
             "latency_p50_s": sim_s(common.percentile(lat, 50)), "latency_p95_s": sim_s(common.percentile(lat, 95)),
@@ -241,13 +291,16 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(run_aibot(args.database_url, events, catalog, args.speed, args.drain, args.keep_logs))
         else:
             rows.append(run_baseline(factories[name], events, catalog, args.speed, args.drain))
-    print(common.table(rows, ["policy", "requests", "replies", "not_answered", "wait_p50_s", "wait_p95_s", "wait_p99_s",
+    print(common.table(rows, ["policy", "requests", "replies", "not_answered", "wait_answered_p95_s",
+                              "wait_p50_s", "wait_p95_s", "wait_p99_s",
                               "latency_p95_s", "worst_persona_p95_s", "median_persona_p95_s", "loads",
                               "slot_utilisation", "peak_memory_gb", "budget_gb", "over_commits"],
                        title=f"Trace: {len(catalog)} personas, {len(events)} messages, {args.minutes:g} simulated min, "
                              f"2 × {MEMORY_GB} GB (simulated seconds)"))
     ours = next((r for r in rows if r["policy"] == "aibot"), None)
-    peers = [r for r in rows if r["policy"] != "aibot" and r["not_answered"] == 0]
+    # Every peer counts, unanswered requests at their wait so far: a peer's figure is then a lower bound on
+    # its real one, so "aibot ≥ 2× lower than the best peer" errs against aibot, not for it.
+    peers = [r for r in rows if r["policy"] != "aibot"]
     met = None
     if ours and peers:
         best = min(peers, key=lambda r: r["wait_p95_s"])

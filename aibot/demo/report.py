@@ -74,6 +74,9 @@ class SlotSample:
     busy: int = 0                       # of which held by a job
     backlog: int = 0                    # runnable queued jobs at that moment
     stranded: int = 0                   # idle servers with room beside ≥ 2 × a model's slots of its jobs waiting
+    # Slots whose model had work for them (Σ per model min(its slots, held + queued)): the most that could
+    # have been busy at that moment without changing what is resident. 0 = not sampled (old dumps).
+    servable: int = 0
 
 
 @dataclass(frozen=True)
@@ -115,6 +118,9 @@ class Report:
     notes: list[str] = field(default_factory=list)
     context: dict[str, Any] = field(default_factory=dict)   # database, workers, duration: how the run was set up
     backlog_utilisation: float | None = None    # held / total slot-seconds while a backlog existed
+    # held / servable slot-seconds while a backlog existed: how well the workers kept the slots that had
+    # work busy; the gap to backlog_utilisation is slots resident for models nobody was waiting for.
+    backlog_servable_utilisation: float | None = None
     stranded_seconds: float = 0.0               # idle server with room beside a waiting backlog (target 0)
     replicas: dict[str, list[str]] = field(default_factory=dict)   # model -> servers that loaded it
 
@@ -182,6 +188,20 @@ def backlog_utilisation(samples: Sequence[SlotSample], start: float, end: float)
         if seg > 0 and s.backlog > 0:
             busy += s.busy * seg
             total += s.total * seg
+    return busy / total if total else None
+
+
+def backlog_servable_utilisation(samples: Sequence[SlotSample], start: float, end: float) -> float | None:
+    """Held / servable slot-seconds while a backlog existed. A slot of a model with no queued job cannot be
+    busy whatever the dispatcher does, so this separates "the workers left work waiting beside a usable
+    slot" (low here) from "the resident models were not the ones people wanted" (low only in the total)."""
+    pts = sorted(samples, key=lambda s: s.t)
+    busy = total = 0.0
+    for i, s in enumerate(pts):
+        seg = min(pts[i + 1].t if i + 1 < len(pts) else end, end) - max(s.t, start)
+        if seg > 0 and s.backlog > 0 and s.servable > 0:
+            busy += min(s.busy, s.servable) * seg
+            total += s.servable * seg
     return busy / total if total else None
 
 
@@ -258,6 +278,8 @@ def build_report(*, posted: Sequence[PostRecord], jobs: Sequence[JobRecord], rep
         busy_slot_seconds=busy, available_slot_seconds=available,
         slot_utilisation=busy / available if available else None,
         backlog_utilisation=backlog_utilisation(samples, start, start + makespan) if makespan else None,
+        backlog_servable_utilisation=(backlog_servable_utilisation(samples, start, start + makespan)
+                                      if makespan else None),
         stranded_seconds=stranded_seconds(samples, start, start + makespan) if makespan else 0.0,
         replicas={m: sorted(by) for m, by in loads_per_model(servers).items() if len(by) > 1},
         servers=server_rows, loads_per_model=loads_per_model(servers),
@@ -312,7 +334,8 @@ def format_report(r: Report) -> str:
     rpm = "-" if r.replies_per_minute is None else f"{r.replies_per_minute:.1f}"
     out.append(f"Makespan  (first post → last reply) {secs(r.makespan_seconds)}, {rpm} replies/min")
     out.append(f"Slots     utilisation {pct(r.slot_utilisation)} = busy {r.busy_slot_seconds:.1f} / available "
-               f"{r.available_slot_seconds:.1f} slot-seconds; while a backlog existed {pct(r.backlog_utilisation)}")
+               f"{r.available_slot_seconds:.1f} slot-seconds; while a backlog existed {pct(r.backlog_utilisation)} "
+               f"of all slots, {pct(r.backlog_servable_utilisation)} of the slots whose model had work queued")
     out.append(f"Idle      seconds with a server idle (free memory, free slots) beside ≥ 2 × a model's slots "
                f"of its jobs waiting: {r.stranded_seconds:.0f}")
     out.append(f"Replicas  {', '.join(f'{m} on {len(s)} servers' for m, s in r.replicas.items()) or 'none'}")

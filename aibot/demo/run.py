@@ -263,11 +263,15 @@ def _snapshot(conn, sims: SimCluster, chat: FakeChatServer, *, started: float, e
     snap = Snapshot(elapsed, phase, posted, planned, states, runnable, len(reply_times),
                     replies_per_minute(reply_times, now, started), tuple(lines), unplaced)
     per_model: dict[str, int] = {}
+    held: dict[str, int] = {}
     for c in cluster_state.slot_counts(conn):
         per_model[c["model"]] = per_model.get(c["model"], 0) + c["free"] + c["held"]
-    idle = demand.stranded(cluster_state.server_views(conn), cluster_state.model_demand(conn), per_model)
+        held[c["model"]] = held.get(c["model"], 0) + c["held"]
+    wanted = cluster_state.model_demand(conn)
+    idle = demand.stranded(cluster_state.server_views(conn), wanted, per_model)
+    servable = sum(min(n, held.get(m, 0) + (wanted[m].queued if m in wanted else 0)) for m, n in per_model.items())
     return snap, report.SlotSample(now, sum(u[1] for u in usage.values()), sum(u[0] for u in usage.values()),
-                                   runnable, len(idle))
+                                   runnable, len(idle), servable)
 
 
 def _drained(conn, posted_ids: list[str]) -> bool:

@@ -475,6 +475,16 @@ def test_backlog_utilisation_and_idle_capacity_count_only_their_moments():
     assert report.backlog_utilisation([report.SlotSample(0, 4)], 0, 10) is None
 
 
+def test_servable_utilisation_discounts_slots_of_models_nobody_waits_for():
+    # 0-10 s: 6 slots, 2 held, the queued model has 2 slots (servable 2) -> all servable slots busy;
+    # 10-20 s: servable 4, 1 held -> the workers left 3 usable slots idle beside the backlog.
+    samples = [report.SlotSample(0, 6, busy=2, backlog=5, servable=2),
+               report.SlotSample(10, 6, busy=1, backlog=2, servable=4), report.SlotSample(20, 6, busy=0, backlog=0)]
+    assert report.backlog_utilisation(samples, 0, 30) == pytest.approx(3 / 12)
+    assert report.backlog_servable_utilisation(samples, 0, 30) == pytest.approx((2 * 10 + 1 * 10) / (2 * 10 + 4 * 10))
+    assert report.backlog_servable_utilisation([report.SlotSample(0, 4, backlog=1)], 0, 10) is None   # not sampled
+
+
 def test_progress_names_models_queued_where_nothing_can_serve_them_yet():
     snap = Snapshot(3.0, "posting", 5, 10, {"queued": 4}, 4, 0, 0.0, (), (("sim/model-3@f16", 4),))
     assert "queued where nothing can serve them yet: model-3@f16 4" in "\n".join(render_block(snap))
