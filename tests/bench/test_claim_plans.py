@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 
+from aibot.harness import claim_plans
 from aibot.queue import jobs
 from bench import common, scaling
 
@@ -57,6 +58,6 @@ def test_plan_verdict_without_plans_is_not_ok():
 
 def test_claim_statements_found_in_the_installed_function(conn):
     src = conn.execute("SELECT prosrc FROM pg_proc WHERE proname = 'claim_jobs'").fetchone()["prosrc"]
-    found = common._claim_statements(src)
+    found = claim_plans._claim_statements(src)
     assert set(found) == {"candidate", "slot_choice"}
     assert "$1::text" in found["slot_choice"][1] and "INTO" not in found["slot_choice"][1]

@@ -6,23 +6,18 @@ logging nested statements to this session as LOG messages. The test database is 
 connection in every supported setup (env URL, testcontainers, pgserver), which LOAD needs.
 
 The embedded Postgres (pgserver) ships without contrib, so no auto_explain: there the statement is read
-from the installed function's own source (pg_proc.prosrc, so it cannot drift either), prepared with its
-plpgsql variables as parameters, and explained both as a custom and as a generic plan — the two plans
-plpgsql can run it with.
+from the installed function's own source (pg_proc.prosrc, so it cannot drift either) and explained both
+as a custom and as a generic plan. Both ways live in aibot.harness.claim_plans (the scaling benchmark
+uses them too).
 """
 
 from __future__ import annotations
 
-import json
-import re
-
 import psycopg
 import pytest
 
-from aibot import db
+from aibot.harness.claim_plans import CANDIDATE_MARK, claim_plans
 from aibot.queue import jobs
-
-CANDIDATE_MARK = "ORDER BY j.rank, j.id"
 
 
 def _fill(conn: psycopg.Connection) -> None:
@@ -55,83 +50,17 @@ def _nodes(plan: dict):
         yield from _nodes(child)
 
 
-def _has_auto_explain(conn: psycopg.Connection) -> bool:
-    try:
-        conn.execute("LOAD 'auto_explain'")
-    except psycopg.errors.UndefinedFile:
-        return False
-    return True
-
-
 def _candidate_plans(url: str, *, use_slots: bool, calls: int = 8) -> list[dict]:
-    with db.connect(url, autocommit=True) as conn:
-        logged = _has_auto_explain(conn)
-    if logged:
-        return _logged_plans(url, use_slots=use_slots, calls=calls)
-    return _explained_plans(url, use_slots=use_slots)[:calls]
-
-
-def _candidate_statement(conn: psycopg.Connection) -> str:
-    """The cursor's SELECT as installed, its plpgsql variables turned into $1..$3."""
-    src = conn.execute("SELECT prosrc FROM pg_proc WHERE proname = 'claim_jobs'").fetchone()["prosrc"]
-    match = re.search(r"OPEN v_cur FOR\s+(SELECT.*?SKIP LOCKED);", src, re.S)
-    assert match, "claim_jobs no longer opens its candidate cursor with OPEN v_cur FOR SELECT ... SKIP LOCKED"
-    stmt = match.group(1)
-    assert CANDIDATE_MARK in stmt
-    for name, param in (("p_use_slots", "$1::boolean"), ("v_models", "$2::text[]"), ("p_max_scan", "$3::integer")):
-        stmt = re.sub(rf"\b{name}\b", param, stmt)
-    return stmt
-
-
-def _explained_plans(url: str, *, use_slots: bool) -> list[dict]:
-    """The candidate statement's custom and generic plans, with the arguments claim_jobs would pass."""
-    plans = []
-    with db.connect(url, autocommit=True) as conn:
-        stmt = _candidate_statement(conn)
-        models = conn.execute(
-            "SELECT coalesce(array_agg(DISTINCT model), '{}') AS models FROM aibot.free_slots").fetchone()["models"]
-        # Utility statements take no protocol-level parameters: a client-side cursor sends them whole.
-        client = psycopg.ClientCursor(conn)
-        client.execute(f"PREPARE candidates(boolean, text[], integer) AS {stmt}")
-        for mode in ("force_custom_plan", "force_generic_plan"):
-            conn.execute(f"SET plan_cache_mode = {mode}")
-            with conn.transaction():
-                row = client.execute("EXPLAIN (FORMAT JSON) EXECUTE candidates(%s, %s, %s)",
-                                     (use_slots, models, jobs.DEFAULT_MAX_SCAN)).fetchone()
-            (doc,) = row.values()
-            doc = json.loads(doc) if isinstance(doc, str) else doc
-            plans.append(doc[0]["Plan"])
-        conn.execute("DEALLOCATE candidates")
-        conn.execute("RESET plan_cache_mode")
-    return plans
-
-
-def _logged_plans(url: str, *, use_slots: bool, calls: int = 8) -> list[dict]:
-    """Runs `calls` claims in one session with auto_explain on; returns the candidate statement's plans.
-
-    More than five calls, because plpgsql may switch a statement to a cached generic plan after five.
-    """
-    logged: list[str] = []
-    with db.connect(url, autocommit=True) as conn:
-        conn.add_notice_handler(lambda diag: logged.append(diag.message_primary or ""))
-        conn.execute("LOAD 'auto_explain'")
-        conn.execute("SET auto_explain.log_min_duration = 0")
-        conn.execute("SET auto_explain.log_nested_statements = on")
-        conn.execute("SET auto_explain.log_format = 'json'")
-        conn.execute("SET client_min_messages = log")
-        claimed = [jobs.claim(conn, "plan-test", lease_seconds=60, use_slots=use_slots) for _ in range(calls)]
-        conn.execute("SET client_min_messages = notice")
-    assert claimed[0] is not None, "the fixture has runnable jobs, the claim should get one"
-    plans = []
-    for message in logged:
-        start = message.find("{")
-        if start < 0:
-            continue
-        doc = json.loads(message[start:])
-        if CANDIDATE_MARK in doc.get("Query Text", ""):
-            plans.append(doc["Plan"])
-    assert len(plans) == calls, f"expected {calls} logged plans of the candidate query, got {len(plans)}"
-    return plans
+    """The candidate statement's plans as claim_jobs runs it (aibot.harness.claim_plans): with auto_explain,
+    `calls` real claims in one session (more than five, because plpgsql may switch a statement to a
+    cached generic plan after five); without it, its custom and generic plans."""
+    plans = claim_plans(url, claim=lambda conn: jobs.claim(conn, "plan-test", lease_seconds=60, use_slots=use_slots),
+                        calls=calls, use_slots=use_slots)
+    candidates = [p for p in plans if CANDIDATE_MARK in p["query"]]
+    assert candidates, f"no plan of the candidate query among {[p['query'][:60] for p in plans]}"
+    if candidates[0]["how"] == "auto_explain":
+        assert len(candidates) == calls, f"expected {calls} logged plans of the candidate query, got {len(candidates)}"
+    return [p["plan"] for p in candidates][:calls]
 
 
 def _assert_walks_claimable_index(plan: dict) -> None:

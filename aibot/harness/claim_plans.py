@@ -1,0 +1,142 @@
+"""The plans a claim really runs, for the claim-plan test and the scaling benchmark.
+
+Why here: the claim's statements live inside the plpgsql function aibot.claim_jobs, so a check that
+the claim walks its indexes must capture what the installed function executes (auto_explain), or read
+its statements from pg_proc.prosrc where Postgres has no contrib (the embedded pgserver) — never a copy
+of the SQL that could drift. One implementation serves tests/queue/test_claim_plan.py and
+bench/scaling.py. Production code never imports this module.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import psycopg
+
+from aibot import db
+
+
+CANDIDATE_MARK = "ORDER BY j.rank, j.id"
+
+
+def _plan_nodes(plan: dict) -> Iterator[dict]:
+    yield plan
+    for child in plan.get("Plans", []):
+        yield from _plan_nodes(child)
+
+
+def _has_auto_explain(url: str) -> bool:
+    with db.connect(url, autocommit=True) as conn:
+        try:
+            conn.execute("LOAD 'auto_explain'")
+        except (psycopg.errors.UndefinedFile, psycopg.errors.InsufficientPrivilege):
+            return False
+    return True
+
+
+def claim_plans(url: str, *, claim: Callable[[psycopg.Connection], Any], calls: int = 8,
+                use_slots: bool = True) -> list[dict]:
+    """The plans a claim really runs: [{"query": text, "plan": EXPLAIN JSON plan, "how": ...}].
+
+    With auto_explain (a Postgres with contrib, as the shared one), `claim(conn)` runs `calls` times
+    (more than plpgsql's five custom plans, so a cached generic plan shows too) and every nested
+    statement's plan is logged to this session: whatever claim_jobs executes, however it is rewritten.
+    Without it (pgserver has no contrib), the candidate and slot-choice statements are read from the
+    installed function's source and explained with custom and generic plans (as
+    tests/queue/test_claim_plan.py does); their plpgsql variables become parameters.
+    The claims made here stay claimed: the caller gives them back.
+    """
+    if _has_auto_explain(url):
+        return _logged_claim_plans(url, claim, calls)
+    return _explained_claim_plans(url, use_slots)
+
+
+def _logged_claim_plans(url: str, claim: Callable[[psycopg.Connection], Any], calls: int) -> list[dict]:
+    logged: list[str] = []
+    with db.connect(url, autocommit=True) as conn:
+        conn.add_notice_handler(lambda diag: logged.append(diag.message_primary or ""))
+        for stmt in ("LOAD 'auto_explain'", "SET auto_explain.log_min_duration = 0",
+                     "SET auto_explain.log_nested_statements = on", "SET auto_explain.log_format = 'json'",
+                     "SET client_min_messages = log"):
+            conn.execute(stmt)
+        for _ in range(calls):
+            claim(conn)
+        conn.execute("SET client_min_messages = notice")
+    out = []
+    for message in logged:
+        start = message.find("{")
+        if start < 0:
+            continue
+        doc = json.loads(message[start:])
+        query = doc.get("Query Text", "")
+        if query.lstrip().upper().startswith(("SET ", "LOAD ")):
+            continue
+        out.append({"query": query, "plan": doc["Plan"], "how": "auto_explain"})
+    return out
+
+
+def _claim_statements(src: str) -> dict[str, tuple[str, str]]:
+    """name -> (PREPARE parameter types, statement) for the candidate and slot-choice statements."""
+    found: dict[str, tuple[str, str]] = {}
+    m = re.search(r"OPEN v_cur FOR\s+(SELECT.*?SKIP LOCKED);", src, re.S)
+    if m and CANDIDATE_MARK in m.group(1):
+        stmt = m.group(1)
+        for name, param in (("p_use_slots", "$1::boolean"), ("v_models", "$2::text[]"), ("p_max_scan", "$3::integer")):
+            stmt = re.sub(rf"\b{name}\b", param, stmt)
+        found["candidate"] = ("boolean, text[], integer", stmt)
+    m = re.search(r"(SELECT\s+sl\.id,\s*sl\.server_id)\s+INTO\s+v_slot,\s*v_server\s+(FROM.*?SKIP LOCKED);", src, re.S)
+    if m:
+        found["slot_choice"] = ("text", (m.group(1) + " " + m.group(2)).replace("v_cand.model", "$1::text"))
+    return found
+
+
+def _explained_claim_plans(url: str, use_slots: bool = True) -> list[dict]:
+    from aibot.queue import jobs
+
+    out = []
+    with db.connect(url, autocommit=True) as conn:
+        src = conn.execute("SELECT prosrc FROM pg_proc WHERE proname = 'claim_jobs'").fetchone()["prosrc"]
+        stmts = _claim_statements(src)
+        models = conn.execute(
+            "SELECT coalesce(array_agg(DISTINCT model), '{}') AS models FROM aibot.free_slots").fetchone()["models"]
+        args = {"candidate": (use_slots, models, jobs.DEFAULT_MAX_SCAN), "slot_choice": (models[0] if models else "none",)}
+        client = psycopg.ClientCursor(conn)   # utility statements take no protocol-level parameters
+        for name, (types, stmt) in stmts.items():
+            client.execute(f"PREPARE scaling_{name}({types}) AS {stmt}")
+            marks = ", ".join(["%s"] * len(args[name]))
+            for mode in ("force_custom_plan", "force_generic_plan"):
+                conn.execute(f"SET plan_cache_mode = {mode}")
+                with conn.transaction():
+                    row = client.execute(f"EXPLAIN (FORMAT JSON) EXECUTE scaling_{name}({marks})", args[name]).fetchone()
+                (doc,) = row.values()
+                doc = json.loads(doc) if isinstance(doc, str) else doc
+                out.append({"query": stmt, "plan": doc[0]["Plan"], "how": f"prosrc {name} {mode}"})
+            conn.execute(f"DEALLOCATE scaling_{name}")
+        conn.execute("RESET plan_cache_mode")
+    missing = {"candidate", "slot_choice"} - set(stmts)
+    if missing:
+        out.append({"query": f"(not found in claim_jobs source: {', '.join(sorted(missing))})", "plan": {},
+                    "how": "prosrc"})
+    return out
+
+
+def plan_verdict(plans: list[dict], tables: Sequence[str] = ("jobs", "slots")) -> dict[str, Any]:
+    """ok = at least one plan and no Seq Scan of `tables`; the scans of each distinct statement."""
+    statements: dict[str, set[str]] = {}
+    seq: set[str] = set()
+    for p in plans:
+        head = " ".join(p["query"].split())[:120]
+        scans = statements.setdefault(head, set())
+        for n in _plan_nodes(p["plan"]) if p["plan"] else ():
+            rel = n.get("Relation Name")
+            if not rel:
+                continue
+            scans.add(f"{n['Node Type']} {rel}" + (f" using {n['Index Name']}" if n.get("Index Name") else ""))
+            if n["Node Type"] == "Seq Scan" and rel in tables:
+                seq.add(rel)
+    how = sorted({p["how"].split()[0] for p in plans})
+    return {"ok": bool(plans) and not seq and all(p["plan"] for p in plans), "seq_scans": sorted(seq), "how": how,
+            "statements": [{"query": q, "scans": sorted(s)} for q, s in statements.items()]}
