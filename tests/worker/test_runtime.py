@@ -175,6 +175,9 @@ def test_a_model_fault_backs_off_the_pair_not_the_server(conn, world, runtime):
     sim, chat, _ = world
     sim.set_faults(script=["malformed"])
     job_id = enqueue(conn, "m1", "plain")
+    # One job per invocation: the retry's jittered delay can be near 0, and a second claim in the same
+    # invocation would then succeed and reset the pair's count this test reads.
+    runtime.budget_seconds = 0.0
     runtime.run_invocation()
     job = jobs.get(conn, job_id)
     assert job["state"] == "queued" and job["attempts"] == 0 and job["server_faults"] == 1, job
