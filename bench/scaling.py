@@ -49,6 +49,7 @@ from bench import common  # noqa: E402
 from bench.common import log  # noqa: E402
 
 from aibot import db  # noqa: E402
+from aibot.harness import claim_plans  # noqa: E402
 from aibot.queue import jobs  # noqa: E402
 
 PLAN_TABLES = ("jobs", "slots")       # never scanned sequentially by a claim
@@ -311,7 +312,7 @@ def whatif_per_model_candidates(url: str) -> dict[str, Any]:
     only the walk is compared; the index exists only during this measurement."""
     with connect(url) as conn:
         src = conn.execute("SELECT prosrc FROM pg_proc WHERE proname = 'claim_jobs'").fetchone()["prosrc"]
-        found = common._claim_statements(src).get("candidate")
+        found = claim_plans._claim_statements(src).get("candidate")
         if not found:
             return {"installed_ms": None, "per_model_ms": None, "note": "candidate statement not found"}
         types, stmt = found
