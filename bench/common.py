@@ -31,7 +31,6 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -471,12 +470,36 @@ class Deployment:
     def ingest(self, messages: Sequence[dict], conn=None) -> list[int]:
         """The bot's ingest path (jobs + doorbells in one transaction), as `aibot bot`/`aibot enqueue` do."""
         from aibot.bot.ingest import ingest
+        from aibot.settings import Settings
 
-        settings = SimpleNamespace(aging_seconds=30.0)
+        # The rank is computed here, at ingest: with the aging the aibot processes run with (a benchmark
+        # may scale AIBOT_AGING_SECONDS with the simulator's speed), not a copy of the default.
+        settings = Settings.from_sources(self.stack.base_env())
         if conn is not None:
             return ingest(conn, "chat", list(messages), self.config(), settings=settings).job_ids
         with db.connect(self.url, autocommit=True) as c:
             return ingest(c, "chat", list(messages), self.config(), settings=settings).job_ids
+
+    def replay(self, msgs: Sequence[tuple[float, str, dict]], *, t0: float, drain: float, scale: float = 1.0,
+               interval: float = 0.05, called: dict[str, float] | None = None) -> tuple[dict[str, float], dict[str, str]]:
+        """Ingests each (at, model, message) at t0 + at × scale on one connection, then waits up to `drain`
+        for every reply (a timeout is a result, not an error); returns when each was sent and its model.
+        `called` may be the caller's dict, so a progress line can watch it fill."""
+        called = {} if called is None else called
+        models: dict[str, str] = {}
+        with db.connect(self.url, autocommit=True) as conn:
+            for at, model, m in msgs:
+                pause = t0 + at * scale - now()
+                if pause > 0:
+                    time.sleep(pause)
+                called[m["id"]] = now()
+                models[m["id"]] = model
+                self.ingest([m], conn=conn)
+            try:
+                wait_until(lambda: set(called) <= set(self.chat.arrivals()), drain, "drain", interval)
+            except TimeoutError:
+                pass
+        return called, models
 
     def wait_replies(self, keys: Iterable[str], timeout: float, label: str) -> dict[str, float]:
         keys = set(keys)

@@ -85,21 +85,9 @@ def run_aibot(admin_url: str, sched: list[tuple[float, str]], speed: float, drai
         msgs = [(at, model, d.message(by_model[model])[1]) for at, model in sched]
         sim.reset_stats()
         called: dict[str, float] = {}
-        models: dict[str, str] = {}
         t0 = common.now() + 0.2
-        with common.Ticker("aibot", lambda: status(called, d.recorder.first_arrival(), sim)), \
-                common.db.connect(url, autocommit=True) as conn:
-            for at, model, m in msgs:
-                pause = t0 + at - common.now()
-                if pause > 0:
-                    time.sleep(pause)
-                called[m["id"]] = common.now()
-                models[m["id"]] = model
-                d.ingest([m], conn=conn)
-            try:
-                common.wait_until(lambda: set(called) <= set(d.chat.arrivals()), drain, "drain", 0.05)
-            except TimeoutError:
-                pass
+        with common.Ticker("aibot", lambda: status(called, d.recorder.first_arrival(), sim)):
+            _, models = d.replay(msgs, t0=t0, drain=drain, called=called)
         end = common.now()
         dispatched = d.recorder.first_arrival()
         row = summarise("aibot", sim.stats(), called, models, dispatched, d.chat.reply_count(), end, t0)

@@ -42,7 +42,6 @@ import json
 import math
 import random
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -144,21 +143,8 @@ def run_aibot(admin_url: str, events, catalog, speed: float, drain: float, keep_
         for s in d.sims.servers:
             s.reset_stats()
         msgs = [(at, model, d.message(by_model[model])[1]) for at, model in events]
-        called: dict[str, float] = {}
-        models: dict[str, str] = {}
         t0 = common.now() + 0.2
-        with common.db.connect(url, autocommit=True) as conn:
-            for at, model, m in msgs:
-                pause = t0 + at * speed - common.now()
-                if pause > 0:
-                    time.sleep(pause)
-                called[m["id"]] = common.now()
-                models[m["id"]] = model
-                d.ingest([m], conn=conn)
-            try:
-                common.wait_until(lambda: set(called) <= set(d.chat.arrivals()), drain, "drain", 0.1)
-            except TimeoutError:
-                pass
+        called, models = d.replay(msgs, t0=t0, drain=drain, scale=speed, interval=0.1)
         end = common.now()
         done = dict(d.chat.arrivals())
         row = summarise("aibot", [s.stats() for s in d.sims.servers], called, models, done, t0, end, speed)

@@ -30,7 +30,9 @@ def test_200_messages_6_entities_2_servers_each_answered_once(db_url, tmp_path):
         loads = d.query("SELECT server_id, model, started_at, finished_at, worker_id, reason FROM aibot.model_loads "
                         "WHERE action = 'load' AND ok ORDER BY model")
         assert len({r["model"] for r in loads}) == 6, loads
-        assert len(loads) == 6, loads
+        # Single-flight: a model is loaded at most once per server (a second server's copy is a replica
+        # the demand pass chose for the backlog, docs/cluster.md), never twice on one.
+        assert len(loads) == len({(r["server_id"], r["model"]) for r in loads}), loads
         assert d.chat.stats()["duplicates"] == 0
 
 
