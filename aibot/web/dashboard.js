@@ -187,20 +187,24 @@ async function refreshModels() {
       el("em", {}, `${m.slots_used} / ${m.slots_total}`))))));
 }
 
+// An SVG element (and a maker of its children) for a bar chart of W × H user units, stretched to its box.
+const SVG_NS = "http://www.w3.org/2000/svg";
+function ns(tag, attrs, text) {
+  const n = document.createElementNS(SVG_NS, tag);
+  for (const [k, v] of Object.entries(attrs)) n.setAttribute(k, v);
+  if (text !== undefined) n.textContent = text;
+  return n;
+}
+function chartSvg(W, H) {
+  return ns("svg", { viewBox: `0 0 ${W} ${H}`, preserveAspectRatio: "none" });
+}
+
 async function refreshChart() {
   const { series } = await api("/api/replies-per-minute?minutes=60");
   const W = 600, H = 140, pad = 18;
   const max = Math.max(1, ...series.map(p => p.replies));
   const bw = (W - pad) / Math.max(series.length, 1);
-  const svg = document.createElementNS("http://www.w3.org/2000/svg", "svg");
-  svg.setAttribute("viewBox", `0 0 ${W} ${H}`);
-  svg.setAttribute("preserveAspectRatio", "none");
-  const ns = (tag, attrs, text) => {
-    const n = document.createElementNS("http://www.w3.org/2000/svg", tag);
-    for (const [k, v] of Object.entries(attrs)) n.setAttribute(k, v);
-    if (text !== undefined) n.textContent = text;
-    return n;
-  };
+  const svg = chartSvg(W, H);
   series.forEach((p, i) => {
     const h = (H - pad) * p.replies / max;
     const r = ns("rect", { x: pad + i * bw + 1, y: H - pad - h, width: Math.max(bw - 2, 1), height: h });
@@ -246,15 +250,7 @@ async function refreshLoads() {
   const start = Date.now() - 60 * 60000;
   const x = t => pad + (W - pad) * Math.max(0, (new Date(t).getTime() - start) / (60 * 60000));
   const bw = Math.max((W - pad) / 60 - 2, 1);
-  const svg = document.createElementNS("http://www.w3.org/2000/svg", "svg");
-  svg.setAttribute("viewBox", `0 0 ${W} ${H}`);
-  svg.setAttribute("preserveAspectRatio", "none");
-  const ns = (tag, attrs, text) => {
-    const n = document.createElementNS("http://www.w3.org/2000/svg", tag);
-    for (const [k, v] of Object.entries(attrs)) n.setAttribute(k, v);
-    if (text !== undefined) n.textContent = text;
-    return n;
-  };
+  const svg = chartSvg(W, H);
   series.forEach(p => {
     const mid = (H - pad) / 2;
     const up = mid * (p.loads + p.failed) / max, down = mid * p.unloads / max;
