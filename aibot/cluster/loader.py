@@ -706,9 +706,41 @@ def load_for_demand(database: db.Database, *, worker_id: str,
     return loaded, failed
 
 
+def reap_orphan_loads(database: db.Database,
+                      backend_for: Callable[[Mapping[str, Any]], Backend] = backend_for_server) -> int:
+    """Settles 'loading' rows whose loader died, without waiting for someone to want that pair again.
+
+    Such a row counts as the model being on its way (the demand pass sends its work nowhere else), so
+    left alone it would hold that work until a loader happened to ask for the same (server, model).
+    Here each orphan (its single-flight lock free) is looked at once: adopted if the server finished the
+    load, cleaned up as a dead load once older than the orphan grace, else left for the next tick —
+    the same rules as `_wait_for_loader`, which does the work. Returns how many were settled.
+    """
+    settled = 0
+    with database.transaction() as conn:
+        rows = queries.all(conn, "cluster_loading_instances")
+    if not rows:
+        return 0
+    grace = get_settings().orphan_load_grace_seconds
+    with _lock_connection(database) as conn:
+        for r in rows:
+            if not try_lock_model(conn, r["server_id"], r["model"]):
+                continue        # a live loader is at work
+            unlock_model(conn, r["server_id"], r["model"])
+            old = float(r["age_seconds"]) >= grace
+            if old:
+                _wait_for_loader(conn, r["server_id"], r["model"], time.monotonic() + 5.0, backend_for)
+                settled += 1
+            elif _adopt_orphan_load(conn, r["server_id"], r["model"], backend_for, time.monotonic()):
+                settled += 1
+    return settled
+
+
 def rebalance_and_load(database: db.Database,
                        backend_for: Callable[[Mapping[str, Any]], Backend] = backend_for_server) -> DemandPass:
-    """Resizes slots, then loads models that queued work needs and no usable server holds."""
+    """Settles loads whose loader died, resizes slots, then loads models that queued work needs and no
+    usable server holds."""
+    reap_orphan_loads(database, backend_for)
     with database.transaction() as conn:
         deltas = slots.rebalance(conn)
     loaded, failed = load_for_demand(database, worker_id="scheduler", backend_for=backend_for,

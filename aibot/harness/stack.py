@@ -91,6 +91,9 @@ class Stack:
             "AIBOT_CONFIG": self.config_path,
             "PYTHONUNBUFFERED": "1",
             "PYTHONPATH": os.pathsep.join(path),
+            # Harness loads (simulated, or the 270M test model) finish in seconds, so a dead loader's
+            # load is settled after 30 s instead of production's 300 s (sized for 15 GB models).
+            "AIBOT_ORPHAN_LOAD_GRACE_SECONDS": env.get("AIBOT_ORPHAN_LOAD_GRACE_SECONDS", "30"),
         })
         env.update(self.env)
         return env

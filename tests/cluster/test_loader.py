@@ -198,6 +198,34 @@ def test_stale_loading_row_of_a_dead_loader_is_taken_over(conn, db_url, monkeypa
         sim.stop()
 
 
+def test_the_reaper_settles_an_orphan_nobody_asks_for_again(conn, db_url, monkeypatch):
+    """A 'loading' row whose loader died counts as the model on its way, so the demand pass sends its
+    work nowhere else: the rebalance tick's reaper must clean it up past the grace (and not before),
+    without any loader asking for that pair again."""
+    monkeypatch.setenv("AIBOT_ORPHAN_LOAD_GRACE_SECONDS", "0.5")
+    reset_settings()
+    sim = start_sim()
+    try:
+        rows = setup_cluster(conn, {"mac": sim})
+        sid = rows["mac"]["id"]
+        conn.execute("INSERT INTO model_instances (server_id, model, state, size_bytes, loaded_at) "
+                     "VALUES (%s, 'c', 'loading', %s, now())", (sid, 15 * GB))
+        conn.execute("INSERT INTO model_loads (server_id, model, action) VALUES (%s, 'c', 'load')", (sid,))
+        database = db.Database(db_url)
+        try:
+            assert loader.reap_orphan_loads(database) == 0, "younger than the grace: its load may still run"
+            assert states(conn, sid)["c"] == "loading"
+            conn.execute("UPDATE model_instances SET loaded_at = now() - interval '1 second' WHERE model = 'c'")
+            assert loader.reap_orphan_loads(database) == 1
+            assert "c" not in states(conn, sid)
+            assert [(x["ok"], x["error"]) for x in loads(conn)][0] == (False, "abandoned: the loader went away")
+            assert loader.reap_orphan_loads(database) == 0
+        finally:
+            database.close()
+    finally:
+        sim.stop()
+
+
 def test_unload_refuses_busy_then_unloads(conn, db_url):
     sim = start_sim()
     try:

@@ -90,6 +90,11 @@ SELECT s.*, extract(epoch FROM now() - mi.loaded_at) AS age_seconds
 FROM model_instances mi JOIN servers s ON s.id = mi.server_id
 WHERE mi.server_id = %(server_id)s AND mi.model = %(model)s AND mi.state = 'loading';
 
+-- cluster_loading_instances --
+-- Every 'loading' row and how long ago its load began (the reaper asks which have lost their loader)
+SELECT mi.server_id, mi.model, extract(epoch FROM now() - mi.loaded_at) AS age_seconds
+FROM model_instances mi WHERE mi.state = 'loading';
+
 -- cluster_orphan_load_done --
 -- The orphaned load finished at the server after all: close its history row as a success
 UPDATE model_loads SET finished_at = now(), ok = true, error = 'finished after its loader went away'
