@@ -271,6 +271,15 @@ class FakeChatServer:
         return ok
 
 
+class _Json(JSONResponse):
+    """JSON as the fake chat always wrote it (json.dumps defaults): the bad-input tests store values
+    such as a NaN priority to see aibot reject them, and Starlette's JSONResponse refuses to render them
+    (allow_nan=False), answering HTTP 500 instead."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=False).encode("utf-8")
+
+
 def _app(chat: FakeChatServer) -> Starlette:
     """The chat API and its `/_chat/*` admin routes as one Starlette endpoint (the paths are matched here,
     as the real Worker does, so an unknown path is a JSON 404 like every other answer)."""
@@ -279,7 +288,7 @@ def _app(chat: FakeChatServer) -> Starlette:
         status, body = _route(chat, request.method, request.url.path.rstrip("/"), request.url.query,
                               request.headers.get("Authorization"),
                               await request.body() if request.method in ("POST", "PATCH") else b"")
-        return JSONResponse(body, status)
+        return _Json(body, status)
 
     return Starlette(routes=[Route("/{path:path}", endpoint, methods=["GET", "POST", "PATCH"])])
 
