@@ -565,7 +565,18 @@ class ChaosRun:
                 return
             time.sleep(0.5)
         states = self.query("SELECT state, count(*) FROM aibot.jobs GROUP BY 1")
-        self.errors.append(f"not quiet after {self.cfg.quiesce_timeout}s: {states}")
+        # What the stuck jobs wait for, so a failure says why, not only how many.
+        waiting = self.query(
+            "SELECT model, count(*)::int AS n, min(extract(epoch FROM available_at - now()))::int AS due_in_s, "
+            "max(attempts) AS attempts, max(last_error) AS last_error FROM aibot.jobs "
+            "WHERE state IN ('queued', 'running') GROUP BY model")
+        held = self.query("SELECT s.name, sl.model, count(*)::int AS slots, count(sl.job_id)::int AS held, "
+                          "bool_or(sl.retired) AS retired FROM aibot.slots sl JOIN aibot.servers s ON s.id = sl.server_id "
+                          "GROUP BY 1, 2 ORDER BY 1, 2")
+        resident = self.query("SELECT s.name, mi.model, mi.state, mi.draining FROM aibot.model_instances mi "
+                              "JOIN aibot.servers s ON s.id = mi.server_id ORDER BY 1, 2")
+        self.errors.append(f"not quiet after {self.cfg.quiesce_timeout}s: {states}; waiting: {waiting}; "
+                           f"slots: {held}; resident: {resident}")
 
     def _collect(self, schedule: list[Event], timings: dict) -> ChaosResult:
         jobs = self.query("SELECT id, source_message_id, state, reason, last_error, attempts, server_faults "
