@@ -14,6 +14,7 @@ import contextvars
 import logging
 import os
 import socket
+import sys
 from collections.abc import Iterator
 
 FIELDS = ("worker", "job", "entity", "server", "model")
@@ -59,6 +60,23 @@ class ContextFilter(logging.Filter):
         return True
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is when a line is emitted, as logging's own last-resort handler
+    does: a handler holding the stream it saw at setup writes into a closed file once that stream is
+    swapped (pytest's capture, a daemon redirecting its output) and every later line is lost."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property  # type: ignore[override]
+    def stream(self):  # noqa: D401
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 def setup(level: str | int | None = None) -> None:
     """Installs aibot's handler on the root logger at `level` (the caller's settings: AIBOT_LOG_LEVEL)."""
     level = level or "INFO"
@@ -68,7 +86,7 @@ def setup(level: str | int | None = None) -> None:
     if any(getattr(h, "_aibot", False) for h in root.handlers):
         root.setLevel(level)
         return
-    handler = logging.StreamHandler()
+    handler = _StderrHandler()
     handler._aibot = True  # type: ignore[attr-defined]
     handler.addFilter(ContextFilter())
     handler.setFormatter(logging.Formatter(FORMAT))

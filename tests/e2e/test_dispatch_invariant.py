@@ -19,12 +19,14 @@ PROCESSES, THREADS, JOBS = 4, 16, 500
 
 
 def test_in_flight_never_exceeds_slots_with_64_racing_claimers(conn, db_url):
+    # A generation lasts ~60 ms: long enough that on a loaded CI machine all of a pair's slots are
+    # busy at once (with 10 ms ones a claimer came too late for b/m1's third slot: peak 2 of 3).
     catalog = [ModelSpec("m1", 1 * GB, parallel=2), ModelSpec("m2", 1 * GB, parallel=1)]
     sims = {
-        "a": SimServer(SimConfig(name="a", models=catalog, preloaded="all", speed=1.0, ttft_seconds=0.002,
-                                 per_token_seconds=0.001, reply_tokens=8)).start(),
+        "a": SimServer(SimConfig(name="a", models=catalog, preloaded="all", speed=1.0, ttft_seconds=0.02,
+                                 per_token_seconds=0.005, reply_tokens=8)).start(),
         "b": SimServer(SimConfig(name="b", models=[ModelSpec("m1", 1 * GB, parallel=3)], preloaded="all",
-                                 speed=1.0, ttft_seconds=0.002, per_token_seconds=0.001, reply_tokens=8)).start(),
+                                 speed=1.0, ttft_seconds=0.02, per_token_seconds=0.005, reply_tokens=8)).start(),
     }
     try:
         register_sims(conn, sims, memory_gb=64)
