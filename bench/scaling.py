@@ -34,8 +34,6 @@ is dropped at the end. The 1M point takes about a minute to insert on 2 cores; -
 
 from __future__ import annotations
 
-import json
-import re
 import statistics
 import sys
 import threading
@@ -49,7 +47,6 @@ from bench import common  # noqa: E402
 from bench.common import log  # noqa: E402
 
 from aibot import db  # noqa: E402
-from aibot.harness import claim_plans  # noqa: E402
 from aibot.queue import jobs  # noqa: E402
 
 PLAN_TABLES = ("jobs", "slots")       # never scanned sequentially by a claim
@@ -274,68 +271,8 @@ def sweep_blocked(url, args) -> list[dict]:
             add_jobs(conn, ahead, models=1, model="model-unplaced", start_rank=0.0, tag="blocked")
             add_jobs(conn, 1_000 + args.latency_claims + args.throughput_jobs, models=6, start_rank=1e9, tag="ok")
             analyze(conn)
-        whatif = whatif_per_model_candidates(url)
-        # A claim here walks every blocked row: fewer samples keep the sweep to about a minute.
-        point = run_point(url, args, sweep="blocked", x=ahead, label=f"{ahead:,} unplaced ahead", cluster={},
-                          claims=min(args.latency_claims, 60), tp_jobs=min(args.throughput_jobs, 200))
-        point["whatif_per_model_candidates"] = whatif
-        log(f"[blocked] {ahead:,} ahead: first candidate {whatif['installed_ms']} ms as installed, "
-            f"{whatif['per_model_ms']} ms walking per model (what-if)")
-        out.append(point)
+        out.append(run_point(url, args, sweep="blocked", x=ahead, label=f"{ahead:,} unplaced ahead", cluster={}))
     return out
-
-
-PER_MODEL_CANDIDATES = """
-SELECT c.id, c.model FROM unnest($1::text[]) AS m(model)
-CROSS JOIN LATERAL (
-    SELECT j.id, j.model, j.rank FROM aibot.jobs j
-    WHERE j.state = 'queued' AND j.model = m.model AND j.available_at <= now()
-    ORDER BY j.rank, j.id LIMIT $2) c
-ORDER BY c.rank, c.id LIMIT $2"""
-
-
-def _median_execution_ms(conn, prepared: str, args: tuple, n: int = 15) -> float:
-    client = common.psycopg.ClientCursor(conn)
-    marks = ", ".join(["%s"] * len(args))
-    times = []
-    for _ in range(n):
-        (doc,) = client.execute(f"EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE {prepared}({marks})", args).fetchone().values()
-        doc = json.loads(doc) if isinstance(doc, str) else doc
-        times.append(doc[0]["Execution Time"])
-    return round(statistics.median(times), 3)
-
-
-def whatif_per_model_candidates(url: str) -> dict[str, Any]:
-    """What-if for finding 2 (not product code): the time to the first claim candidate as installed
-    (the jobs_claimable walk filtered by model) against a walk per model with a free slot over a
-    (model, rank, id) partial index, merged by rank. Neither locks (FOR UPDATE left out of both), so
-    only the walk is compared; the index exists only during this measurement."""
-    with connect(url) as conn:
-        src = conn.execute("SELECT prosrc FROM pg_proc WHERE proname = 'claim_jobs'").fetchone()["prosrc"]
-        found = claim_plans._claim_statements(src).get("candidate")
-        if not found:
-            return {"installed_ms": None, "per_model_ms": None, "note": "candidate statement not found"}
-        types, stmt = found
-        stmt = re.sub(r"\s+FOR UPDATE OF j SKIP LOCKED", "", stmt)
-        models = conn.execute(
-            "SELECT coalesce(array_agg(DISTINCT model), '{}') AS m FROM aibot.free_slots").fetchone()["m"]
-        client = common.psycopg.ClientCursor(conn)
-        client.execute(f"PREPARE whatif_installed({types}) AS {stmt}")
-        installed = _median_execution_ms(conn, "whatif_installed", (True, models, 1))
-        conn.execute("CREATE INDEX whatif_claimable_model ON aibot.jobs (model, rank, id) WHERE state = 'queued'")
-        conn.execute("ANALYZE aibot.jobs")
-        try:
-            client.execute(f"PREPARE whatif_per_model(text[], integer) AS {PER_MODEL_CANDIDATES}")
-            per_model = _median_execution_ms(conn, "whatif_per_model", (models, 1))
-            (plan,) = client.execute("EXPLAIN (FORMAT JSON) EXECUTE whatif_per_model(%s, %s)", (models, 1)).fetchone().values()
-            plan = json.loads(plan) if isinstance(plan, str) else plan
-        finally:
-            conn.execute("DEALLOCATE ALL")
-            conn.execute("DROP INDEX aibot.whatif_claimable_model")
-            conn.execute("ANALYZE aibot.jobs")
-    verdict = common.plan_verdict([{"query": PER_MODEL_CANDIDATES, "plan": plan[0]["Plan"], "how": "explain"}])
-    return {"installed_ms": installed, "per_model_ms": per_model, "per_model_plan": verdict["statements"],
-            "statement": " ".join(PER_MODEL_CANDIDATES.split())}
 
 
 def sweep_big_cluster(url, args) -> list[dict]:

@@ -79,14 +79,20 @@ def _logged_claim_plans(url: str, claim: Callable[[psycopg.Connection], Any], ca
 
 
 def _claim_statements(src: str) -> dict[str, tuple[str, str]]:
-    """name -> (PREPARE parameter types, statement) for the candidate and slot-choice statements."""
+    """name -> (PREPARE parameter types, statement) for the candidate statements (the slot-aware walk per
+    model, "candidate", and the walk without slots, "candidate_no_slots") and the slot choice."""
     found: dict[str, tuple[str, str]] = {}
-    m = re.search(r"OPEN v_cur FOR\s+(SELECT.*?SKIP LOCKED);", src, re.S)
-    if m and CANDIDATE_MARK in m.group(1):
-        stmt = m.group(1)
-        for name, param in (("p_use_slots", "$1::boolean"), ("v_models", "$2::text[]"), ("p_max_scan", "$3::integer")):
-            stmt = re.sub(rf"\b{name}\b", param, stmt)
-        found["candidate"] = ("boolean, text[], integer", stmt)
+    params = {"candidate": (("v_models", "$1::text[]"), ("v_free", "$2::integer[]"), ("p_max_scan", "$3::integer"),
+                            ("p_limit", "$4::integer")),
+              "candidate_no_slots": (("p_max_scan", "$1::integer"),)}
+    types = {"candidate": "text[], integer[], integer, integer", "candidate_no_slots": "integer"}
+    for stmt in re.findall(r"OPEN v_cur FOR\s+(SELECT.*?);", src, re.S):
+        if CANDIDATE_MARK not in stmt:
+            continue
+        name = "candidate" if "v_models" in stmt else "candidate_no_slots"
+        for var, param in params[name]:
+            stmt = re.sub(rf"\b{var}\b", param, stmt)
+        found[name] = (types[name], stmt)
     m = re.search(r"(SELECT\s+sl\.id,\s*sl\.server_id)\s+INTO\s+v_slot,\s*v_server\s+(FROM.*?SKIP LOCKED);", src, re.S)
     if m:
         found["slot_choice"] = ("text", (m.group(1) + " " + m.group(2)).replace("v_cand.model", "$1::text"))
@@ -100,9 +106,15 @@ def _explained_claim_plans(url: str, use_slots: bool = True) -> list[dict]:
     with db.connect(url, autocommit=True) as conn:
         src = conn.execute("SELECT prosrc FROM pg_proc WHERE proname = 'claim_jobs'").fetchone()["prosrc"]
         stmts = _claim_statements(src)
-        models = conn.execute(
-            "SELECT coalesce(array_agg(DISTINCT model), '{}') AS models FROM aibot.free_slots").fetchone()["models"]
-        args = {"candidate": (use_slots, models, jobs.DEFAULT_MAX_SCAN), "slot_choice": (models[0] if models else "none",)}
+        free = conn.execute(
+            "SELECT coalesce(array_agg(model), '{}') AS models, coalesce(array_agg(free), '{}') AS free"
+            " FROM (SELECT model, sum(free)::integer AS free FROM aibot.free_slots GROUP BY model) f").fetchone()
+        models = free["models"]
+        args = {"candidate": (models, free["free"], jobs.DEFAULT_MAX_SCAN, 1),
+                "candidate_no_slots": (jobs.DEFAULT_MAX_SCAN,),
+                "slot_choice": (models[0] if models else "none",)}
+        wanted = {"candidate", "slot_choice"} if use_slots else {"candidate_no_slots"}
+        stmts = {name: stmt for name, stmt in stmts.items() if name in wanted}
         client = psycopg.ClientCursor(conn)   # utility statements take no protocol-level parameters
         for name, (types, stmt) in stmts.items():
             client.execute(f"PREPARE scaling_{name}({types}) AS {stmt}")
@@ -116,7 +128,7 @@ def _explained_claim_plans(url: str, use_slots: bool = True) -> list[dict]:
                 out.append({"query": stmt, "plan": doc[0]["Plan"], "how": f"prosrc {name} {mode}"})
             conn.execute(f"DEALLOCATE scaling_{name}")
         conn.execute("RESET plan_cache_mode")
-    missing = {"candidate", "slot_choice"} - set(stmts)
+    missing = wanted - set(stmts)
     if missing:
         out.append({"query": f"(not found in claim_jobs source: {', '.join(sorted(missing))})", "plan": {},
                     "how": "prosrc"})

@@ -59,5 +59,6 @@ def test_plan_verdict_without_plans_is_not_ok():
 def test_claim_statements_found_in_the_installed_function(conn):
     src = conn.execute("SELECT prosrc FROM pg_proc WHERE proname = 'claim_jobs'").fetchone()["prosrc"]
     found = claim_plans._claim_statements(src)
-    assert set(found) == {"candidate", "slot_choice"}
+    assert set(found) == {"candidate", "candidate_no_slots", "slot_choice"}
+    assert "$1::text[]" in found["candidate"][1] and "v_free" not in found["candidate"][1]
     assert "$1::text" in found["slot_choice"][1] and "INTO" not in found["slot_choice"][1]

@@ -1,4 +1,7 @@
-"""The claim must walk the partial index `jobs_claimable` in (rank, id) order, not sort the backlog.
+"""The claim must read the queue's head from an index, never sort or filter the backlog: without slots
+it walks `jobs_claimable` in (rank, id) order; with slots it walks the head of each servable model's
+queue (`jobs_claimable_model`) and the stored replies (`jobs_deliverable`), each bounded by a LIMIT, and
+merges those few rows (0011_claim_per_model.sql).
 
 The candidate query lives inside the plpgsql function aibot.claim_jobs, so instead of copying its text
 here (which could drift) the test captures the plan the function actually executes, with auto_explain
@@ -73,16 +76,65 @@ def _assert_walks_claimable_index(plan: dict) -> None:
     assert "Sort" not in kinds, f"candidate query sorts instead of reading index order: {kinds}"
 
 
+def _bounded_scans(plan: dict, bound: tuple = ()) -> list[tuple[dict, tuple]]:
+    """(scan of jobs, the Limit/Sort nodes above it, nearest first)."""
+    here = (plan["Node Type"],) + bound if plan["Node Type"] in ("Limit", "Sort") else bound
+    found = [(plan, bound)] if plan.get("Relation Name") == "jobs" else []
+    for child in plan.get("Plans", []):
+        found += _bounded_scans(child, here)
+    return found
+
+
+def _assert_walks_each_models_head(plan: dict) -> None:
+    scans = _bounded_scans(plan)
+    assert scans, f"no scan of jobs in plan: {[n['Node Type'] for n in _nodes(plan)]}"
+    used = {(n["Node Type"], n.get("Index Name")) for n, _ in scans}
+    assert used <= {("Index Scan", "jobs_claimable_model"), ("Index Scan", "jobs_claimable"),
+                    ("Index Scan", "jobs_deliverable")}, f"candidate query reads jobs another way: {used}"
+    assert ("Index Scan", "jobs_deliverable") in used, f"stored replies not read from jobs_deliverable: {used}"
+    for n, above in scans:
+        assert above and above[0] == "Limit", \
+            f"{n['Node Type']} on {n.get('Index Name')} is not bounded by its own LIMIT (above it: {above})"
+
+
 @pytest.fixture
 def filled(db_url, conn):
     _fill(conn)
     return db_url
 
 
-@pytest.mark.parametrize("use_slots", [False, True])
-def test_claim_walks_the_partial_index(filled, use_slots):
-    for plan in _candidate_plans(filled, use_slots=use_slots):
+def test_claim_without_slots_walks_the_partial_index(filled):
+    for plan in _candidate_plans(filled, use_slots=False):
         _assert_walks_claimable_index(plan)
+
+
+def test_slot_aware_claim_walks_each_servable_models_head(filled):
+    for plan in _candidate_plans(filled, use_slots=True):
+        _assert_walks_each_models_head(plan)
+
+
+def test_backlog_of_a_model_nobody_holds_is_not_walked(filled, conn):
+    """The case the per-model walk exists for: 30k queued jobs of a model no server holds rank ahead of
+    everything. The claim reads that model's queue through no index, and still claims a servable job."""
+    conn.execute("""
+        INSERT INTO aibot.jobs (source, source_message_id, entity_id, model, priority, rank, state, attempts)
+        SELECT 'plan', 'unplaced-' || g, 'e', 'model-unplaced', 0, g, 'queued', 0
+        FROM generate_series(1, 30000) g""")
+    conn.execute("ANALYZE aibot.jobs")
+    got = jobs.claim(conn, "plan-test-2", lease_seconds=60, use_slots=True)
+    assert got is not None and got.model in ("model-0", "model-1", "model-2"), got
+    for plan in _candidate_plans(filled, use_slots=True):
+        _assert_walks_each_models_head(plan)
+        assert not any(n.get("Index Name") == "jobs_claimable" for n in _nodes(plan)), \
+            "the walk reads the whole queue in rank order (with the unplaced backlog) instead of per model"
+
+
+def test_check_notices_a_walk_that_is_not_bounded():
+    """The guard must be able to fail: a sort over a scan of jobs (the backlog sorted) is refused."""
+    sorted_backlog = {"Node Type": "Limit", "Plans": [{"Node Type": "Sort", "Plans": [
+        {"Node Type": "Index Scan", "Relation Name": "jobs", "Index Name": "jobs_deliverable"}]}]}
+    with pytest.raises(AssertionError, match="not bounded"):
+        _assert_walks_each_models_head(sorted_backlog)
 
 
 def test_check_notices_when_the_index_is_gone(filled, conn):
