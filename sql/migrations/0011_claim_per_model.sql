@@ -96,15 +96,29 @@ BEGIN
             SELECT c.id, c.model
             FROM (
                 SELECT h.id, h.model, h.rank
-                FROM unnest(v_models, v_free) AS m(model, free)
+                FROM (
+                    SELECT m.model, m.free
+                    FROM unnest(v_models, v_free) AS m(model, free)
+                    CROSS JOIN LATERAL (
+                        SELECT j.rank, j.id
+                        FROM aibot.jobs j
+                        WHERE j.state = 'queued' AND j.reply IS NULL
+                          AND j.model = m.model
+                          AND j.available_at <= now()
+                        ORDER BY j.rank, j.id
+                        LIMIT 1
+                    ) head
+                    ORDER BY head.rank, head.id
+                    LIMIT p_limit + 8
+                ) b
                 CROSS JOIN LATERAL (
                     SELECT j.id, j.model, j.rank
                     FROM aibot.jobs j
                     WHERE j.state = 'queued' AND j.reply IS NULL
-                      AND j.model = m.model
+                      AND j.model = b.model
                       AND j.available_at <= now()
                     ORDER BY j.rank, j.id
-                    LIMIT least(p_max_scan, 2 * m.free + p_limit)
+                    LIMIT least(p_max_scan, 2 * b.free + p_limit)
                 ) h
                 UNION ALL
                 (SELECT j.id, j.model, j.rank
