@@ -1,7 +1,7 @@
 """The claim must read the queue's head from an index, never sort or filter the backlog: without slots
 it walks `jobs_claimable` in (rank, id) order; with slots it walks the head of each servable model's
 queue (`jobs_claimable_model`) and the stored replies (`jobs_deliverable`), each bounded by a LIMIT, and
-merges those few rows (0011_claim_per_model.sql).
+merges those few rows (0009_scheduling.sql).
 
 The candidate query lives inside the plpgsql function aibot.claim_jobs, so instead of copying its text
 here (which could drift) the test captures the plan the function actually executes, with auto_explain
