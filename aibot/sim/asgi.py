@@ -1,6 +1,7 @@
 """An ASGI app on uvicorn in a daemon thread of this process, on a socket bound before it starts (so the
-port is known at once and port 0 picks a free one). Used by the fake chat API; the LLM simulator's
-listener (`aibot.sim.server._Listener`) adds outages and fault-level connection control on top."""
+port is known at once and port 0 picks a free one). Used by the fake chat API and, as the base of
+`aibot.sim.server._Listener`, by the LLM simulator, which adds outages and fault-level connection
+control on top."""
 
 from __future__ import annotations
 

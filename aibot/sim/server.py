@@ -34,14 +34,14 @@ from typing import Any
 
 import anyio
 import anyio.to_thread
-import uvicorn
 from starlette.datastructures import Headers
 
 from aibot.sim.apis import make_flavour
+from aibot.sim.asgi import ThreadedServer
 from aibot.sim.config import SimConfig, SimConfigError
 from aibot.sim.engine import Engine, EngineError, Stopped
 from aibot.sim.faults import FaultConfig, FaultConfigError, FaultSchedule
-from aibot.sim.http import AbortStream, HttpError, Reply, Request, html_502, json_reply
+from aibot.sim.http import AbortStream, HttpError, Reply, Request, html_502
 
 log = logging.getLogger("aibot.sim")
 
@@ -81,48 +81,19 @@ def _nodelay(send: Any) -> None:
             pass
 
 
-class _Listener:
-    """One uvicorn server on the simulator's port, with its own event loop in a daemon thread."""
+class _Listener(ThreadedServer):
+    """The simulator's uvicorn server (aibot.sim.asgi.ThreadedServer), with a bounded pool of handler
+    threads made in its loop, and outages that refuse and reset connections (`close`)."""
 
     def __init__(self, sim: SimServer, host: str, port: int):
         self.sim = sim
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.sock = socket.socket(family, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            self.sock.bind((host, port))
-            self.sock.listen(1024)
-        except OSError:
-            self.sock.close()
-            raise
-        self.port = self.sock.getsockname()[1]
-        # Keep-alive as long as a real server's (clients pool connections across ticks); no access log.
-        # No graceful wait on close: an outage or stop() has already reset the connections (`_refuse`).
-        config = uvicorn.Config(self.app, interface="asgi3", http="h11", ws="none", lifespan="off", log_config=None,
-                                access_log=False, proxy_headers=False, server_header=False, timeout_keep_alive=300,
-                                timeout_graceful_shutdown=None, backlog=1024)
-        self.server = uvicorn.Server(config)
-        if logging.getLogger("uvicorn.error").level == logging.NOTSET:
-            logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
-        self.loop: asyncio.AbstractEventLoop | None = None
         self.limiter: anyio.CapacityLimiter | None = None
-        self.thread = threading.Thread(target=self._run, daemon=True, name=f"sim-{sim.name}-{self.port}")
-
-    def start(self, timeout: float = 10.0) -> None:
-        self.thread.start()
-        deadline = time.monotonic() + timeout
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise OSError(f"simulator {self.sim.name}: uvicorn did not start on port {self.port}")
-            time.sleep(0.005)   # polls a flag uvicorn sets; it offers no event to wait on
-
-    def _run(self) -> None:
-        asyncio.run(self._serve())
+        # No graceful wait on close: an outage or stop() has already reset the connections (`_refuse`).
+        super().__init__(self.app, host, port, name=f"sim-{sim.name}", server_header=False)
 
     async def _serve(self) -> None:
-        self.loop = asyncio.get_running_loop()
         self.limiter = anyio.CapacityLimiter(MAX_HANDLER_THREADS)
-        await self.server.serve(sockets=[self.sock])
+        await super()._serve()
 
     def close(self) -> None:
         """Stops accepting at once (the listening socket is closed before this returns), resets every
@@ -133,10 +104,7 @@ class _Listener:
                 asyncio.run_coroutine_threadsafe(self._refuse(), loop).result(5)
             except Exception:  # noqa: BLE001 - the loop is already ending; shutdown below closes the rest
                 log.debug("simulator %s: closing the listener", self.sim.name, exc_info=True)
-        self.server.should_exit = self.server.force_exit = True
-        if threading.current_thread() is not self.thread:
-            self.thread.join(5)
-        self.sock.close()
+        self.stop()
 
     async def _refuse(self) -> None:
         for server in self.server.servers:

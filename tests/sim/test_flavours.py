@@ -153,14 +153,15 @@ def _entry(url: str, key: str) -> dict:
 
 
 def test_router_load_status_slots_unload(make_sim):
-    sim = make_sim("llamacpp-router", speed=1.0, seconds_per_gb=0.2, load_overhead_seconds=0.0)
+    # A 4 s load: the two requests that must see it "loading" come well before it ends on a busy machine.
+    sim = make_sim("llamacpp-router", speed=1.0, seconds_per_gb=2.0, load_overhead_seconds=0.0)
     assert _status(sim.url) == {"m-a": "unloaded", "m-b": "unloaded"}
     r = httpx.post(f"{sim.url}/models/load", json={"model": "m-b"})
     assert r.status_code == 200 and r.json() == {"success": True}
     assert _status(sim.url)["m-b"] == "loading"
     again = httpx.post(f"{sim.url}/models/load", json={"model": "m-b"})     # loading counts as running
     assert again.status_code == 400 and again.json()["error"]["message"] == "model is already running"
-    wait_for(lambda: _status(sim.url)["m-b"] == "loaded", 5)
+    wait_for(lambda: _status(sim.url)["m-b"] == "loaded", 20)
     slots = httpx.get(f"{sim.url}/slots", params={"model": "m-b"}).json()
     assert len(slots) == 3 and {s["n_ctx"] for s in slots} == {1536}   # 4096 / 3, padded to 256
     assert _entry(sim.url, "m-b")["meta"]["n_ctx"] == 1536
