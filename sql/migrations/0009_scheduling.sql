@@ -41,7 +41,8 @@ COMMENT ON TABLE aibot.dispatch_limits IS
 --                       those rows and the deliveries' head are merged by (rank, id), and each candidate is
 --                       then locked with SKIP LOCKED and re-checked (it may have been claimed since it was
 --                       read). The path without slots (p_use_slots = false) is unchanged: jobs_claimable in
---                       order, locked as it is read.
+--                       order, locked as it is read. A claim also drops the job's "waiting: …" note
+--                       (aibot.queue.jobs.note_waiting): a job being served is not waiting.
 
 CREATE INDEX jobs_claimable_model ON aibot.jobs (model, rank, id) WHERE state = 'queued' AND reply IS NULL;
 CREATE INDEX jobs_deliverable ON aibot.jobs (rank, id) WHERE state = 'queued' AND reply IS NOT NULL;
@@ -215,7 +216,10 @@ BEGIN
             claimed_at = now(),
             lease_expires_at = now() + make_interval(secs => p_lease_seconds),
             started_at = NULL,
-            server_id = coalesce(v_server, j.server_id)
+            server_id = coalesce(v_server, j.server_id),
+            -- A claimed job no longer waits: a "waiting: no server can load it" note another process
+            -- wrote from an older snapshot (after the loader cleared the notes) must not outlive it.
+            last_error = CASE WHEN j.last_error LIKE 'waiting: %' THEN NULL ELSE j.last_error END
         WHERE j.id = v_cand.id
         RETURNING j.id, j.claim_token, j.attempts, j.entity_id, j.model, j.priority, j.payload, j.reply,
                   j.server_id, j.lease_expires_at, j.source, j.source_message_id, j.message_at,

@@ -128,3 +128,17 @@ def test_waiting_notes_are_cleared_once_the_model_can_be_served(conn):
     assert jobs.clear_waiting(conn, "m") == 1
     assert {r["source_message_id"]: r["last_error"] for r in conn.execute("SELECT * FROM aibot.jobs")} == \
         {"1": None, "2": "HTTP 500"}          # a real error stays
+
+
+def test_a_claim_drops_the_waiting_note_a_late_writer_left(conn):
+    """CI (real router): a demand pass planned from a snapshot without servers wrote "waiting: no server
+    is registered yet" after the loader had cleared the notes; the job was then served with the note on
+    it. A claimed job is not waiting, so the claim drops such a note; a real error stays."""
+    sid = server(conn, "s")
+    slots(conn, sid, "m", 2)
+    jobs.enqueue_many(conn, [job("1", "m", priority=0), job("2", "m", priority=1)])
+    jobs.note_waiting(conn, "m", "waiting: no server can load 'm': no server is registered yet")
+    conn.execute("UPDATE aibot.jobs SET last_error = 'HTTP 500' WHERE source_message_id = '2'")
+    first, second = claim(conn), claim(conn)
+    errors = {r["source_message_id"]: (r["state"], r["last_error"]) for r in conn.execute("SELECT * FROM aibot.jobs")}
+    assert (first.job_id, second.job_id) and errors == {"1": ("running", None), "2": ("running", "HTTP 500")}
