@@ -11,7 +11,7 @@ LISTEN/NOTIFY, claims a slot and sends the request. The seed's cluster (12 slots
 Latency = from the call that enqueues the message to the moment its chat request arrives at the
 simulator (the simulator's handler runs once the request is read: "first byte" up to loopback
 parsing). Also shown from the ingest call's return (the commit), which excludes the insert itself.
-Target on this 2-core machine: p50 ≤ 20 ms, p99 ≤ 100 ms.
+Target on this 2-core machine, quiet (issue 13): p50 ≤ 5 ms, p99 ≤ 20 ms.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from bench import common  # noqa: E402
 
 NAME = "dispatch_latency"
 MODELS = 6
-TARGET_P50_MS, TARGET_P99_MS = 20.0, 100.0
+TARGET_P50_MS, TARGET_P99_MS = 5.0, 20.0
 
 
 def main(argv: list[str] | None = None) -> int:

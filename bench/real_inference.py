@@ -17,7 +17,7 @@ slot) on both servers during every run.
 
     python bench/real_inference.py [--database-url URL] [--requests 48] [--max-tokens 16]
 
-Target: aibot >= 95 % of the best direct throughput. Writes bench/results/real_inference.json and .png.
+Target (issue 13): aibot >= 98 % of the best direct throughput in every round. Writes bench/results/real_inference.json and .png.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from aibot.harness import Stack, entity, write_config  # noqa: E402
 from bench.baselines import harness  # noqa: E402
 
 NAME = "real_inference"
-TARGET = 0.95
+TARGET = 0.98   # of the adjacent best-direct runs, in every round (issue 13)
 SERVER_NAMES = ("llama-a", "llama-b")
 ENTITY_IDS = ("pirate", "poet")
 TOPICS = ["the sea", "a lighthouse", "old maps", "storms", "a parrot", "the moon", "gold", "a harbour",
@@ -326,10 +326,11 @@ def main(argv: list[str] | None = None) -> int:
              "peak waiting": "/".join(map(str, r["peak_waiting_for_slot"]))} for r in runs]
     print(common.table(rows, list(rows[0]), title=f"real inference: {args.requests} requests, {args.max_tokens} tokens, "
                                                      f"2 llama.cpp servers x {llm.n_parallel} slots"))
-    verdict = common.verdict(ratio >= TARGET)
+    met = min(ratios) >= TARGET
+    verdict = common.verdict(met)
     print(f"aibot = {ratio * 100:.1f} % of the best direct throughput (c={best['concurrency']}; median over "
           f"{len(ratios)} rounds of aibot / mean of the direct runs before and after it: {ratios}): "
-          f">= {TARGET * 100:.0f} % {verdict}" + (f"; x{aibot_rps / seq['requests_per_second']:.2f} "
+          f">= {TARGET * 100:.0f} % in every round {verdict}" + (f"; x{aibot_rps / seq['requests_per_second']:.2f} "
                                                   f"the sequential worker" if seq else ""))
     common.write_json(args.output_dir, NAME, {
         "config": {"requests": args.requests, "max_tokens": args.max_tokens, "sweep": sweep,
@@ -340,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
                         "runs": len(best_runs)},
         "aibot_vs_best_direct": round(ratio, 3), "aibot_vs_adjacent_direct_per_round": ratios,
         "aibot_vs_sequential": round(aibot_rps / seq["requests_per_second"], 3) if seq else None,
-        "target": {"met": ratio >= TARGET, "fraction_of_best_direct": TARGET}, "verdict": verdict, "runs": runs})
+        "target": {"met": met, "fraction_of_best_direct_every_round": TARGET}, "verdict": verdict, "runs": runs})
     if not args.no_plot:
         def draw(fig):
             ax = fig.add_subplot(1, 1, 1)
@@ -351,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
                 ax.annotate(f"{r['requests_per_second']:.2f}\n({r['vs_direct_best'] * 100:.0f}%)",
                             (b.get_x() + b.get_width() / 2, r["requests_per_second"]), ha="center", va="bottom", fontsize=8)
             ax.axhline(TARGET * ceiling, color="#d95f0e", linestyle="--", linewidth=1)
-            ax.annotate("95 % of best direct (mean of its runs)", (len(labels) - 0.5, TARGET * ceiling), ha="right", va="top",
+            ax.annotate(f"{TARGET * 100:.0f} % of best direct (mean of its runs)", (len(labels) - 0.5, TARGET * ceiling), ha="right", va="top",
                         color="#d95f0e", fontsize=8)
             ax.set_ylabel("requests per second (higher is better)")
             ax.set_title(f"Real inference: {args.requests} requests x {args.max_tokens} tokens, two llama.cpp servers "
