@@ -35,9 +35,10 @@ COMMENT ON TABLE aibot.dispatch_limits IS
 --                       finds its candidates: the free slots are counted once per call (one read of
 --                       free_slots, not one per candidate model); each servable model's first queued job
 --                       is read (one index probe per model); the p_limit + 8 models whose first jobs rank
---                       best are walked further, at most 2 × their free slots + p_limit jobs each (no call
---                       can claim more of a model than its free slots; the margin covers candidates that
---                       concurrent claimers hold, the 8 extra models the models whose candidates all fail);
+--                       best are walked further, at most p_limit + min(2 × their free slots, 16) jobs each
+--                       (no call claims more than p_limit; the margin covers candidates that concurrent
+--                       claimers hold, and is capped so a model on 200 servers is not read 400 jobs deep;
+--                       the 8 extra models cover models whose candidates all fail);
 --                       those rows and the deliveries' head are merged by (rank, id), and each candidate is
 --                       then locked with SKIP LOCKED and re-checked (it may have been claimed since it was
 --                       read). The path without slots (p_use_slots = false) is unchanged: jobs_claimable in
@@ -147,7 +148,7 @@ BEGIN
                       AND j.model = b.model
                       AND j.available_at <= now()
                     ORDER BY j.rank, j.id
-                    LIMIT least(p_max_scan, 2 * b.free + p_limit)
+                    LIMIT least(p_max_scan, p_limit + least(2 * b.free, 16))
                 ) h
                 UNION ALL
                 (SELECT j.id, j.model, j.rank
