@@ -123,7 +123,7 @@ BEGIN
         -- claim candidates: tests/queue/test_claim_plan.py checks that this walks jobs_claimable_model
         -- per model and jobs_deliverable
         OPEN v_cur FOR
-            SELECT c.id, c.model
+            SELECT c.id, c.model, NULL::boolean AS has_reply
             FROM (
                 SELECT h.id, h.model, h.rank
                 FROM (
@@ -163,7 +163,7 @@ BEGIN
     ELSE
         -- claim candidates: tests/queue/test_claim_plan.py checks that this walks jobs_claimable
         OPEN v_cur FOR
-            SELECT j.id, j.model
+            SELECT j.id, j.model, j.reply IS NOT NULL AS has_reply
             FROM aibot.jobs j
             WHERE j.state = 'queued'
               AND j.available_at <= now()
@@ -176,14 +176,17 @@ BEGIN
         FETCH v_cur INTO v_cand;
         EXIT WHEN NOT FOUND;
 
-        -- Read unlocked on the slot-aware path: lock it now, skipping one a concurrent claimer holds, and
-        -- re-check it is still claimable (a claim that committed since is visible to this statement).
-        -- On the other path the cursor locked it already; this reads its reply.
-        SELECT j.reply IS NOT NULL INTO v_has_reply
-        FROM aibot.jobs j
-        WHERE j.id = v_cand.id AND j.state = 'queued' AND j.available_at <= now()
-        FOR UPDATE OF j SKIP LOCKED;
-        CONTINUE WHEN NOT FOUND;
+        IF p_use_slots THEN
+            -- Read unlocked: lock it now, skipping one a concurrent claimer holds, and re-check it is
+            -- still claimable (a claim that committed since is visible to this statement).
+            SELECT j.reply IS NOT NULL INTO v_has_reply
+            FROM aibot.jobs j
+            WHERE j.id = v_cand.id AND j.state = 'queued' AND j.available_at <= now()
+            FOR UPDATE OF j SKIP LOCKED;
+            CONTINUE WHEN NOT FOUND;
+        ELSE
+            v_has_reply := v_cand.has_reply;   -- the cursor locked the row as it read it
+        END IF;
 
         -- The cap is reached: only deliveries of stored replies may still go.
         CONTINUE WHEN v_room IS NOT NULL AND v_room <= 0 AND NOT v_has_reply;
