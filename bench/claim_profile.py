@@ -5,8 +5,8 @@
 Why: bench/scaling.py says how the whole claim grows; this says which statement inside
 aibot.claim_jobs grows (docs/benchmarks-overhead.md, benchmark 9, finding 1). Per point, a scratch
 database is built as scaling.py builds its points (bench/scaling.py: build_cluster, add_jobs), then
---claims claims run one after the other on one session with auto_explain logging every nested
-statement with ANALYZE; the table shows each statement's median execution time. ANALYZE's timing
+--claims claims run one after the other on one session (each completed, so its slot is free again)
+with auto_explain logging every nested statement with ANALYZE; the table shows each statement's median execution time. ANALYZE's timing
 overhead inflates every figure, so compare statements and points with each other, not with the
 claim latency of scaling.py. Needs auto_explain (a Postgres with contrib; the embedded one has none).
 Writes bench/results/claim_profile.json.
@@ -47,9 +47,12 @@ def profile_point(base_url: str, *, servers: int, models: int, queued: int, clai
                 conn.execute(stmt)
             for _ in range(claims):
                 logged.clear()
-                if jobs.claim(conn, "claim-profile", lease_seconds=60) is None:
+                claim = jobs.claim(conn, "claim-profile", lease_seconds=60)
+                if claim is None:
                     raise SystemExit("claim_profile: a claim found nothing; raise --jobs")
-                for message in logged:
+                claimed = list(logged)
+                jobs.complete(conn, claim.job_id, claim.token)   # gives the slot back, as scaling.py does
+                for message in claimed:
                     start = message.find("{")
                     if start < 0:
                         continue
