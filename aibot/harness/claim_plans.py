@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import psycopg
+from psycopg.rows import tuple_row
 
 from aibot import db
 
@@ -79,8 +80,12 @@ def _logged_claim_plans(url: str, claim: Callable[[psycopg.Connection], Any], ca
 
 
 def _claim_statements(src: str) -> dict[str, tuple[str, str]]:
-    """name -> (PREPARE parameter types, statement) for the candidate statements (the slot-aware walk per
-    model, "candidate", and the walk without slots, "candidate_no_slots") and the slot choice."""
+    """name -> (PREPARE parameter types, statement) for the servable-models read ("servable"), the
+    candidate statements (the slot-aware walk per model, "candidate", and the walk without slots,
+    "candidate_no_slots") and the slot choice's two reads ("slot_sample", "slot_choice"). The function's
+    CONSTANTs are replaced by their values."""
+    for name, value in re.findall(r"\b(c_\w+)\s+CONSTANT\s+\w+\s*:=\s*(\d+)\s*;", src):
+        src = re.sub(rf"\b{name}\b(?!\s+CONSTANT)", value, src)
     found: dict[str, tuple[str, str]] = {}
     params = {"candidate": (("v_models", "$1::text[]"), ("v_free", "$2::integer[]"), ("p_max_scan", "$3::integer"),
                             ("p_limit", "$4::integer")),
@@ -93,9 +98,16 @@ def _claim_statements(src: str) -> dict[str, tuple[str, str]]:
         for var, param in params[name]:
             stmt = re.sub(rf"\b{var}\b", param, stmt)
         found[name] = (types[name], stmt)
+    m = re.search(r"SELECT\s+(coalesce\(array_agg\(w\.model\).*?)\s+INTO\s+v_models,\s*v_free\s+(FROM.*?);", src, re.S)
+    if m:
+        found["servable"] = ("", f"SELECT {m.group(1)} {m.group(2)}")
+    m = re.search(r"FOR\s+v_pick\s+IN\s+(SELECT.*?)\s+LOOP", src, re.S)
+    if m:
+        found["slot_sample"] = ("text", m.group(1).replace("v_cand.model", "$1::text"))
     m = re.search(r"(SELECT\s+sl\.id,\s*sl\.server_id)\s+INTO\s+v_slot,\s*v_server\s+(FROM.*?SKIP LOCKED);", src, re.S)
     if m:
-        found["slot_choice"] = ("text", (m.group(1) + " " + m.group(2)).replace("v_cand.model", "$1::text"))
+        found["slot_choice"] = ("text, integer", (m.group(1) + " " + m.group(2))
+                                .replace("v_cand.model", "$1::text").replace("v_pick.server_id", "$2::integer"))
     return found
 
 
@@ -106,23 +118,26 @@ def _explained_claim_plans(url: str, use_slots: bool = True) -> list[dict]:
     with db.connect(url, autocommit=True) as conn:
         src = conn.execute("SELECT prosrc FROM pg_proc WHERE proname = 'claim_jobs'").fetchone()["prosrc"]
         stmts = _claim_statements(src)
-        free = conn.execute(
-            "SELECT coalesce(array_agg(model), '{}') AS models, coalesce(array_agg(free), '{}') AS free"
-            " FROM (SELECT model, sum(free)::integer AS free FROM aibot.free_slots GROUP BY model) f").fetchone()
-        models = free["models"]
-        args = {"candidate": (models, free["free"], jobs.DEFAULT_MAX_SCAN, 1),
+        servable = stmts.get("servable")
+        models, free = (conn.cursor(row_factory=tuple_row).execute(servable[1]).fetchone() if servable else ([], []))
+        sample = stmts.get("slot_sample")
+        server = (conn.execute(sample[1].replace("$1::text", "%s"), (models[0],)).fetchone() or {}).get("server_id") \
+            if sample and models else None
+        args = {"servable": (),
+                "candidate": (models, free, jobs.DEFAULT_MAX_SCAN, 1),
                 "candidate_no_slots": (jobs.DEFAULT_MAX_SCAN,),
-                "slot_choice": (models[0] if models else "none",)}
-        wanted = {"candidate", "slot_choice"} if use_slots else {"candidate_no_slots"}
+                "slot_sample": (models[0] if models else "none",),
+                "slot_choice": (models[0] if models else "none", server or 0)}
+        wanted = {"servable", "candidate", "slot_sample", "slot_choice"} if use_slots else {"candidate_no_slots"}
         stmts = {name: stmt for name, stmt in stmts.items() if name in wanted}
         client = psycopg.ClientCursor(conn)   # utility statements take no protocol-level parameters
         for name, (types, stmt) in stmts.items():
-            client.execute(f"PREPARE scaling_{name}({types}) AS {stmt}")
-            marks = ", ".join(["%s"] * len(args[name]))
+            client.execute(f"PREPARE scaling_{name}{f'({types})' if types else ''} AS {stmt}")
+            marks = f"({', '.join(['%s'] * len(args[name]))})" if args[name] else ""
             for mode in ("force_custom_plan", "force_generic_plan"):
                 conn.execute(f"SET plan_cache_mode = {mode}")
                 with conn.transaction():
-                    row = client.execute(f"EXPLAIN (FORMAT JSON) EXECUTE scaling_{name}({marks})", args[name]).fetchone()
+                    row = client.execute(f"EXPLAIN (FORMAT JSON) EXECUTE scaling_{name}{marks}", args[name]).fetchone()
                 (doc,) = row.values()
                 doc = json.loads(doc) if isinstance(doc, str) else doc
                 out.append({"query": stmt, "plan": doc[0]["Plan"], "how": f"prosrc {name} {mode}"})

@@ -59,6 +59,20 @@ def test_plan_verdict_without_plans_is_not_ok():
 def test_claim_statements_found_in_the_installed_function(conn):
     src = conn.execute("SELECT prosrc FROM pg_proc WHERE proname = 'claim_jobs'").fetchone()["prosrc"]
     found = claim_plans._claim_statements(src)
-    assert set(found) == {"candidate", "candidate_no_slots", "slot_choice"}
+    assert set(found) == {"servable", "candidate", "candidate_no_slots", "slot_sample", "slot_choice"}
     assert "$1::text[]" in found["candidate"][1] and "v_free" not in found["candidate"][1]
-    assert "$1::text" in found["slot_choice"][1] and "INTO" not in found["slot_choice"][1]
+    assert "$1::text" in found["slot_choice"][1] and "$2::integer" in found["slot_choice"][1]
+    assert "INTO" not in found["slot_choice"][1] and "INTO" not in found["servable"][1]
+    # the function's constants are inlined: a PREPAREd statement cannot see plpgsql names
+    assert not any("c_counted" in stmt or "c_sampled" in stmt for _, stmt in found.values())
+
+
+def test_fallback_explains_every_statement_of_the_slot_aware_claim(small_cluster):
+    """The prosrc path (used where Postgres has no auto_explain, as the embedded one) finds, runs and
+    explains the servable-models read, the candidate walk and both slot-choice reads."""
+    plans = claim_plans._explained_claim_plans(small_cluster, use_slots=True)
+    assert all(p["plan"] for p in plans), [p["query"] for p in plans if not p["plan"]]
+    names = {p["how"].split()[1] for p in plans}
+    assert names == {"servable", "candidate", "slot_sample", "slot_choice"}
+    # 24 slot rows: a Seq Scan of slots is the cheapest plan here; bench/scaling.py checks slots at scale
+    assert common.plan_verdict(plans, tables=("jobs",))["ok"], common.plan_verdict(plans)

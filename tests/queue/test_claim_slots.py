@@ -84,6 +84,29 @@ def test_prefers_the_server_with_most_free_slots(conn):
     assert claim(conn) is None
 
 
+def test_claims_spread_over_servers_beyond_the_slot_sample(conn):
+    """The slot choice orders only the model's first 16 free slots by server (0011_claim_free_slots.sql):
+    with 24 free it must still spread, a server leaving the sample as its slots fill."""
+    jobs.enqueue_many(conn, [job(str(i)) for i in range(24)])
+    ids = [server(conn, f"s{i}") for i in range(6)]
+    for sid in ids:
+        slots(conn, sid, "m1", 4)
+    picks = [claim(conn).server_id for _ in range(24)]
+    assert len(set(picks[:5])) == 5, picks          # the first five claims land on five servers
+    assert Counter(picks) == {sid: 4 for sid in ids}, picks
+    assert claim(conn) is None
+
+
+def test_a_blocked_pair_is_not_taken_though_its_server_is_usable(conn):
+    jobs.enqueue_many(conn, [job("a")])
+    bad, good = server(conn, "bad"), server(conn, "good")
+    slots(conn, bad, "m1", 4)
+    slots(conn, good, "m1", 1)
+    conn.execute("""INSERT INTO aibot.model_health (server_id, model, backoff_until, last_error)
+                    VALUES (%s, 'm1', 'infinity', 'test')""", (bad,))
+    assert claim(conn).server_id == good
+
+
 def test_job_for_an_unloaded_model_does_not_block_the_queue(conn):
     blocked = jobs.enqueue_many(conn, [job(f"x{i}", model="not-loaded", priority=0) for i in range(300)])
     [runnable] = jobs.enqueue_many(conn, [job("y", model="m1", priority=99)])
