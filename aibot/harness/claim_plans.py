@@ -98,7 +98,7 @@ def _claim_statements(src: str) -> dict[str, tuple[str, str]]:
         for var, param in params[name]:
             stmt = re.sub(rf"\b{var}\b", param, stmt)
         found[name] = (types[name], stmt)
-    m = re.search(r"SELECT\s+(coalesce\(array_agg\(w\.model\).*?)\s+INTO\s+v_models,\s*v_free\s+(FROM.*?);", src, re.S)
+    m = re.search(r"SELECT\s+(coalesce\(array_agg\(f\.model\).*?)\s+INTO\s+v_models,\s*v_free\s+(FROM.*?);", src, re.S)
     if m:
         found["servable"] = ("", f"SELECT {m.group(1)} {m.group(2)}")
     m = re.search(r"FOR\s+v_pick\s+IN\s+(SELECT.*?)\s+LOOP", src, re.S)

@@ -1,4 +1,4 @@
--- Free slots read in bounded steps (issue 13: claim cost at 200 servers).
+-- The slot choice reads a bounded sample of free slots (issue 13: claim cost at 200 servers).
 --
 -- 0009's claim read the free_slots view twice: it aggregated every free slot row of every usable server to
 -- learn which models have free slots (and how many), then, for each candidate, aggregated its model's free
@@ -7,15 +7,18 @@
 --
 -- free_slot_rows  each free, non-retired slot on a usable server whose pair is not blocked: the one place
 --                 that says which slot a claim may take; free_slots is now its count per (server, model)
--- claim_jobs()    as in 0009 except two reads. The servable models are found by skipping through slots_free
---                 one model at a time (a recursive index walk), each model's free slots counted up to 8
---                 (the walk's depth needs no more: p_limit + 2 x least(free, 8)). The slot choice orders the
---                 servers among the model's first 16 free slots by their free slots (ties: lowest server
---                 id), as 0009 did over all of them (the same choice while a model has at most 16 free
---                 slots; beyond, the most free among the lowest-numbered servers with free slots, and a
---                 server leaves that sample as its slots fill, so work still spreads), then locks one slot
---                 of the first server that has one left. Both reads cost O(models) and O(16), not
---                 O(slot rows).
+-- claim_jobs()    as in 0009 except two reads. The servable models and their free slots are one aggregate
+--                 of free_slot_rows per model (not an aggregate per (server, model) re-aggregated per model).
+--                 The slot choice orders the servers among the model's first 16 free slots (by server id) by
+--                 their free slots (ties: lowest server id), as 0009 did over all of them: the same choice
+--                 while a model has at most 16 free slots; beyond, the most free among the lowest-numbered
+--                 servers with free slots, and a server leaves that sample as its slots fill, so work still
+--                 spreads. It then locks one slot of the first of them that has one left. The slot choice
+--                 costs O(16), not O(the model's slot rows); the servable read is still O(free slot rows).
+--
+-- bench/README.md ("Scaling") has the figures. Tried and not kept: finding the servable models by a skip
+-- scan of slots_free, one model at a time, each counted up to 8 (O(models), not O(slot rows)): faster with
+-- 200 servers of 6 models, slower with 200 models, where one model's probes cost more than its rows.
 
 CREATE VIEW aibot.free_slot_rows AS
 SELECT sl.id, sl.server_id, sl.model
@@ -77,8 +80,8 @@ DECLARE
     v_cap       integer;
     v_room      integer;
     v_pick      record;
-    -- Free slots are counted per model up to this many: the walk's depth uses least(2 × free, 2 × this).
-    c_counted   CONSTANT integer := 8;
+    -- The walk reads at most 2 × this many jobs per model beyond p_limit, however many free slots it has.
+    c_free_cap   CONSTANT integer := 8;
     -- The slot choice sees at most this many of the model's free slots (the "most free" order among them).
     c_sampled   CONSTANT integer := 16;
 BEGIN
@@ -104,22 +107,8 @@ BEGIN
     IF p_use_slots THEN
         -- At the cap no generation may start: only the deliveries are candidates.
         IF v_room IS NULL OR v_room > 0 THEN
-            -- servable models: tests/queue/test_claim_plan.py checks this skips through slots_free
-            SELECT coalesce(array_agg(w.model), '{}'), coalesce(array_agg(n.free), '{}') INTO v_models, v_free
-            FROM (WITH RECURSIVE walk AS (
-                      (SELECT sl.model FROM aibot.slots sl
-                       WHERE sl.job_id IS NULL AND NOT sl.retired ORDER BY sl.model LIMIT 1)
-                      UNION ALL
-                      SELECT (SELECT sl.model FROM aibot.slots sl
-                              WHERE sl.job_id IS NULL AND NOT sl.retired AND sl.model > w.model
-                              ORDER BY sl.model LIMIT 1)
-                      FROM walk w WHERE w.model IS NOT NULL)
-                  SELECT walk.model FROM walk WHERE walk.model IS NOT NULL) w
-            CROSS JOIN LATERAL (
-                SELECT count(*)::integer AS free
-                FROM (SELECT 1 FROM aibot.free_slot_rows r WHERE r.model = w.model LIMIT c_counted) x
-            ) n
-            WHERE n.free > 0;
+            SELECT coalesce(array_agg(f.model), '{}'), coalesce(array_agg(f.free), '{}') INTO v_models, v_free
+            FROM (SELECT r.model, count(*)::integer AS free FROM aibot.free_slot_rows r GROUP BY r.model) f;
         END IF;
         -- claim candidates: tests/queue/test_claim_plan.py checks that this walks jobs_claimable_model
         -- per model and jobs_deliverable
@@ -149,7 +138,7 @@ BEGIN
                       AND j.model = b.model
                       AND j.available_at <= now()
                     ORDER BY j.rank, j.id
-                    LIMIT least(p_max_scan, p_limit + 2 * least(b.free, c_counted))
+                    LIMIT least(p_max_scan, p_limit + 2 * least(b.free, c_free_cap))
                 ) h
                 UNION ALL
                 (SELECT j.id, j.model, j.rank
@@ -257,5 +246,5 @@ $$;
 
 COMMENT ON FUNCTION aibot.claim_jobs(text, double precision, boolean, integer, integer) IS
     'Claims up to p_limit queued jobs in (rank, id) order with SKIP LOCKED; with p_use_slots each takes a free slot '
-    '(candidates read per servable model, then locked one at a time; free slots read in bounded steps); at most dispatch_limits.max_in_flight '
+    '(candidates read per servable model, then locked one at a time; a bounded sample of free slots for the slot choice); at most dispatch_limits.max_in_flight '
     'generations run cluster-wide.';

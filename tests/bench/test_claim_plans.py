@@ -64,7 +64,7 @@ def test_claim_statements_found_in_the_installed_function(conn):
     assert "$1::text" in found["slot_choice"][1] and "$2::integer" in found["slot_choice"][1]
     assert "INTO" not in found["slot_choice"][1] and "INTO" not in found["servable"][1]
     # the function's constants are inlined: a PREPAREd statement cannot see plpgsql names
-    assert not any("c_counted" in stmt or "c_sampled" in stmt for _, stmt in found.values())
+    assert not any("c_free_cap" in stmt or "c_sampled" in stmt for _, stmt in found.values())
 
 
 def test_fallback_explains_every_statement_of_the_slot_aware_claim(small_cluster):
