@@ -93,7 +93,9 @@ def test_claims_spread_over_servers_beyond_the_slot_sample(conn):
         slots(conn, sid, "m1", 4)
     picks = [claim(conn).server_id for _ in range(24)]
     assert len(set(picks[:5])) == 5, picks          # the first five claims land on five servers
-    assert Counter(picks) == {sid: 4 for sid in ids}, picks
+    for n in range(1, 25):                          # and no server is ever more than 2 jobs ahead of another
+        held = Counter(picks[:n])
+        assert max(held.values()) - min(held.get(sid, 0) for sid in ids) <= 2, (n, picks)
     assert claim(conn) is None
 
 
