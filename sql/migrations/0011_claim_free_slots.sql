@@ -7,8 +7,10 @@
 --
 -- free_slot_rows  each free, non-retired slot on a usable server whose pair is not blocked: the one place
 --                 that says which slot a claim may take; free_slots is now its count per (server, model)
--- claim_jobs()    as in 0009 except two reads. The servable models and their free slots are one aggregate
---                 of free_slot_rows per model (not an aggregate per (server, model) re-aggregated per model).
+-- model_free_slots  free_slot_rows counted per model: the claim's servable models and the doorbells' supply
+--                 (sql/queries/queue/doorbell.sql), one aggregate, not one per (server, model) re-aggregated
+-- claim_jobs()    as in 0009 except two reads. The servable models and their free slots come from
+--                 model_free_slots.
 --                 The slot choice orders the servers among the model's first 16 free slots (by server id) by
 --                 their free slots (ties: lowest server id), as 0009 did over all of them: the same choice
 --                 while a model has at most 16 free slots; beyond, the most free among the lowest-numbered
@@ -35,6 +37,14 @@ CREATE OR REPLACE VIEW aibot.free_slots AS
 SELECT r.server_id, r.model, count(*)::integer AS free
 FROM aibot.free_slot_rows r
 GROUP BY r.server_id, r.model;
+
+CREATE VIEW aibot.model_free_slots AS
+SELECT r.model, count(*)::integer AS free
+FROM aibot.free_slot_rows r
+GROUP BY r.model;
+
+COMMENT ON VIEW aibot.model_free_slots IS
+    'Free slots a claim may take, per model (all servers together): the claim''s servable models, the doorbells'' supply.';
 
 CREATE OR REPLACE FUNCTION aibot.claim_jobs(
     p_worker        text,
@@ -108,7 +118,7 @@ BEGIN
         -- At the cap no generation may start: only the deliveries are candidates.
         IF v_room IS NULL OR v_room > 0 THEN
             SELECT coalesce(array_agg(f.model), '{}'), coalesce(array_agg(f.free), '{}') INTO v_models, v_free
-            FROM (SELECT r.model, count(*)::integer AS free FROM aibot.free_slot_rows r GROUP BY r.model) f;
+            FROM aibot.model_free_slots f;
         END IF;
         -- claim candidates: tests/queue/test_claim_plan.py checks that this walks jobs_claimable_model
         -- per model and jobs_deliverable

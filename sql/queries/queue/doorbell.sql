@@ -5,7 +5,7 @@
 -- How many claims could succeed right now: per model min(runnable jobs, free usable slots), plus jobs
 -- whose reply is stored and only needs delivering (they take no slot). Doorbells never exceed this.
 WITH free AS (
-    SELECT model, sum(free) AS n FROM free_slots GROUP BY model
+    SELECT model, free AS n FROM model_free_slots
 ), demand AS (
     SELECT j.model, count(*) AS n
     FROM jobs j
