@@ -38,26 +38,16 @@ def matchable(conn: psycopg.Connection) -> int:
 def ring(conn: psycopg.Connection, n: int | None = None) -> int:
     """Rings up to the number of claims that could succeed now; returns how many were rung.
 
-    `n` is how much new work the caller just added: 0 skips the (cheap) capacity query entirely.
+    `n` is how much new work the caller just added: 0 skips the query entirely. With the default broker
+    the whole decision and its messages are one statement (`doorbell_ring`), since the bot's ingest
+    pays for it on the path from a chat message to its request at a server.
     """
     if n == 0:
         return 0
-    want = matchable(conn)
-    if want <= 0:
-        # Nothing claimable, but work may wait for a model no server holds: one wake-up makes a
-        # worker come up empty and start its demand loader now rather than at the next rebalance tick.
-        if not queries.one(conn, "doorbell_unplaced_demand")["waiting"]:
-            return 0
-        want = 1
     if _broker_is_postgres():
-        outstanding = queries.one(conn, "doorbell_outstanding", {"queue": QUEUE})["n"]
-        count = want - outstanding
-        if count <= 0:
-            return 0
-        insert_messages(conn, QUEUE, [_message() for _ in range(count)])
-        notify(conn, QUEUE)
-        return count
+        return queries.one(conn, "doorbell_ring", {"queue": QUEUE, "message": json.dumps(_message())})["rung"]
     # Another broker: enqueue through Dramatiq itself, by actor name.
+    want = queries.one(conn, "doorbell_wanted")["wanted"]
     process_broker = broker.process_broker()
     process_broker.declare_queue(QUEUE)
     for _ in range(want):

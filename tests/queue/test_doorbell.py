@@ -72,3 +72,24 @@ def test_work_for_a_model_loaded_nowhere_rings_once_to_start_a_loader(conn, monk
     conn.execute("DELETE FROM dramatiq.queue")
     conn.execute("INSERT INTO aibot.model_instances (server_id, model, state) VALUES (%s, 'cold', 'loading')", (sid,))
     assert doorbell.ring(conn, 1) == 0, "a load in progress needs no wake-up"
+
+
+def test_a_ring_notifies_idle_consumers_at_commit_only_when_it_rang(db_url, monkeypatch):
+    """One statement inserts the wake-ups and NOTIFYs dramatiq-postgres' consumers; a ring that
+    inserts nothing must not wake them (they would poll the queue for nothing)."""
+    from aibot import db
+
+    monkeypatch.setenv("AIBOT_BROKER_URL", "postgresql://unused")
+    with db.connect(db_url, autocommit=True) as listener, db.connect(db_url, autocommit=True) as conn:
+        listener.execute('LISTEN "dramatiq.aibot.enqueue"')
+        slots(conn, server(conn, "s1"), "m1", 3)
+        jobs.enqueue_many(conn, [job(f"j{i}") for i in range(5)])
+        with conn.transaction():
+            assert doorbell.ring(conn, 5) == 3
+            assert list(listener.notifies(timeout=0.2)) == [], "NOTIFY is sent at commit, not before"
+        got = list(listener.notifies(timeout=5, stop_after=1))
+        assert [n.channel for n in got] == ["dramatiq.aibot.enqueue"]
+        ids = [r["id"] for r in conn.execute("SELECT message ->> 'message_id' AS id FROM dramatiq.queue")]
+        assert len(set(ids)) == 3, f"every wake-up has its own message id: {ids}"
+        assert doorbell.ring(conn, 1) == 0
+        assert list(listener.notifies(timeout=0.5)) == [], "a ring that inserted nothing notified"

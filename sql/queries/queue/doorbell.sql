@@ -2,34 +2,35 @@
 -- in dramatiq-postgres' queue table, inserted in the caller's transaction.
 
 -- doorbell_matchable --
--- How many claims could succeed right now: per model min(runnable jobs, free usable slots), plus jobs
--- whose reply is stored and only needs delivering (they take no slot). Doorbells never exceed this.
-WITH free AS (
-    SELECT model, free AS n FROM model_free_slots
-), demand AS (
-    SELECT j.model, count(*) AS n
-    FROM jobs j
-    WHERE j.state = 'queued' AND j.available_at <= now() AND j.reply IS NULL
-      AND j.model IN (SELECT model FROM free)
-    GROUP BY j.model
+-- How many claims could succeed right now (the rule: the doorbell_wanted view, migration 0012)
+SELECT matchable FROM doorbell_wanted;
+
+-- doorbell_wanted --
+-- How many wake-ups are worth having now (for a broker other than dramatiq-postgres, which rings in Python)
+SELECT wanted FROM doorbell_wanted;
+
+-- doorbell_ring --
+-- Rings, in the caller's transaction and in one statement, the wake-ups doorbell_wanted allows beyond those
+-- already waiting in dramatiq-postgres' queue table: the claim-actor message given (Dramatiq's own
+-- encoding), each row with a fresh message id and timestamp, and one NOTIFY (sent at commit) when any
+-- was inserted. Two concurrent rings may both see the same waiting count: a wake-up too many comes up
+-- empty, which costs one claim statement.
+WITH missing AS (
+    SELECT greatest(w.wanted - (SELECT count(*) FROM dramatiq.queue q
+                                WHERE q.queue_name = %(queue)s AND q."state" = 'queued'), 0)::int AS n
+    FROM doorbell_wanted w
+), rung AS (
+    INSERT INTO dramatiq.queue (queue_name, message_id, "state", message, available_at)
+    SELECT %(queue)s, g.id, 'queued',
+           %(message)s::jsonb || jsonb_build_object(
+               'message_id', g.id, 'message_timestamp', (extract(epoch FROM clock_timestamp()) * 1000)::bigint),
+           now()
+    FROM (SELECT gen_random_uuid() AS id FROM missing m, generate_series(1, m.n)) g
+    RETURNING 1
+), notified AS (
+    SELECT pg_notify('dramatiq.' || %(queue)s || '.enqueue', '') FROM (SELECT 1 FROM rung LIMIT 1) r
 )
-SELECT coalesce((SELECT sum(least(f.n, d.n)) FROM free f JOIN demand d USING (model)), 0)::int
-     + (SELECT count(*) FROM jobs WHERE state = 'queued' AND available_at <= now() AND reply IS NOT NULL)::int
-       AS matchable;
-
--- doorbell_unplaced_demand --
--- Whether runnable work waits for a model that no usable server holds or is loading
-SELECT EXISTS (
-    SELECT 1 FROM jobs j
-    WHERE j.state = 'queued' AND j.model IS NOT NULL AND j.available_at <= now() AND j.reply IS NULL
-      AND NOT EXISTS (
-          SELECT 1 FROM model_instances mi JOIN usable_servers u ON u.id = mi.server_id
-          WHERE mi.model = j.model AND mi.state IN ('loaded', 'loading'))
-) AS waiting;
-
--- doorbell_outstanding --
--- Wake-ups already waiting in dramatiq-postgres' queue table for the claim actor's queue
-SELECT count(*)::int AS n FROM dramatiq.queue WHERE queue_name = %(queue)s AND "state" = 'queued';
+SELECT (SELECT count(*) FROM rung)::int AS rung, (SELECT count(*) FROM notified)::int AS notified;
 
 -- doorbell_insert --
 -- Enqueues claim-actor messages in the caller's transaction (the same row shape dramatiq-postgres writes),
