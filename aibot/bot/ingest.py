@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from aibot import db
 from aibot.bot import cursor as cursors
 from aibot.bot import rules
 from aibot.bot.sources import Incoming
@@ -91,28 +92,29 @@ def ingest(conn, source_name: str, messages: Iterable[Incoming | Any], config: A
     Works on an autocommit connection (opens a transaction) or inside the caller's (a savepoint, so the
     caller's commit decides).
     """
-    from aibot.queue.jobs import enqueue_many
+    from aibot.queue.jobs import send_enqueue
     from aibot.queue.policy import DEFAULT_AGING_SECONDS
 
     # The settings validated it (> 0, `aibot.queue.policy.validate_aging`); enqueue checks it again.
     aging = getattr(settings, "aging_seconds", DEFAULT_AGING_SECONDS)
     outcomes, jobs, job_slots = _plan(source_name, messages, config, backend_kind or naming_kind(config))
+    runnable = sum(job.state == "queued" for job in jobs)
 
-    with conn.transaction():
-        ids = enqueue_many(conn, jobs, aging_seconds=aging) if jobs else []
-        runnable = 0
-        for slot, job, job_id in zip(job_slots, jobs, ids, strict=True):
-            o = outcomes[slot]
-            assert o is not None
-            if job_id is None:
-                outcomes[slot] = Outcome(DUPLICATE, o.message_id, o.entity_id, o.label, o.reason, None, o.priority)
-            else:
-                outcomes[slot] = Outcome(o.status, o.message_id, o.entity_id, o.label, o.reason, job_id, o.priority)
-                runnable += job.state == "queued"
+    # One round trip: the inserts, the cursor move and the wake-ups are pipelined with BEGIN and COMMIT
+    # (their results read after), so a message waits for one exchange with Postgres, not five. The
+    # doorbell counts the batch's runnable jobs before the insert tells which were duplicates: a ring
+    # is bounded by what is claimable now, so one for a re-read message wakes no worker in vain.
+    with db.one_round_trip(conn):
+        ids_of = send_enqueue(conn, jobs, aging_seconds=aging)
         if cursor is not None:
             cursors.save(conn, source_name, cursor)
-        if runnable:
-            doorbell.ring(conn, runnable)
+        doorbell.send_ring(conn, runnable)
+    ids = ids_of()
+    for slot, job_id in zip(job_slots, ids, strict=True):
+        o = outcomes[slot]
+        assert o is not None
+        status = DUPLICATE if job_id is None else o.status
+        outcomes[slot] = Outcome(status, o.message_id, o.entity_id, o.label, o.reason, job_id, o.priority)
 
     result = IngestResult([o for o in outcomes if o is not None])
     for o in result.outcomes:

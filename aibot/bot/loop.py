@@ -59,9 +59,10 @@ def backoff_seconds(consecutive_errors: int, base: float = 1.0, cap: float = MAX
 
 def poll_once(database: Any, source: Source, config: Any, *, settings: Any = None) -> tuple[IngestResult, bool]:
     """One read + ingest. Returns the result and whether the source has more right away."""
-    with database.transaction() as conn:
+    # Autocommit: no transaction is held open across the source's network call, and the ingest's
+    # transaction (jobs, cursor, doorbell) is its own, one round trip (`db.one_round_trip`).
+    with database.autocommit() as conn:
         position = cursors.load(conn, source.name)
-        conn.commit()                 # hold no transaction open across the source's network call
         batch = source.poll(conn, position)
         result = ingest(conn, source.name, batch.messages, config, settings=settings, cursor=batch.position)
     return result, batch.more

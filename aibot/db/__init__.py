@@ -161,6 +161,39 @@ def single_statement(conn: psycopg.Connection) -> contextlib.AbstractContextMana
     return conn.transaction()
 
 
+@contextlib.contextmanager
+def one_round_trip(conn: psycopg.Connection) -> Iterator[None]:
+    """A transaction whose BEGIN, statements and COMMIT reach Postgres in one exchange: the block's
+    statements are pipelined and their results are read after it (a fetch inside the block would
+    sync early). For a short transaction on a path someone waits on (the bot's ingest), where
+    `conn.transaction()` in pipeline mode still syncs at BEGIN and at COMMIT, three round trips.
+
+    An exception in the block sends ROLLBACK instead of COMMIT, so the pipeline's sync commits
+    nothing; an error of a statement makes Postgres skip the rest up to the sync (COMMIT included),
+    and the transaction is rolled back here before the error is raised. On a connection that is not
+    idle in autocommit (inside the caller's transaction) it is `conn.transaction()`: a savepoint, so
+    the caller's commit decides.
+    """
+    if not (conn.autocommit and conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE):
+        with conn.transaction():
+            yield
+        return
+    try:
+        with conn.pipeline():
+            conn.execute("BEGIN")
+            try:
+                yield
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+    except BaseException:
+        if conn.info.transaction_status in (psycopg.pq.TransactionStatus.INERROR,
+                                            psycopg.pq.TransactionStatus.INTRANS):
+            conn.execute("ROLLBACK")
+        raise
+
+
 class Database:
     """A lazily opened pool shared by the threads of one process.
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 
 import psycopg
 from dramatiq import Message
@@ -38,21 +39,28 @@ def matchable(conn: psycopg.Connection) -> int:
 def ring(conn: psycopg.Connection, n: int | None = None) -> int:
     """Rings up to the number of claims that could succeed now; returns how many were rung.
 
-    `n` is how much new work the caller just added: 0 skips the query entirely. With the default broker
-    the whole decision and its messages are one statement (`doorbell_ring`), since the bot's ingest
-    pays for it on the path from a chat message to its request at a server.
+    `n` is how much new work the caller just added: 0 skips the query entirely.
     """
+    return send_ring(conn, n)()
+
+
+def send_ring(conn: psycopg.Connection, n: int | None = None) -> Callable[[], int]:
+    """`ring`, its count read later: the returned function gives it. With the default broker the
+    decision and its messages are one statement (`doorbell_ring`), which in pipeline mode leaves
+    with the caller's other statements: the bot's ingest pays for it on the path from a chat
+    message to its request at a server."""
     if n == 0:
-        return 0
+        return int
     if _broker_is_postgres():
-        return queries.one(conn, "doorbell_ring", {"queue": QUEUE, "message": json.dumps(_message())})["rung"]
-    # Another broker: enqueue through Dramatiq itself, by actor name.
+        cur = queries.run(conn, "doorbell_ring", {"queue": QUEUE, "message": json.dumps(_message())})
+        return lambda: cur.fetchone()["rung"]
+    # Another broker: enqueue through Dramatiq itself, by actor name (not transactional, so at once).
     want = queries.one(conn, "doorbell_wanted")["wanted"]
     process_broker = broker.process_broker()
     process_broker.declare_queue(QUEUE)
     for _ in range(want):
         process_broker.enqueue(_claim_message())
-    return want
+    return lambda: want
 
 
 def insert_messages(conn: psycopg.Connection, queue: str, messages: list[dict]) -> None:

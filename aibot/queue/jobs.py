@@ -22,7 +22,7 @@ import logging
 import math
 import random
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -156,16 +156,25 @@ def enqueue_many(conn: psycopg.Connection, jobs: Iterable[NewJob], *,
     Duplicates are (source, source_message_id, entity_id) already present, or repeated earlier in the
     same batch: re-reading a source after a crash enqueues nothing twice.
     """
+    with db.single_statement(conn):
+        ids = send_enqueue(conn, jobs, aging_seconds=aging_seconds)
+    return ids()
+
+
+def send_enqueue(conn: psycopg.Connection, jobs: Iterable[NewJob], *,
+                 aging_seconds: float = DEFAULT_AGING_SECONDS) -> Callable[[], list[int | None]]:
+    """`enqueue_many` in the caller's transaction, its result read later: the returned function gives
+    the ids. In pipeline mode the insert leaves with the caller's other statements (the bot's ingest:
+    jobs, cursor and doorbell in one round trip); reading the ids before the pipeline syncs syncs it."""
     aging = validate_aging(aging_seconds)
     batch = list(jobs)
     for i, job in enumerate(batch):
         if not isinstance(job, NewJob):
             raise TypeError(f"jobs[{i}] must be a NewJob, got {type(job).__name__}")
     if not batch:
-        return []
-    with conn.transaction():
-        rows = queries.all(conn, "jobs_enqueue", {"jobs": Jsonb([j._row() for j in batch]), "aging_seconds": aging})
-    return [r["id"] for r in rows]
+        return list
+    cur = queries.run(conn, "jobs_enqueue", {"jobs": Jsonb([j._row() for j in batch]), "aging_seconds": aging})
+    return lambda: [r["id"] for r in cur.fetchall()]
 
 
 def claim_batch(conn: psycopg.Connection, worker_id: str, limit: int, *, lease_seconds: float,

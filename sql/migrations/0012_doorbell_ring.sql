@@ -9,32 +9,52 @@
 -- once.
 --
 -- doorbell_wanted  matchable: how many claims could succeed right now, per model min(runnable jobs,
---                  free usable slots) plus jobs whose reply is stored and only needs delivering (they
+--                  free usable slots), counted with a LIMIT per model so that it costs O(free slots)
+--                  however deep the queue (the query it replaces counted every queued job of a model
+--                  with a free slot: 2.8 ms at 300 queued), plus jobs whose reply is stored and only needs delivering (they
 --                  take no slot); wanted: the wake-ups worth having, which is matchable or, when nothing
 --                  is claimable but runnable work waits for a model no usable server holds or is
 --                  loading, one (a worker comes up empty and starts its demand loader now rather than
 --                  at the next rebalance tick).
 
 CREATE VIEW aibot.doorbell_wanted AS
-WITH demand AS (
-    SELECT j.model, count(*) AS n
-    FROM aibot.jobs j
-    WHERE j.state = 'queued' AND j.available_at <= now() AND j.reply IS NULL
-      AND j.model IN (SELECT f.model FROM aibot.model_free_slots f)
-    GROUP BY j.model
-), counted AS (
-    SELECT coalesce((SELECT sum(least(f.free, d.n)) FROM aibot.model_free_slots f JOIN demand d USING (model)), 0)::int
+WITH counted AS (
+    -- Each model's runnable jobs are counted only up to its free slots (a LIMIT per model): the count
+    -- costs O(free slots), not O(queued jobs), which a deep backlog would make of every ingest.
+    SELECT coalesce((SELECT sum(d.n) FROM aibot.model_free_slots f
+                     CROSS JOIN LATERAL (
+                         SELECT count(*) AS n FROM (
+                             SELECT 1 FROM aibot.jobs j
+                             WHERE j.state = 'queued' AND j.model = f.model AND j.available_at <= now()
+                               AND j.reply IS NULL
+                             LIMIT f.free) runnable) d), 0)::int
          + (SELECT count(*) FROM aibot.jobs
             WHERE state = 'queued' AND available_at <= now() AND reply IS NOT NULL)::int AS matchable
 )
 SELECT c.matchable,
        CASE WHEN c.matchable > 0 THEN c.matchable
             WHEN EXISTS (
-                SELECT 1 FROM aibot.jobs j
-                WHERE j.state = 'queued' AND j.model IS NOT NULL AND j.available_at <= now() AND j.reply IS NULL
+                -- The models with queued work, one index probe each (a loose scan of jobs_claimable_model),
+                -- not every queued job: with a deep backlog and every slot busy, this runs on every ring.
+                WITH RECURSIVE queued_models(model) AS (
+                    (SELECT j.model FROM aibot.jobs j
+                     WHERE j.state = 'queued' AND j.reply IS NULL AND j.model IS NOT NULL
+                     ORDER BY j.model LIMIT 1)
+                    UNION ALL
+                    SELECT (SELECT j.model FROM aibot.jobs j
+                            WHERE j.state = 'queued' AND j.reply IS NULL AND j.model > q.model
+                            ORDER BY j.model LIMIT 1)
+                    FROM queued_models q WHERE q.model IS NOT NULL
+                )
+                SELECT 1 FROM queued_models q
+                WHERE q.model IS NOT NULL
                   AND NOT EXISTS (
                       SELECT 1 FROM aibot.model_instances mi JOIN aibot.usable_servers u ON u.id = mi.server_id
-                      WHERE mi.model = j.model AND mi.state IN ('loaded', 'loading'))) THEN 1
+                      WHERE mi.model = q.model AND mi.state IN ('loaded', 'loading'))
+                  AND EXISTS (
+                      SELECT 1 FROM aibot.jobs j
+                      WHERE j.state = 'queued' AND j.model = q.model AND j.reply IS NULL
+                        AND j.available_at <= now())) THEN 1
             ELSE 0 END AS wanted
 FROM counted c;
 

@@ -10,6 +10,7 @@ from aibot.bot.ingest import ingest
 from aibot.bot.sources import Incoming, parse_lines
 from aibot.config import load_config
 from tests.bot.test_rules import human, write_config
+from tests.support.cluster_rows import server, slots
 
 
 @pytest.fixture
@@ -120,7 +121,7 @@ def test_a_crash_inside_the_transaction_keeps_neither_jobs_nor_cursor(conn, conf
     def crash(c, n):
         raise RuntimeError("power cut after the inserts")
 
-    monkeypatch.setattr(ingest_mod.doorbell, "ring", crash)
+    monkeypatch.setattr(ingest_mod.doorbell, "send_ring", crash)
     with pytest.raises(RuntimeError):
         ingest(conn, "chat", [msg("b"), msg("c")], config, cursor="after")
     assert [j["source_message_id"] for j in jobs(conn)] == ["a"]
@@ -141,17 +142,54 @@ def test_ingest_inside_a_callers_transaction_commits_with_it(db_url, config):
 
 def test_a_new_job_rings_the_doorbell_in_the_same_transaction(conn, config, monkeypatch):
     rung = []
+    send_ring = ingest_mod.doorbell.send_ring
 
     def ring(c, n):
         rung.append((n, c.info.transaction_status))
-        return 0
+        return send_ring(c, n)
 
-    monkeypatch.setattr(ingest_mod.doorbell, "ring", ring)
+    monkeypatch.setattr(ingest_mod.doorbell, "send_ring", ring)
     ingest(conn, "chat", [msg("a"), msg("b"), msg("r", entity="nobody")], config)
-    ingest(conn, "chat", [msg("a")], config)   # nothing new: no ring
+    ingest(conn, "chat", [msg("r2", entity="nobody")], config)   # nothing runnable: no ring statement
     from psycopg.pq import TransactionStatus
 
-    assert rung == [(2, TransactionStatus.INTRANS)]
+    assert [n for n, _ in rung] == [2, 0]
+    # Pipelined: the connection is busy inside the transaction the ingest began, not idle.
+    assert all(status != TransactionStatus.IDLE for _, status in rung)
+
+
+def test_a_statement_failing_after_the_inserts_keeps_neither_jobs_nor_cursor(conn, config, monkeypatch):
+    """Postgres skips the rest of the pipeline (COMMIT included) after an error; the transaction is
+    rolled back and the connection is usable for the retry."""
+    import psycopg
+
+    ingest(conn, "chat", [msg("a")], config, cursor="before")
+    monkeypatch.setattr(ingest_mod.cursors, "save", lambda c, source, position: c.execute("SELECT 1 / 0"))
+    with pytest.raises(psycopg.errors.DivisionByZero):
+        ingest(conn, "chat", [msg("b")], config, cursor="after")
+    monkeypatch.undo()
+    assert [j["source_message_id"] for j in jobs(conn)] == ["a"]
+    assert cursor.load(conn, "chat") == "before"
+    assert ingest(conn, "chat", [msg("b")], config, cursor="after").new == 1
+
+
+def test_jobs_cursor_and_doorbell_take_one_round_trip(db_url, config, monkeypatch):
+    """The ingest pipelines its statements (BEGIN, insert, cursor, ring, COMMIT): one exchange with
+    Postgres per batch, counted in libpq's protocol trace as the server's ReadyForQuery answers."""
+    import tempfile
+
+    monkeypatch.setenv("AIBOT_BROKER_URL", "postgresql://unused")   # the default broker: rings in SQL
+    with db.connect(db_url, autocommit=True) as c, tempfile.TemporaryFile("w+") as trace:
+        slots(c, server(c, "s1"), "m1", 2)
+        c.pgconn.trace(trace.fileno())
+        r = ingest(c, "chat", [msg("a"), msg("b")], config, cursor="1")
+        c.pgconn.untrace()
+        trace.seek(0)
+        exchanges = trace.read().count("ReadyForQuery")
+        assert r.new == 2 and len(r.job_ids) == 2
+        assert exchanges == 1, f"{exchanges} round trips"
+        assert cursor.load(c, "chat") == "1"
+        assert c.execute("SELECT count(*) AS n FROM dramatiq.queue").fetchone()["n"] >= 1, "the ring rang"
 
 
 def test_incoming_wrappers_and_plain_dicts_are_both_accepted(conn, config):
