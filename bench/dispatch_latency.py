@@ -12,11 +12,25 @@ Latency = from the call that enqueues the message to the moment its chat request
 simulator (the simulator's handler runs once the request is read: "first byte" up to loopback
 parsing). Also shown from the ingest call's return (the commit), which excludes the insert itself.
 Target on this 2-core machine, quiet (issue 13): p50 ≤ 5 ms, p99 ≤ 20 ms.
+
+`--stages` splits each message's latency where the time goes, from stamps the workers write
+(`bench/stages/sitecustomize.py`, put on their PYTHONPATH; the same clock as the benchmark's):
+
+  ingest     the enqueue call: rules, then jobs + cursor + doorbell in one transaction (bench side)
+  wake-up    its commit → the claim-actor invocation that claimed it starts (NOTIFY, dramatiq-postgres'
+             consumer claims the doorbell message, Dramatiq hands it to a worker thread)
+  claim      invocation start → its claim returned the job (aibot.claim_jobs, one round trip)
+  prepare    claim → the HTTP generation request starts (config, prompt, backend)
+  http       request start → read by the simulator
+Jobs taken by an invocation that was already running when they committed (its retry of an empty
+claim, or a completion's claim) are counted apart, since no wake-up served them.
 """
 
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -37,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--processes", type=int, default=1)
     p.add_argument("--threads", type=int, default=None, help="threads per process (default: the slot count)")
     p.add_argument("--quick", action="store_true", help="60 messages at 10/s")
+    p.add_argument("--stages", action="store_true", help="split the latency into stages (worker stamps)")
     args = p.parse_args(argv)
     if args.quick:
         args.jobs, args.rate = min(args.jobs, 60), max(args.rate, 10.0)
@@ -44,12 +59,17 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name) <= 0:
             p.error(f"--{name}: must be > 0, got {getattr(args, name)}")
 
+    from aibot.harness.stack import AIBOT_ROOT
     from aibot.sim.cluster import seed_spec
 
     spec = seed_spec(speed=args.speed, preload="all")
     ents = [common.bench_entity(f"e{i}", f"sim/model-{i}@f16") for i in range(1, MODELS + 1)]
+    stage_dir = tempfile.mkdtemp(prefix="aibot-stages-") if args.stages else None
+    env = {"AIBOT_STAGE_TRACE": stage_dir,
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parent / "stages"), AIBOT_ROOT])} \
+        if stage_dir else None
     with common.scratch_database(args.database_url, "lat") as url, \
-            common.deployment(url, spec, ents, keep_logs=args.keep_logs) as d:
+            common.deployment(url, spec, ents, env=env, keep_logs=args.keep_logs) as d:
         slot_rows = d.sync_cluster()
         total = sum(slot_rows.values())
         d.start_scheduler()
@@ -82,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         # Which doorbell woke each job is not recorded; the scheduler's periodic doorbell tick (5 s)
         # rescues any job whose wake-up was lost, so latencies near that period point at one.
         sched_log = next((pr.log() for pr in d.stack.procs if pr.name == "scheduler"), "")
+        job_keys = {r["id"]: r["source_message_id"] for r in d.query(
+            "SELECT id, source_message_id FROM aibot.jobs WHERE source_message_id = ANY(%s)", (list(called),))}
 
     lat = {k: (arrivals[k] - called[k]) * 1000 for k in called if k in arrivals}
     lat_commit = {k: (arrivals[k] - returned[k]) * 1000 for k in called if k in arrivals}
@@ -106,6 +128,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"slowest: {', '.join(f'{k} {v:.0f} ms' for v, k in slow[:5])}")
     print(f"target: p50 ≤ {TARGET_P50_MS:.0f} ms and p99 ≤ {TARGET_P99_MS:.0f} ms: {common.verdict(met)} "
           f"(p50 {p50:.1f} ms, p99 {p99:.1f} ms)")
+    stages = split_stages(stage_dir, job_keys, called, returned, arrivals) if stage_dir else None
+    if stages:
+        print(common.table([{"stage": k, **v} for k, v in stages["stages"].items()],
+                           ["stage", "messages", "p50_ms", "p90_ms", "p99_ms"],
+                           title="Where the time goes (per message; p50s do not add up exactly)"))
+        print(f"served without a wake-up (an invocation already running): {stages['without_wakeup']}")
     common.write_json(args.output_dir, NAME, {
         "definitions": {"latency": "ingest() call for one message (own transaction, doorbell included) -> "
                                    "its chat request read by the simulator",
@@ -115,10 +143,56 @@ def main(argv: list[str] | None = None) -> int:
         "target": {"p50_ms_max": TARGET_P50_MS, "p99_ms_max": TARGET_P99_MS, "met": met},
         "result": result, "slowest": [{"key": k, "ms": round(v, 1)} for v, k in slow],
         "latencies_ms": [round(lat[k], 2) for k in called if k in lat],
+        **({"stages": stages} if stages else {}),
     })
     if not args.no_plot:
         common.save_plot(args.output_dir, NAME, lambda fig: plot(fig, [lat[k] for k in called if k in lat], result))
     return 0
+
+
+def split_stages(stage_dir: str, job_keys: dict[int, str], called: dict[str, float], returned: dict[str, float],
+                 arrivals: dict[str, float]) -> dict:
+    """Per-message stage durations (ms) from the workers' stamps (see the module docstring)."""
+    invocations: dict[tuple[str, str], list[float]] = {}
+    claimed: dict[str, tuple[float, tuple[str, str]]] = {}
+    request: dict[str, float] = {}
+    for f in Path(stage_dir).glob("stages-*.log"):
+        for line in f.read_text().splitlines():
+            t, thread, event, job = line.split()
+            where = (f.name, thread)
+            if event == "invocation":
+                invocations.setdefault(where, []).append(float(t))
+            elif event in ("claimed", "request") and int(job) in job_keys:
+                key = job_keys[int(job)]
+                if event == "claimed":
+                    claimed[key] = (float(t), where)
+                else:
+                    request.setdefault(key, float(t))
+    series: dict[str, list[float]] = {s: [] for s in ("ingest", "wake-up", "claim", "prepare", "http")}
+    without = 0
+    for key, t_call in called.items():
+        series["ingest"].append((returned[key] - t_call) * 1000)
+        if key in request and key in arrivals:
+            series["http"].append((arrivals[key] - request[key]) * 1000)
+        if key not in claimed:
+            without += 1          # taken along by a completion: no invocation claimed it
+            continue
+        t_claim, where = claimed[key]
+        started = max((t for t in invocations.get(where, []) if t <= t_claim), default=None)
+        if started is None or started < returned[key]:
+            without += 1          # the invocation was already running when the job committed
+            continue
+        series["wake-up"].append((started - returned[key]) * 1000)
+        series["claim"].append((t_claim - started) * 1000)
+        if key in request:
+            series["prepare"].append((request[key] - t_claim) * 1000)
+
+    def summary(v: list[float]) -> dict:
+        v = sorted(v)
+        return {"messages": len(v), **{f"p{q}_ms": round(common.percentile(v, q), 2) if v else None
+                                       for q in (50, 90, 99)}}
+
+    return {"stages": {k: summary(v) for k, v in series.items()}, "without_wakeup": without}
 
 
 def peak_in_flight(reqs: list[common.SimRequest]) -> int:

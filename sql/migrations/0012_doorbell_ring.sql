@@ -18,15 +18,18 @@
 --                  at the next rebalance tick).
 
 CREATE VIEW aibot.doorbell_wanted AS
-WITH counted AS (
-    -- Each model's runnable jobs are counted only up to its free slots (a LIMIT per model): the count
-    -- costs O(free slots), not O(queued jobs), which a deep backlog would make of every ingest.
+WITH counted AS MATERIALIZED (
+    -- Each model's runnable jobs are counted only up to its free slots (a LIMIT per model, in the order
+    -- of jobs_claimable_model so that the index serves it): the count costs O(free slots), not O(queued
+    -- jobs), which a deep backlog would make of every ingest. MATERIALIZED: matchable is read twice
+    -- below, and an inlined CTE would be computed twice.
     SELECT coalesce((SELECT sum(d.n) FROM aibot.model_free_slots f
                      CROSS JOIN LATERAL (
                          SELECT count(*) AS n FROM (
                              SELECT 1 FROM aibot.jobs j
                              WHERE j.state = 'queued' AND j.model = f.model AND j.available_at <= now()
                                AND j.reply IS NULL
+                             ORDER BY j.rank, j.id
                              LIMIT f.free) runnable) d), 0)::int
          + (SELECT count(*) FROM aibot.jobs
             WHERE state = 'queued' AND available_at <= now() AND reply IS NOT NULL)::int AS matchable

@@ -61,11 +61,18 @@ def test_saturation(pg_server, tmp_path):
 
 
 def test_dispatch_latency(pg_server, tmp_path):
-    doc = run("dispatch_latency", pg_server, tmp_path, "--jobs", "20", "--rate", "20")
+    doc = run("dispatch_latency", pg_server, tmp_path, "--jobs", "20", "--rate", "20", "--stages")
     r = doc["result"]
     assert r["messages"] == 20 and len(doc["latencies_ms"]) == 20
     assert 0 < r["p50_ms"] <= r["p99_ms"] <= r["max_ms"]
     assert r["peak_in_flight"] <= r["slots"]
+    # Every message is split into stages or counted as served without a wake-up; the workers' stamps
+    # were found (an HTTP stage for every message) and no stage is negative.
+    stages = doc["stages"]["stages"]
+    assert stages["ingest"]["messages"] == 20 and stages["http"]["messages"] == 20
+    assert stages["wake-up"]["messages"] + doc["stages"]["without_wakeup"] == 20
+    assert stages["wake-up"]["messages"] > 0
+    assert all(v["p50_ms"] is None or v["p50_ms"] >= 0 for v in stages.values())
 
 
 def test_memory_safety(pg_server, tmp_path):
