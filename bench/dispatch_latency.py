@@ -134,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
                            ["stage", "messages", "p50_ms", "p90_ms", "p99_ms"],
                            title="Where the time goes (per message; p50s do not add up exactly)"))
         print(f"served without a wake-up (an invocation already running): {stages['without_wakeup']}")
+        for r in stages["slowest"][:5]:
+            print("  slow: " + ", ".join(f"{k} {v:.1f} ms" if isinstance(v, float) else f"{k} {v}"
+                                         for k, v in r.items()))
     common.write_json(args.output_dir, NAME, {
         "definitions": {"latency": "ingest() call for one message (own transaction, doorbell included) -> "
                                    "its chat request read by the simulator",
@@ -170,29 +173,38 @@ def split_stages(stage_dir: str, job_keys: dict[int, str], called: dict[str, flo
                     request.setdefault(key, float(t))
     series: dict[str, list[float]] = {s: [] for s in ("ingest", "wake-up", "claim", "prepare", "http")}
     without = 0
+    per_message: list[dict] = []
     for key, t_call in called.items():
-        series["ingest"].append((returned[key] - t_call) * 1000)
+        row: dict = {"key": key, "ingest": (returned[key] - t_call) * 1000}
         if key in request and key in arrivals:
-            series["http"].append((arrivals[key] - request[key]) * 1000)
-        if key not in claimed:
-            without += 1          # taken along by a completion: no invocation claimed it
-            continue
-        t_claim, where = claimed[key]
-        started = max((t for t in invocations.get(where, []) if t <= t_claim), default=None)
-        if started is None or started < returned[key]:
-            without += 1          # the invocation was already running when the job committed
-            continue
-        series["wake-up"].append((started - returned[key]) * 1000)
-        series["claim"].append((t_claim - started) * 1000)
-        if key in request:
-            series["prepare"].append((request[key] - t_claim) * 1000)
+            row["http"] = (arrivals[key] - request[key]) * 1000
+            row["total"] = (arrivals[key] - t_call) * 1000
+        t_claim, where = claimed.get(key, (None, None))
+        started = max((t for t in invocations.get(where, []) if t <= t_claim), default=None) if t_claim else None
+        if t_claim is None:
+            row["served"] = "taken by a completion"
+        elif started is None or started < returned[key]:
+            row["served"] = "by an invocation already running"
+            row["commit to claim"] = (t_claim - returned[key]) * 1000
+        else:
+            row.update({"served": "after a wake-up", "wake-up": (started - returned[key]) * 1000,
+                        "claim": (t_claim - started) * 1000})
+            if key in request:
+                row["prepare"] = (request[key] - t_claim) * 1000
+        without += row["served"] != "after a wake-up"
+        for stage in series:
+            if stage in row:
+                series[stage].append(row[stage])
+        per_message.append(row)
+    slowest = sorted((r for r in per_message if "total" in r), key=lambda r: -r["total"])[:10]
 
     def summary(v: list[float]) -> dict:
         v = sorted(v)
         return {"messages": len(v), **{f"p{q}_ms": round(common.percentile(v, q), 2) if v else None
                                        for q in (50, 90, 99)}}
 
-    return {"stages": {k: summary(v) for k, v in series.items()}, "without_wakeup": without}
+    return {"stages": {k: summary(v) for k, v in series.items()}, "without_wakeup": without,
+            "slowest": [{k: round(v, 2) if isinstance(v, float) else v for k, v in r.items()} for r in slowest]}
 
 
 def peak_in_flight(reqs: list[common.SimRequest]) -> int:

@@ -47,3 +47,29 @@ def test_rebalances_from_different_instants_do_not_flap_the_rows(conn):
         assert slots.rebalance(conn, demand) == [], demand
     counts = {c["model"]: c["free"] + c["held"] for c in state.slot_counts(conn, sid)}
     assert counts == {"a": 3, "b": 1}
+
+
+def test_a_rebalance_with_nothing_to_change_locks_no_slot_row(db_url):
+    """A completion frees its slot with an UPDATE of the row: a rebalance holding the server's rows
+    locked would make it wait, and a claim would skip them. In the steady state (rows already at the
+    target) the rebalance only reads; when rows must change it still locks them."""
+    import psycopg
+
+    from aibot import db
+
+    with db.connect(db_url, autocommit=True) as setup:
+        sid = server(setup, "s", memory_bytes=56 * GB)
+        setup.execute("INSERT INTO aibot.model_instances (server_id, model, size_bytes, parallel) "
+                      "VALUES (%s, 'a', %s, 2)", (sid, 15 * GB))
+        assert slots.rebalance(setup, {"a": 2}) != []          # the rows are made: now at the target
+    with db.connect(db_url) as rebalancer, db.connect(db_url, autocommit=True) as completion:
+        assert slots.rebalance(rebalancer, {"a": 2}) == []      # its transaction stays open
+        row = completion.execute("SELECT id FROM aibot.slots WHERE server_id = %s FOR UPDATE NOWAIT LIMIT 1",
+                                 (sid,)).fetchone()
+        assert row is not None, "a steady-state rebalance left the slot rows locked"
+        rebalancer.rollback()
+        completion.execute("UPDATE aibot.model_instances SET parallel = 1 WHERE server_id = %s", (sid,))
+        assert slots.rebalance(rebalancer, {"a": 2}) != []      # one row too many: it must change
+        with pytest.raises(psycopg.errors.LockNotAvailable):
+            completion.execute("SELECT id FROM aibot.slots WHERE server_id = %s FOR UPDATE NOWAIT", (sid,))
+        rebalancer.rollback()
