@@ -180,17 +180,17 @@ def one_round_trip(conn: psycopg.Connection) -> Iterator[None]:
         return
     try:
         with conn.pipeline():
-            conn.execute("BEGIN")
+            _session.run(conn, "transaction_begin")
             try:
                 yield
             except BaseException:
-                conn.execute("ROLLBACK")
+                _session.run(conn, "transaction_rollback")
                 raise
-            conn.execute("COMMIT")
+            _session.run(conn, "transaction_commit")
     except BaseException:
         if conn.info.transaction_status in (psycopg.pq.TransactionStatus.INERROR,
                                             psycopg.pq.TransactionStatus.INTRANS):
-            conn.execute("ROLLBACK")
+            _session.run(conn, "transaction_rollback")
         raise
 
 
