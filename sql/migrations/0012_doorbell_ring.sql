@@ -9,13 +9,14 @@
 -- once.
 --
 -- doorbell_wanted  matchable: how many claims could succeed right now, per model min(runnable jobs,
---                  free usable slots), counted with a LIMIT per model so that it costs O(free slots)
---                  however deep the queue (the query it replaces counted every queued job of a model
---                  with a free slot: 2.8 ms at 300 queued), plus jobs whose reply is stored and only needs delivering (they
---                  take no slot); wanted: the wake-ups worth having, which is matchable or, when nothing
---                  is claimable but runnable work waits for a model no usable server holds or is
---                  loading, one (a worker comes up empty and starts its demand loader now rather than
---                  at the next rebalance tick).
+--                  free usable slots), plus jobs whose reply is stored and only needs delivering (they
+--                  take no slot). Each model is counted with a LIMIT of its free slots, so the count
+--                  costs O(free slots) however deep the queue (the query it replaces counted every
+--                  queued job of a model with a free slot: 476 ms at 1M queued, bench/doorbell_scaling.py).
+--                  wanted: the wake-ups worth having, which is matchable or, when nothing is claimable
+--                  but runnable work waits for a model no usable server holds or is loading, one (a
+--                  worker comes up empty and starts its demand loader now rather than at the next
+--                  rebalance tick). That check visits one index entry per queued model, not every job.
 
 CREATE VIEW aibot.doorbell_wanted AS
 WITH counted AS MATERIALIZED (
