@@ -26,6 +26,7 @@ from aibot.backends.factory import backend_for_server
 from aibot.cluster import health, loader, slots, state
 from aibot.cluster.configured import configured
 from aibot.cluster.sizing import Budget, choose_memory
+from aibot.settings import get_settings
 
 logger = logging.getLogger(__name__)
 queries = db.Queries(__name__)
@@ -227,7 +228,8 @@ def refresh_server(conn: psycopg.Connection, server_row: Mapping[str, Any], back
                                         size_bytes=size)
             if row["inserted"]:
                 result.added.append(model)
-        gone = queries.all(conn, "cluster_delete_vanished_instances", {"server_id": sid, "models": list(found)})
+        gone = queries.all(conn, "cluster_delete_vanished_instances", {
+            "server_id": sid, "models": list(found), "orphan_grace_s": get_settings().orphan_load_grace_seconds})
         result.removed = [g["model"] for g in gone]
         queries.run(conn, "cluster_set_memory", {
             "server_id": sid, "memory_bytes": memory, "memory_source": source,

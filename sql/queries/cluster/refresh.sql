@@ -44,11 +44,16 @@ WHERE id = %(server_id)s;
 SELECT DISTINCT model FROM jobs WHERE state IN ('queued', 'running') AND model IS NOT NULL;
 
 -- cluster_delete_vanished_instances --
--- Forgets models the server no longer lists, except one a live loader is loading (it holds the lock)
+-- Forgets models the server no longer lists, except a 'loading' row whose loader is alive (it holds the
+-- lock) or whose load began within the orphan grace: a server lists a model only once it is loaded, and
+-- a dead loader's HTTP load may still finish there. Forgetting that row would let the next loader load a
+-- second instance beside it; the orphan reaper (aibot.cluster.loader) settles it after the grace instead
 DELETE FROM model_instances mi
 WHERE mi.server_id = %(server_id)s
   AND NOT (mi.model = ANY (%(models)s::text[]))
-  AND (mi.state <> 'loading' OR pg_try_advisory_xact_lock(mi.server_id, hashtext(mi.model)))
+  AND (mi.state <> 'loading'
+       OR (coalesce(mi.loaded_at, '-infinity') <= now() - make_interval(secs => %(orphan_grace_s)s::double precision)
+           AND pg_try_advisory_xact_lock(mi.server_id, hashtext(mi.model))))
 RETURNING mi.model, mi.state;
 
 -- cluster_set_memory --
