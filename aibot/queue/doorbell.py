@@ -63,15 +63,10 @@ def send_ring(conn: psycopg.Connection, n: int | None = None) -> Callable[[], in
     return lambda: want
 
 
-def insert_messages(conn: psycopg.Connection, queue: str, messages: list[dict]) -> None:
-    """Inserts Dramatiq messages (their JSON encoding) into dramatiq-postgres' queue table in the
-    caller's transaction, the row shape dramatiq-postgres writes itself."""
-    queries.run(conn, "doorbell_insert", {"queue": queue, "messages": json.dumps(messages)})
-
-
-def notify(conn: psycopg.Connection, queue: str) -> None:
-    """Wakes idle dramatiq-postgres consumers of `queue` when the caller's transaction commits."""
-    queries.run(conn, "doorbell_notify", {"queue": queue})
+def insert_messages(conn: psycopg.Connection, queue: str, messages: list[dict]) -> int:
+    """Enqueues Dramatiq messages (their JSON encoding) in dramatiq-postgres' queue table in the
+    caller's transaction, with the NOTIFY that wakes its consumers at commit; returns how many."""
+    return queries.one(conn, "doorbell_insert", {"queue": queue, "messages": json.dumps(messages)})["n"]
 
 
 def _claim_message() -> Message:

@@ -30,11 +30,10 @@ if os.environ.get("BENCH_DATABASE_URL"):  # only the worker processes build a br
 
 
 def enqueue(conn, n: int) -> None:
-    """n messages for the no-op actor plus the wake-up NOTIFY, in the caller's transaction."""
+    """n messages for the no-op actor, each batch with its wake-up NOTIFY, in the caller's transaction."""
     from aibot.queue import doorbell
 
     messages = [json.loads(Message(queue_name=QUEUE, actor_name=ACTOR, args=(), kwargs={}, options={}).encode())
                 for _ in range(n)]
     for start in range(0, n, 5000):
         doorbell.insert_messages(conn, QUEUE, messages[start:start + 5000])
-    doorbell.notify(conn, QUEUE)

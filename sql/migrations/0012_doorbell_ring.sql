@@ -8,6 +8,10 @@
 -- and the one that only reads it (doorbell_matchable, the worker's retry of an empty claim) state it
 -- once.
 --
+-- enqueue_dramatiq_messages(queue, messages)  inserts Dramatiq messages (their JSON encoding) into
+--                  dramatiq-postgres' queue table, the row shape dramatiq-postgres writes itself, and
+--                  NOTIFYs its consumers' channel (sent at commit) when it inserted any; returns how many.
+--                  The one statement of that row shape and channel, for the ring and for doorbell_insert.
 -- doorbell_wanted  matchable: how many claims could succeed right now, per model min(runnable jobs,
 --                  free usable slots), plus jobs whose reply is stored and only needs delivering (they
 --                  take no slot). Each model is counted with a LIMIT of its free slots, so the count
@@ -17,6 +21,24 @@
 --                  but runnable work waits for a model no usable server holds or is loading, one (a
 --                  worker comes up empty and starts its demand loader now rather than at the next
 --                  rebalance tick). That check visits one index entry per queued model, not every job.
+
+CREATE FUNCTION aibot.enqueue_dramatiq_messages(p_queue text, p_messages jsonb) RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    n integer;
+BEGIN
+    -- dramatiq_postgres/broker.py (QUERIES.ENQUEUE): the queue table's columns and the
+    -- 'dramatiq.<queue>.enqueue' channel its consumers LISTEN on.
+    INSERT INTO dramatiq.queue (queue_name, message_id, "state", message, available_at)
+    SELECT p_queue, (m ->> 'message_id')::uuid, 'queued', m, now()
+    FROM jsonb_array_elements(coalesce(p_messages, '[]'::jsonb)) AS m;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    IF n > 0 THEN
+        PERFORM pg_notify('dramatiq.' || p_queue || '.enqueue', '');
+    END IF;
+    RETURN n;
+END;
+$$;
 
 CREATE VIEW aibot.doorbell_wanted AS
 WITH counted AS MATERIALIZED (
