@@ -26,7 +26,6 @@ from aibot.backends.factory import backend_for_server
 from aibot.cluster import health, loader, slots, state
 from aibot.cluster.configured import configured
 from aibot.cluster.sizing import Budget, choose_memory
-from aibot.settings import get_settings
 
 logger = logging.getLogger(__name__)
 queries = db.Queries(__name__)
@@ -145,8 +144,8 @@ def refresh_server(conn: psycopg.Connection, server_row: Mapping[str, Any], back
     they are recorded under the server's name (origin 'server'). A configured name the server does not
     offer (on a catalogue that lists everything) is refused for this server with the names it offers.
 
-    HTTP first, then one short transaction. Vanished models are forgotten, except a row in state
-    'loading' whose loader is alive (it holds the (server, model) lock). A failing listing counts as a
+    HTTP first, then one short transaction. Vanished models are forgotten, except rows in state
+    'loading' (a live loader's, or an orphan that `loader.reap_orphan_loads` settles). A failing listing counts as a
     server fault; a failing per-model detail only degrades that model's entry (the backend's job).
     """
     name = server_row["name"]
@@ -228,8 +227,7 @@ def refresh_server(conn: psycopg.Connection, server_row: Mapping[str, Any], back
                                         size_bytes=size)
             if row["inserted"]:
                 result.added.append(model)
-        gone = queries.all(conn, "cluster_delete_vanished_instances", {
-            "server_id": sid, "models": list(found), "orphan_grace_s": get_settings().orphan_load_grace_seconds})
+        gone = queries.all(conn, "cluster_delete_vanished_instances", {"server_id": sid, "models": list(found)})
         result.removed = [g["model"] for g in gone]
         queries.run(conn, "cluster_set_memory", {
             "server_id": sid, "memory_bytes": memory, "memory_source": source,

@@ -44,16 +44,15 @@ WHERE id = %(server_id)s;
 SELECT DISTINCT model FROM jobs WHERE state IN ('queued', 'running') AND model IS NOT NULL;
 
 -- cluster_delete_vanished_instances --
--- Forgets models the server no longer lists, except a 'loading' row whose loader is alive (it holds the
--- lock) or whose load began within the orphan grace: a server lists a model only once it is loaded, and
--- a dead loader's HTTP load may still finish there. Forgetting that row would let the next loader load a
--- second instance beside it; the orphan reaper (aibot.cluster.loader) settles it after the grace instead
+-- Forgets models the server no longer lists, except 'loading' rows: a server lists a model only once it is
+-- loaded, so a row still loading is either a live loader's (it holds the lock) or a dead loader's whose HTTP
+-- load may yet finish there. Forgetting the latter let the next loader load a second instance beside it;
+-- orphans are the loader's to settle (aibot.cluster.loader.reap_orphan_loads: adopted, or cleaned up past
+-- the orphan grace)
 DELETE FROM model_instances mi
 WHERE mi.server_id = %(server_id)s
   AND NOT (mi.model = ANY (%(models)s::text[]))
-  AND (mi.state <> 'loading'
-       OR (coalesce(mi.loaded_at, '-infinity') <= now() - make_interval(secs => %(orphan_grace_s)s::double precision)
-           AND pg_try_advisory_xact_lock(mi.server_id, hashtext(mi.model))))
+  AND mi.state <> 'loading'
 RETURNING mi.model, mi.state;
 
 -- cluster_set_memory --
