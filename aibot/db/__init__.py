@@ -170,9 +170,9 @@ def one_round_trip(conn: psycopg.Connection) -> Iterator[None]:
 
     An exception in the block sends ROLLBACK instead of COMMIT, so the pipeline's sync commits
     nothing; an error of a statement makes Postgres skip the rest up to the sync (COMMIT included),
-    and the transaction is rolled back here before the error is raised. On a connection that is not
-    idle in autocommit (inside the caller's transaction) it is `conn.transaction()`: a savepoint, so
-    the caller's commit decides.
+    and the transaction is rolled back here before the error is raised. On any other connection it is
+    `conn.transaction()`: inside the caller's transaction a savepoint (the caller's commit decides), on
+    an idle connection out of autocommit BEGIN ... COMMIT.
     """
     if not (conn.autocommit and conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE):
         with conn.transaction():
