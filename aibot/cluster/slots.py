@@ -101,7 +101,7 @@ def _rebalance_server(conn: psycopg.Connection, server: Mapping[str, Any], deman
     """Decides from an unlocked read first: in the steady state nothing changes and no slot row is
     locked, since a completion that frees a locked slot waits for the lock and a claim skips the row
     (every refresh tick used to stall dispatch on the server for the length of this transaction:
-    bench/dispatch_latency.py, p99 127 ms with the tick, 15 ms without). Only when rows must change
+    bench/README.md, benchmark 3). Only when rows must change
     does it lock them, and then decides again under the lock, so counts stay exact."""
     counts, changes = _server_changes(conn, server, demand, adaptive)
     if not changes and not any(c["retired_free"] for c in counts.values()):
