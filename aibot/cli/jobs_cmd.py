@@ -48,6 +48,8 @@ def run_list(args) -> int:
             rows = inspection.list_jobs(conn, state=args.state, entity=args.entity, limit=args.limit)
         except ValueError as exc:
             return _fail(exc)
+    # A queued job's reason is why it still waits (the loader's note); a finished one's, how it ended.
+    rows = [{**r, "reason": r["reason"] or r.get("waiting_reason")} for r in rows]
     print_(table(rows, [
         "id", "state", Column("entity_id", "entity"), "model", Column("priority", "pri"), "band", "attempts",
         "server", Column("created_at", "created"), Column("finished_at", "finished"),

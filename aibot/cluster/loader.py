@@ -656,7 +656,7 @@ def load_for_demand(database: db.Database, *, worker_id: str,
                             r["model"], r["server_id"], plan.waiting.get(r["model"], "a starving model needs the room")
                             if r["draining"] else "its room is no longer needed")
         for model, why in plan.waiting.items():
-            jobs.note_waiting(conn, model, f"waiting: {why}")
+            jobs.note_waiting(conn, model, why)
             if _not_loadable.get(model) != why:
                 _not_loadable[model] = why
                 logger.info("model %s waits: %s", model, why)
@@ -677,7 +677,7 @@ def load_for_demand(database: db.Database, *, worker_id: str,
                             f", evicted {', '.join(res.evicted)}" if res.evicted else "")
             return f"{model}@{res.server}", None
         except LoadError as exc:
-            reason = f"waiting: {exc}"
+            reason = str(exc)
             with database.transaction() as conn:
                 jobs.note_waiting(conn, model, reason)
             if _not_loadable.get(model) != reason:   # once per new reason, not at every pass

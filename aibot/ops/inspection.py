@@ -216,9 +216,8 @@ def serving(row: dict) -> str:
         return "served by " + ", ".join(row["served_by"])
     if row.get("loading_on"):
         return "loading on " + ", ".join(row["loading_on"])
-    reason = row.get("waiting_reason")
-    if reason:
-        why = reason.removeprefix("waiting: ")
+    why = row.get("waiting_reason")
+    if why:
         if why.startswith("no server can load "):
             why = why.split(": ", 1)[-1]   # the model is the row's; keep the per-server reasons
         return "no server can hold it: " + why

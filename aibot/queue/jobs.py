@@ -223,7 +223,7 @@ def claim(conn: psycopg.Connection, worker_id: str, *, lease_seconds: float, use
 def note_waiting(conn: psycopg.Connection, model: str, reason: str) -> int:
     """Records on every queued job of `model` why it is still waiting (e.g. no server can load the
     model, and why), so `aibot status`, `jobs list` and the dashboard show it; returns rows changed.
-    `reason` starts with "waiting: " (`clear_waiting` removes exactly those notes)."""
+    The note is the job's `waiting_reason`, not its `last_error`: an earlier attempt's error stays."""
     with conn.transaction():
         return queries.run(conn, "jobs_note_waiting", {"model": model, "reason": reason[:MAX_ERROR_CHARS]}).rowcount
 

@@ -81,8 +81,8 @@ def test_a_variant_lm_studio_cannot_load_is_refused_once_and_the_waiting_jobs_sa
         assert s.stats()["requests"]["by_endpoint"].get("POST /api/v1/models/load") is None
         [refusal] = conn.execute("SELECT * FROM aibot.model_health").fetchall()
         assert "cannot pick variant 'the-eternal@q8_0'" in refusal["unavailable_reason"]
-        errors = {r["last_error"] for r in conn.execute("SELECT last_error FROM aibot.jobs")}
-        assert len(errors) == 1 and "cannot pick variant" in errors.pop()
+        notes = {r["waiting_reason"] for r in conn.execute("SELECT waiting_reason FROM aibot.jobs")}
+        assert len(notes) == 1 and "cannot pick variant" in notes.pop()
         assert {r["attempts"] for r in conn.execute("SELECT attempts FROM aibot.jobs")} == {0}
 
         # The operator selects that variant in LM Studio: the model list changes, the refusal is retried.

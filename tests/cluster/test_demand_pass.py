@@ -53,8 +53,8 @@ def test_starving_model_drains_a_busy_victim_then_takes_its_place(conn, database
         assert sorted(c.model for c in running) == ["a", "b"]
         loaded, _ = loader.load_for_demand(database, worker_id="t", policy=policy)
         assert loaded == [] and resident(conn, sid) == {"a": False, "b": False}
-        c1 = conn.execute("SELECT last_error FROM aibot.jobs WHERE source_message_id = 'c1'").fetchone()
-        assert "wins one once its oldest job has waited 20 s" in c1["last_error"] and "busy or recently loaded: a, b" in c1["last_error"]
+        [why] = conn.execute("SELECT waiting_reason FROM aibot.jobs WHERE source_message_id = 'c1'").fetchone().values()
+        assert "wins one once its oldest job has waited 20 s" in why and "busy or recently loaded: a, b" in why
 
         age_jobs(conn, "c", 17.5)    # due: aging − (two passes + one request)
         loader.load_for_demand(database, worker_id="t", policy=policy)

@@ -66,11 +66,12 @@ def test_a_refusal_blocks_the_pair_until_the_catalogue_or_the_config_changes(con
 
 def test_waiting_jobs_are_told_why_once(conn):
     jobs.enqueue_many(conn, [job(str(i), "gone") for i in range(3)] + [job("9", "other")])
-    assert jobs.note_waiting(conn, "gone", "waiting: no server offers 'gone'") == 3
-    assert jobs.note_waiting(conn, "gone", "waiting: no server offers 'gone'") == 0
-    errors = {r["source_message_id"]: r["last_error"] for r in conn.execute("SELECT * FROM aibot.jobs")}
-    assert errors == {"0": "waiting: no server offers 'gone'", "1": "waiting: no server offers 'gone'",
-                      "2": "waiting: no server offers 'gone'", "9": None}
+    conn.execute("UPDATE aibot.jobs SET last_error = 'HTTP 500' WHERE source_message_id = '2'")
+    assert jobs.note_waiting(conn, "gone", "no server offers 'gone'") == 3
+    assert jobs.note_waiting(conn, "gone", "no server offers 'gone'") == 0
+    notes = {r["source_message_id"]: (r["waiting_reason"], r["last_error"]) for r in conn.execute("SELECT * FROM aibot.jobs")}
+    why = "no server offers 'gone'"
+    assert notes == {"0": (why, None), "1": (why, None), "2": (why, "HTTP 500"), "9": (None, None)}   # the error stays
 
 
 def _trip(conn, sid):
@@ -123,22 +124,24 @@ def test_repeated_failed_loads_escalate_the_pair_backoff(conn):
 
 def test_waiting_notes_are_cleared_once_the_model_can_be_served(conn):
     jobs.enqueue_many(conn, [job("1", "m"), job("2", "m")])
-    jobs.note_waiting(conn, "m", "waiting: no server can load 'm'")
+    jobs.note_waiting(conn, "m", "no server can load 'm'")
     conn.execute("UPDATE aibot.jobs SET last_error = 'HTTP 500' WHERE source_message_id = '2'")
-    assert jobs.clear_waiting(conn, "m") == 1
-    assert {r["source_message_id"]: r["last_error"] for r in conn.execute("SELECT * FROM aibot.jobs")} == \
-        {"1": None, "2": "HTTP 500"}          # a real error stays
+    assert jobs.clear_waiting(conn, "m") == 2
+    assert jobs.clear_waiting(conn, "m") == 0
+    assert {r["source_message_id"]: (r["waiting_reason"], r["last_error"]) for r in conn.execute("SELECT * FROM aibot.jobs")} == \
+        {"1": (None, None), "2": (None, "HTTP 500")}          # a real error stays
 
 
 def test_a_claim_drops_the_waiting_note_a_late_writer_left(conn):
-    """CI (real router): a demand pass planned from a snapshot without servers wrote "waiting: no server
-    is registered yet" after the loader had cleared the notes; the job was then served with the note on
+    """CI (real router): a demand pass planned from a snapshot without servers wrote "no server is
+    registered yet" after the loader had cleared the notes; the job was then served with the note on
     it. A claimed job is not waiting, so the claim drops such a note; a real error stays."""
     sid = server(conn, "s")
     slots(conn, sid, "m", 2)
     jobs.enqueue_many(conn, [job("1", "m", priority=0), job("2", "m", priority=1)])
-    jobs.note_waiting(conn, "m", "waiting: no server can load 'm': no server is registered yet")
+    jobs.note_waiting(conn, "m", "no server can load 'm': no server is registered yet")
     conn.execute("UPDATE aibot.jobs SET last_error = 'HTTP 500' WHERE source_message_id = '2'")
     assert claim(conn) is not None and claim(conn) is not None
-    errors = {r["source_message_id"]: (r["state"], r["last_error"]) for r in conn.execute("SELECT * FROM aibot.jobs")}
-    assert errors == {"1": ("running", None), "2": ("running", "HTTP 500")}
+    notes = {r["source_message_id"]: (r["state"], r["waiting_reason"], r["last_error"])
+             for r in conn.execute("SELECT * FROM aibot.jobs")}
+    assert notes == {"1": ("running", None, None), "2": ("running", None, "HTTP 500")}

@@ -69,7 +69,7 @@ class Deployment:
 
     def jobs(self, ids: list[int]) -> list[dict]:
         return self.query("SELECT id, entity_id, model, state::text AS state, attempts, server_faults, last_error, "
-                          "reason, delivered_at, reply->>'text' AS text FROM aibot.jobs WHERE id = ANY(%s) "
+                          "waiting_reason, reason, delivered_at, reply->>'text' AS text FROM aibot.jobs WHERE id = ANY(%s) "
                           "ORDER BY id", (ids,))
 
     def wait_done(self, ids: list[int], timeout: float) -> list[dict]:

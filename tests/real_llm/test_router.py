@@ -108,7 +108,7 @@ def test_failed_load_surfaces_the_routers_reason_quickly_and_only_for_that_model
         first_failure = time.monotonic()
 
         try:
-            wait_for(lambda: mentions_exit(dep.jobs([broken])[0]["last_error"] or dep.jobs([broken])[0]["reason"], code),
+            wait_for(lambda: mentions_exit(dep.jobs([broken])[0]["waiting_reason"] or dep.jobs([broken])[0]["reason"], code),
                      timeout=5, message="the waiting job to show the load failure")
         except AssertionError as exc:
             raise AssertionError(f"{exc}: {dep.jobs([broken])}") from None

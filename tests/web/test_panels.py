@@ -12,14 +12,14 @@ from aibot.settings import get_settings
 from tests.ops.test_inspection import GB, add_job, db_now, seed
 from tests.web.test_web import http, server  # noqa: F401 - fixtures
 
-WHY = ("waiting: no server can load 'big': alpha: not enough memory even after evicting idle models: needs "
+WHY = ("no server can load 'big': alpha: not enough memory even after evicting idle models: needs "
        "90GB (config models[\"big\"].sizeGB) + 3GB per request")
 
 
 def panels(conn) -> dict:
     ids = seed(conn)
     now = db_now(conn)
-    add_job(conn, model="big", entity_id="eve", created_at=now - dt.timedelta(seconds=90), last_error=WHY)
+    add_job(conn, model="big", entity_id="eve", created_at=now - dt.timedelta(seconds=90), waiting_reason=WHY)
     add_job(conn, model="m3", entity_id="zed")
     conn.execute("INSERT INTO aibot.model_instances (server_id, model, state, size_bytes) VALUES (%s, 'm3', 'loading', %s)",
                  (ids["s1"], 4 * GB))
@@ -36,7 +36,7 @@ def test_serving_in_the_operators_words():
     assert inspection.serving({"served_by": [], "loading_on": ["c"]}) == "loading on c"
     assert inspection.serving({"served_by": [], "loading_on": [], "waiting_reason": WHY, "queued": 1}) == \
         "no server can hold it: " + WHY.split("'big': ", 1)[1]
-    assert inspection.serving({"served_by": [], "loading_on": [], "waiting_reason": "waiting: load timed out",
+    assert inspection.serving({"served_by": [], "loading_on": [], "waiting_reason": "load timed out",
                                "queued": 1}) == "no server can hold it: load timed out"
     assert inspection.serving({"served_by": [], "loading_on": [], "queued": 2}).startswith("not placed yet")
     assert inspection.serving({"served_by": [], "loading_on": [], "queued": 0}) == "idle"

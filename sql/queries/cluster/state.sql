@@ -80,7 +80,7 @@ GROUP BY model;
 -- starved it in bench/swap_thrash.py)
 SELECT j.model, count(*)::integer AS queued
 FROM jobs j
-WHERE j.state = 'queued' AND j.model IS NOT NULL AND j.available_at <= now() AND j.reply IS NULL
+WHERE j.runnable AND j.model IS NOT NULL AND j.reply IS NULL
   AND NOT EXISTS (
       SELECT 1 FROM model_instances mi
       JOIN usable_servers u ON u.id = mi.server_id
@@ -128,11 +128,11 @@ RETURNING *, (xmax = 0) AS inserted;
 -- %(window_s)s seconds, recent mean service time, last measured load time: what the demand decisions
 -- (aibot.cluster.demand) weigh. Each branch walks a partial index (queued, running, finished).
 WITH live AS (
-    SELECT j.model, j.state::text AS state, j.available_at, j.created_at, j.reply IS NULL AS generates,
-           NULL::double precision AS service_s
+    SELECT j.model, j.state::text AS state, j.available_at, j.created_at,
+           j.runnable AND j.reply IS NULL AS waits, NULL::double precision AS service_s
     FROM jobs j WHERE j.state = 'queued' AND j.model IS NOT NULL
     UNION ALL
-    SELECT j.model, 'running', j.available_at, j.created_at, j.reply IS NULL, NULL
+    SELECT j.model, 'running', j.available_at, j.created_at, false, NULL
     FROM jobs j WHERE j.state = 'running' AND j.model IS NOT NULL
     UNION ALL
     SELECT j.model, 'finished', j.available_at, j.created_at, false,
@@ -142,9 +142,9 @@ WITH live AS (
     WHERE j.finished_at > now() - make_interval(secs => %(window_s)s) AND j.model IS NOT NULL
 )
 SELECT l.model,
-       count(*) FILTER (WHERE l.state = 'queued' AND l.available_at <= now() AND l.generates)::integer AS queued,
+       count(*) FILTER (WHERE l.waits)::integer AS queued,
        coalesce(extract(epoch FROM now() - min(greatest(l.created_at, l.available_at))
-                FILTER (WHERE l.state = 'queued' AND l.available_at <= now() AND l.generates)), 0)::double precision
+                FILTER (WHERE l.waits)), 0)::double precision
            AS oldest_wait_s,
        count(*) FILTER (WHERE l.state = 'running')::integer AS inflight,
        count(*) FILTER (WHERE l.created_at > now() - make_interval(secs => %(window_s)s))::integer AS recent,

@@ -33,8 +33,8 @@ ORDER BY j.id;
 -- demo_job_states --
 -- Jobs per state and how many queued ones are due now, for the live progress line
 SELECT state::text AS state, count(*)::int AS jobs,
-       count(*) FILTER (WHERE state = 'queued' AND available_at <= now())::int AS runnable
-FROM aibot.jobs GROUP BY state;
+       count(*) FILTER (WHERE j.runnable)::int AS runnable
+FROM aibot.jobs j GROUP BY state;
 
 -- demo_message_states --
 -- Final states reached by the jobs of the given chat message ids (to know when the demo has drained)

@@ -45,7 +45,7 @@ SELECT * FROM worker_status;
 -- Newest jobs first, optionally of one state and/or one entity
 SELECT j.id, j.state::text, j.entity_id, j.model, j.priority, priority_band(j.priority) AS band,
        j.attempts, j.max_attempts, j.worker_id, j.server_id, s.name AS server,
-       j.created_at, j.claimed_at, j.finished_at, j.available_at, j.reason, left(j.last_error, 300) AS last_error,
+       j.created_at, j.claimed_at, j.finished_at, j.available_at, j.reason, j.waiting_reason, left(j.last_error, 300) AS last_error,
        left(coalesce(j.payload->>'text', j.payload->>'message', ''), 200) AS message
 FROM jobs j
 LEFT JOIN servers s ON s.id = j.server_id
@@ -60,7 +60,7 @@ SELECT j.id, j.state::text, j.source, j.source_message_id, j.entity_id, j.model,
        priority_band(j.priority) AS band, j.rank, j.attempts, j.max_attempts, j.server_faults,
        j.max_server_faults, j.available_at, j.created_at, j.message_at, j.claimed_at, j.worker_id,
        j.lease_expires_at, j.server_id, s.name AS server, j.started_at, j.generated_at, j.delivered_at,
-       j.finished_at, j.reason, j.last_error, j.payload, j.reply
+       j.finished_at, j.reason, j.waiting_reason, j.last_error, j.payload, j.reply
 FROM jobs j
 LEFT JOIN servers s ON s.id = j.server_id
 WHERE j.id = %(id)s;
@@ -193,7 +193,7 @@ LISTEN aibot_events;
 WITH q AS (
     SELECT model, count(*)::bigint AS queued,
            extract(epoch FROM now() - min(created_at))::double precision AS oldest_wait_seconds,
-           max(last_error) FILTER (WHERE last_error LIKE 'waiting: %%') AS waiting_reason
+           max(waiting_reason) AS waiting_reason
     FROM jobs WHERE state = 'queued' AND model IS NOT NULL
     GROUP BY model
 ), r AS (

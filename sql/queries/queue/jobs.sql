@@ -211,13 +211,13 @@ SELECT state::text AS state, count(*) AS n FROM jobs GROUP BY state ORDER BY sta
 
 -- jobs_note_waiting --
 -- Tells the queued jobs of a model why they still wait (no server can load it, and why), once per change
-UPDATE jobs SET last_error = %(reason)s
-WHERE state = 'queued' AND model = %(model)s AND last_error IS DISTINCT FROM %(reason)s;
+UPDATE jobs SET waiting_reason = %(reason)s
+WHERE state = 'queued' AND model = %(model)s AND waiting_reason IS DISTINCT FROM %(reason)s;
 
 -- jobs_clear_waiting --
 -- The model can be served now: the waiting notes of its queued jobs no longer hold
-UPDATE jobs SET last_error = NULL
-WHERE state = 'queued' AND model = %(model)s AND last_error LIKE 'waiting: %%';
+UPDATE jobs SET waiting_reason = NULL
+WHERE state = 'queued' AND model = %(model)s AND waiting_reason IS NOT NULL;
 
 -- jobs_expire_leases_of --
 -- A supervisor saw these worker processes die: their leases end now, so the next reclaim tick re-queues the jobs
