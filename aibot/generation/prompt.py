@@ -39,7 +39,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from aibot.backends.base import ChatRequest
-from aibot.generation.tokens import MESSAGE_OVERHEAD, TokenCounter, make_counter
+from aibot.generation.tokens import MESSAGE_OVERHEAD, FallbackCounter, TokenCounter, estimate_tokens, make_counter
 
 #: Tokens a chat template adds outside every message (BOS, the generation prompt): kept free on top
 #: of each message's MESSAGE_OVERHEAD when a prompt is fitted to an instance's context.
@@ -71,6 +71,23 @@ def context_budget(context_length: int | None, max_tokens: int | None, entity_bu
 def prompt_tokens(request: ChatRequest, count: Callable[[str], int]) -> int:
     """What the request's messages cost against a context budget (contents plus per-message overhead)."""
     return sum(count(m["content"]) + MESSAGE_OVERHEAD for m in request.messages)
+
+
+def fit(build: Callable[[TokenCounter | None], ChatRequest], budget: int,
+        server_count: TokenCounter | None) -> tuple[ChatRequest, int]:
+    """The request `build(count_tokens)` trims to `budget`, and what it costs (the caller rejects it when
+    that is over the budget). The chars/4 estimate decides first; when the prompt comes near the budget
+    the server's tokenizer (`server_count`, where the backend has one) decides instead, trimming and
+    checking with the same counts. If the server's tokenizer failed or had no answer on any call, its
+    trim mixed the two counters and is dropped: the estimate's trim and check stand."""
+    request = build(None)
+    if server_count is not None and prompt_tokens(request, estimate_tokens) > budget // 2:
+        counter = FallbackCounter(server_count)
+        fitted = build(counter)
+        need = prompt_tokens(fitted, counter)
+        if not counter.degraded:
+            return fitted, need
+    return request, prompt_tokens(request, estimate_tokens)
 
 
 SAMPLER_FIELDS = ("temperature", "max_tokens", "top_p", "top_k", "repeat_penalty", "min_p",

@@ -26,30 +26,42 @@ def estimate_tokens(text: str) -> int:
     return -(-len(text) // CHARS_PER_TOKEN)
 
 
-def make_counter(count_tokens: TokenCounter | None) -> Callable[[str], int]:
-    """A counter that uses `count_tokens` and falls back to the estimate when it returns None or fails.
+class FallbackCounter:
+    """`count_tokens`, with the estimate for a text it has no answer for (None) or when it fails.
 
     A failing tokenizer must not fail the generation: the estimate is good enough to stay in budget.
-    After the first failure the server is not asked again for this counter's lifetime.
+    After the first failure the server is not asked again for this counter's lifetime. `degraded` says
+    whether any count was the estimate's: a trim decided by one counter and checked by the other
+    disagrees with itself (the server's counts are lower for English), so a caller redoes the fit
+    with the estimate alone (`aibot.generation.prompt.fit`).
     """
-    if count_tokens is None:
-        return estimate_tokens
-    broken = False
 
-    def count(text: str) -> int:
-        nonlocal broken
-        if not broken:
+    def __init__(self, count_tokens: TokenCounter):
+        self.count_tokens = count_tokens
+        self.broken = False
+        self.degraded = False
+
+    def __call__(self, text: str) -> int:
+        if not self.broken:
             try:
-                n = count_tokens(text)
+                n = self.count_tokens(text)
             except Exception as exc:  # any tokenizer failure degrades to the estimate
-                broken = True
-                log.warning("token counter failed (%s); using the chars/4 estimate", type(exc).__name__)
+                self.broken = True
+                log.warning("token counter failed (%s: %s); using the chars/4 estimate", type(exc).__name__, exc)
             else:
                 if isinstance(n, int) and not isinstance(n, bool) and n >= 0:
                     return n
+        self.degraded = True
         return estimate_tokens(text)
 
-    return count
+
+def make_counter(count_tokens: TokenCounter | None) -> Callable[[str], int]:
+    """The estimate, or a `FallbackCounter` around `count_tokens` (a counter passes through as it is)."""
+    if count_tokens is None:
+        return estimate_tokens
+    if isinstance(count_tokens, FallbackCounter):
+        return count_tokens
+    return FallbackCounter(count_tokens)
 
 
 def message_tokens(content: str, count: Callable[[str], int]) -> int:

@@ -31,7 +31,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from aibot.sim.asgi import ThreadedServer
+from aibot.asgi import ThreadedServer
 
 SHAPES = ("object", "array")
 

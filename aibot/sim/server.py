@@ -37,7 +37,7 @@ import anyio.to_thread
 from starlette.datastructures import Headers
 
 from aibot.sim.apis import make_flavour
-from aibot.sim.asgi import ThreadedServer
+from aibot.asgi import ThreadedServer
 from aibot.sim.config import SimConfig, SimConfigError
 from aibot.sim.engine import Engine, EngineError, Stopped
 from aibot.sim.faults import FaultConfig, FaultConfigError, FaultSchedule
@@ -82,7 +82,7 @@ def _nodelay(send: Any) -> None:
 
 
 class _Listener(ThreadedServer):
-    """The simulator's uvicorn server (aibot.sim.asgi.ThreadedServer), with a bounded pool of handler
+    """The simulator's uvicorn server (aibot.asgi.ThreadedServer), with a bounded pool of handler
     threads made in its loop, and outages that refuse and reset connections (`close`)."""
 
     def __init__(self, sim: SimServer, host: str, port: int):

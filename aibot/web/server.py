@@ -28,9 +28,6 @@ import ipaddress
 import json
 import logging
 import re
-import socket
-import threading
-import time
 import urllib.parse
 import uuid
 from collections.abc import Callable, Mapping
@@ -38,7 +35,6 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-import uvicorn
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -49,6 +45,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from aibot import db
+from aibot.asgi import ThreadedServer
 from aibot.ops import inspection
 from aibot.settings import get_settings
 from aibot.web import events, metrics
@@ -478,9 +475,10 @@ async def _receive_commands(websocket: WebSocket, sub: events.Subscriber, api: A
 # --- the server --------------------------------------------------------------------------------------
 
 class AppServer:
-    """The app, its event hub and a uvicorn server on a socket bound at construction (so a port in use
-    fails here, and port 0 is known at once). `start()` serves in a background thread (tests);
-    `serve_forever()` serves in the calling thread, where uvicorn handles SIGINT/SIGTERM."""
+    """The app, its event hub and a uvicorn server (aibot.asgi.ThreadedServer) on a socket bound at
+    construction (so a port in use fails here, and port 0 is known at once). `start()` serves in a
+    background thread (tests); `serve_forever()` serves in the calling thread, where uvicorn handles
+    SIGINT/SIGTERM."""
 
     def __init__(self, database_url: str, *, host: str = "127.0.0.1", port: int = 4001, token: str | None = None,
                  stats_interval: float = 3.0, live_events: bool = True):
@@ -489,60 +487,37 @@ class AppServer:
         self.database = db.Database(database_url)
         self.hub = events.EventHub(database_url, self.database, stats_interval=stats_interval) if live_events else None
         self.app = build_app(self.database, self.hub, token)
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.sock = socket.socket(family, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            self.sock.bind((host, port))
-        except OSError:
-            self.sock.close()
-            raise
-        self.sock.listen(128)
-        self.sock.set_inheritable(True)
-        # log_config=None: our logging setup stays; the access log is off because it would print ?token=.
-        # Keep-alive pings every PING_INTERVAL; a client that does not answer within PING_TIMEOUT is closed.
-        config = uvicorn.Config(self.app, ws="wsproto", http="h11", lifespan="off", log_config=None,
-                                access_log=False, ws_max_size=MAX_MESSAGE, ws_ping_interval=PING_INTERVAL,
-                                ws_ping_timeout=PING_TIMEOUT, timeout_graceful_shutdown=5)
-        self.uvicorn = uvicorn.Server(config)
-        # uvicorn's "Started/Finished server process" lines at INFO repeat what `aibot serve` prints itself.
-        if logging.getLogger("uvicorn.error").level == logging.NOTSET:
-            logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
-        self._thread: threading.Thread | None = None
+        # log_config=None (ThreadedServer's): our logging setup stays; the access log is off because it would
+        # print ?token=. Keep-alive pings every PING_INTERVAL; a client that does not answer within
+        # PING_TIMEOUT is closed. HTTP keep-alive and proxy headers as uvicorn's defaults for a service.
+        self.server = ThreadedServer(self.app, host, port, name="aibot-serve", ws="wsproto", ws_max_size=MAX_MESSAGE,
+                                     ws_ping_interval=PING_INTERVAL, ws_ping_timeout=PING_TIMEOUT,
+                                     timeout_graceful_shutdown=5, timeout_keep_alive=5, proxy_headers=True)
 
     @property
     def port(self) -> int:
-        return self.sock.getsockname()[1]
+        return self.server.port
 
     @property
     def url(self) -> str:
-        host = self.sock.getsockname()[0]
-        host = "127.0.0.1" if host in ("0.0.0.0", "") else (f"[{host}]" if ":" in host else host)
-        return f"http://{host}:{self.port}"
+        return self.server.url
 
     def start(self, timeout: float = 10.0) -> AppServer:
         if self.hub:
             self.hub.start()
-        self._thread = threading.Thread(target=self.uvicorn.run, kwargs={"sockets": [self.sock]},
-                                        name="aibot-serve", daemon=True)
-        self._thread.start()
-        deadline = time.monotonic() + timeout
-        while not self.uvicorn.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise ServeError(f"the HTTP server did not start on {self.url}")
-            time.sleep(0.01)  # polls a flag uvicorn sets; it offers no event to wait on
+        try:
+            self.server.start(timeout)
+        except OSError:
+            raise ServeError(f"the HTTP server did not start on {self.url}") from None
         return self
 
     def serve_forever(self) -> None:
         if self.hub:
             self.hub.start()
-        self.uvicorn.run(sockets=[self.sock])
+        self.server.serve_forever()
 
     def stop(self) -> None:
-        self.uvicorn.should_exit = True
-        if self._thread:
-            self._thread.join(10)
+        self.server.stop(graceful=True, timeout=10)
         if self.hub:
             self.hub.stop()
-        self.sock.close()
         self.database.close()

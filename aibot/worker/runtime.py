@@ -52,7 +52,7 @@ from aibot.cluster import health, loader
 from aibot.cluster import state as cluster_state
 from aibot.config import ConfigStore
 from aibot.delivery.sinks import PostgresSink, SinkError, make_sink, reply_id
-from aibot.generation import postprocess, prompt, tokens
+from aibot.generation import postprocess, prompt
 from aibot.queue import doorbell, jobs, ratelimit
 from aibot.settings import Settings, get_settings
 from aibot.worker import registry
@@ -472,9 +472,9 @@ class Runtime:
 
     def _fit(self, backend: Backend, claim: jobs.Claim, entity, cfg, payload: dict, ais: dict):
         """The request, with its history trimmed to the serving instance's context (per request: per
-        slot on llama.cpp) minus the reply's max_tokens. The chars/4 estimate decides first; when the
-        prompt comes near the budget the server's own tokenizer (where it has one) decides instead.
-        Raises ValueError (PromptTooLong) when even the prompt and the message alone cannot fit."""
+        slot on llama.cpp) minus the reply's max_tokens (`prompt.fit`: the estimate, or near the budget
+        the server's own tokenizer). Raises ValueError (PromptTooLong) when even the prompt and the
+        message alone cannot fit."""
         budget = prompt.context_budget(claim.context_length, entity.max_tokens, entity.context_token_budget)
         model = claim.instance or claim.model
 
@@ -484,14 +484,9 @@ class Runtime:
                 context_lines=payload.get("context", []), model=model, global_settings=cfg.global_settings,
                 token_budget=budget, count_tokens=count_tokens, ai_name=ais.get("name"))
 
-        request = build()
         if budget is None:
-            return request
-        count = tokens.estimate_tokens
-        if prompt.prompt_tokens(request, count) > budget // 2:
-            counter = tokens.make_counter(lambda text: backend.tokenize(model, text))
-            request, count = build(counter), counter
-        need = prompt.prompt_tokens(request, count)
+            return build()
+        request, need = prompt.fit(build, budget, lambda text: backend.tokenize(model, text))
         if need > budget:
             raise prompt.PromptTooLong(
                 f"the prompt and the message alone need {need} tokens, but {model} on its server allows "

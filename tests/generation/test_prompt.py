@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from aibot.generation.prompt import build_request, merge_turns, split_line
+from aibot.generation.prompt import build_request, fit, merge_turns, prompt_tokens, split_line
 from aibot.generation.tokens import MESSAGE_OVERHEAD, estimate_tokens, make_counter
 
 
@@ -53,6 +53,52 @@ def test_counter_uses_server_count_and_falls_back_on_failure():
     count = make_counter(broken)
     assert count("abcdefgh") == 2 and count("abcd") == 1
     assert calls == ["abcdefgh"]   # not asked again after the first failure
+
+
+LINE = "The harbour master counted the ships again and wrote every name in the big ledger. " * 6   # 513 chars
+
+
+def _fit_build(count_tokens):
+    return build(context_lines=[f"sailor{i}: {LINE}" for i in range(20)], token_budget=1000,
+                 count_tokens=count_tokens)
+
+
+def server_tokens(text: str) -> int:
+    """A tokenizer that counts English lower than chars/4, as Gemma's does (101 tokens for one of LINE's
+    lines against the estimate's 127; measured on the real router, tests/real_llm)."""
+    return -(-len(text) // 5)
+
+
+def test_fit_near_the_budget_trims_by_the_servers_counts():
+    by_estimate, need_estimate = fit(_fit_build, 1000, None)
+    fitted, need = fit(_fit_build, 1000, server_tokens)
+    assert need <= 1000 and need == prompt_tokens(fitted, server_tokens)
+    assert len(fitted.messages[-1]["content"]) > len(by_estimate.messages[-1]["content"])   # more history fits
+    assert need_estimate <= 1000
+
+
+def test_fit_falls_back_to_the_estimate_alone_when_the_tokenizer_fails_part_way():
+    """CI (real router): the tokenizer failed after the trim; the check then counted the trimmed prompt
+    by the estimate, over the budget, and a prompt that fits was rejected. A trim and its check must use
+    the same counter."""
+    for fail_after in range(0, 14):
+        calls = []
+
+        def flaky(text):
+            calls.append(text)
+            if len(calls) > fail_after:
+                raise ConnectionError("tokenizer went away")
+            return server_tokens(text)
+
+        fitted, need = fit(_fit_build, 1000, flaky)
+        assert need <= 1000, (fail_after, need)
+        assert need == prompt_tokens(fitted, estimate_tokens) or need == prompt_tokens(fitted, server_tokens)
+
+
+def test_fit_when_the_tokenizer_has_no_answer_for_some_texts():
+    answers = iter([None, 80, None] + [101] * 40)
+    fitted, need = fit(_fit_build, 1000, lambda text: next(answers))
+    assert need == prompt_tokens(fitted, estimate_tokens) <= 1000       # a mixed trim is dropped
 
 
 # ---------------------------------------------------------------- messages mode

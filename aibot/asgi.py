@@ -1,7 +1,7 @@
-"""An ASGI app on uvicorn in a daemon thread of this process, on a socket bound before it starts (so the
-port is known at once and port 0 picks a free one). Used by the fake chat API and, as the base of
-`aibot.sim.server._Listener`, by the LLM simulator, which adds outages and fault-level connection
-control on top."""
+"""An ASGI app on uvicorn, on a socket bound before it starts (so a port in use fails at once, the port is
+known at once and port 0 picks a free one), served in a daemon thread of this process or in the calling
+thread. The one way aibot runs uvicorn: `aibot serve` (aibot.web.server.AppServer), the fake chat API, and
+the LLM simulator (`aibot.sim.server._Listener` adds outages and fault-level connection control)."""
 
 from __future__ import annotations
 
@@ -29,7 +29,8 @@ def bind(host: str, port: int, backlog: int = 1024) -> socket.socket:
 
 
 class ThreadedServer:
-    """`app` served by uvicorn (h11, no access log, keep-alive as long as a real service's) in a thread."""
+    """`app` served by uvicorn (h11, no access log, keep-alive as long as a real service's) in a thread
+    (`start`) or in the calling thread (`serve_forever`); `config` overrides any uvicorn option."""
 
     def __init__(self, app: Any, host: str, port: int, *, name: str, **config: Any):
         self.sock = bind(host, port)
@@ -43,6 +44,12 @@ class ThreadedServer:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.thread = threading.Thread(target=self._run, daemon=True, name=f"{name}-{self.port}")
 
+    @property
+    def url(self) -> str:
+        host = self.sock.getsockname()[0]
+        host = "127.0.0.1" if host in ("0.0.0.0", "") else (f"[{host}]" if ":" in host else host)
+        return f"http://{host}:{self.port}"
+
     def start(self, timeout: float = 10.0) -> ThreadedServer:
         self.thread.start()
         deadline = time.monotonic() + timeout
@@ -52,6 +59,10 @@ class ThreadedServer:
             time.sleep(0.005)   # polls a flag uvicorn sets; it offers no event to wait on
         return self
 
+    def serve_forever(self) -> None:
+        """Serves in the calling thread until uvicorn exits; in the main thread uvicorn handles SIGINT/SIGTERM."""
+        self._run()
+
     def _run(self) -> None:
         asyncio.run(self._serve())
 
@@ -59,8 +70,10 @@ class ThreadedServer:
         self.loop = asyncio.get_running_loop()
         await self.server.serve(sockets=[self.sock])
 
-    def stop(self) -> None:
-        self.server.should_exit = self.server.force_exit = True
-        if threading.current_thread() is not self.thread:
-            self.thread.join(5)
+    def stop(self, *, graceful: bool = False, timeout: float = 5.0) -> None:
+        """Ends the server; `graceful` lets requests in flight finish (up to `timeout_graceful_shutdown`)."""
+        self.server.should_exit = True
+        self.server.force_exit = not graceful
+        if self.thread.is_alive() and threading.current_thread() is not self.thread:
+            self.thread.join(timeout)
         self.sock.close()
