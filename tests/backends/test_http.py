@@ -257,14 +257,48 @@ def test_dns_failure_is_unreachable():
         b.list_loaded()
 
 
-def test_reset_before_answer_is_unreachable(srv, backend):
+def test_reset_before_answer_is_unreachable_after_one_more_try_on_a_new_connection(srv, backend):
+    ports: list[int] = []
+
     def reset(h):
+        ports.append(h.client_address[1])
         h.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
         h.connection.close()
         h.close_connection = True
     route(srv, "POST", "/v1/chat/completions")(reset)
     with pytest.raises(Unreachable):
         backend.chat(REQ)
+    assert len(ports) == 2 and len(set(ports)) == 2
+
+
+def test_a_keep_alive_connection_the_server_closes_as_the_request_goes_out_is_retried_once(srv, backend):
+    """cpp-httplib (llama.cpp) closes an idle keep-alive connection after 5 s; a request sent on it at that
+    moment reaches a closing socket and gets no answer (CI against xllamacpp: RemoteProtocolError, a server
+    fault, a retried job). The client sends it once more, on a new connection, and the server is fine."""
+    served: dict[int, int] = {}
+
+    def answer_once_per_connection(h):
+        port = h.client_address[1]
+        served[port] = served.get(port, 0) + 1
+        if served[port] > 1:             # the server's idle timeout fires as this request arrives
+            h.connection.close()
+            h.close_connection = True
+            return
+        send(h, 200, completion("ok"))
+    route(srv, "POST", "/v1/chat/completions")(answer_once_per_connection)
+    assert [backend.chat(REQ).text for _ in range(3)] == ["ok"] * 3
+    assert len(served) == 3 and sorted(served.values()) == [1, 2, 2]   # two stale reuses, each retried
+
+
+def test_idle_connections_expire_before_the_servers_keep_alive_timeout():
+    from aibot.backends.http import KEEPALIVE_EXPIRY, HttpClient
+
+    client = HttpClient("http://127.0.0.1:1")
+    try:
+        assert KEEPALIVE_EXPIRY < 5        # cpp-httplib, uvicorn and Node close idle connections at 5 s
+        assert client._client._transport._pool._keepalive_expiry == KEEPALIVE_EXPIRY
+    finally:
+        client.close()
 
 
 def test_body_cut_off_after_headers_is_bad_response(srv, backend):
