@@ -41,6 +41,8 @@ class Listener:
         self._stop = threading.Event()
         self._conn = psycopg.connect(url, autocommit=True)
         inspection.listen(self._conn)
+        self._conn.execute("SET search_path = aibot")
+        inspection.register_listener(self._conn, "bench-notify-overhead", 3600)   # 0014: else nothing is sent
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 

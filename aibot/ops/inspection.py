@@ -204,6 +204,16 @@ def listen(conn: psycopg.Connection) -> None:
     queries.run(conn, "ops_listen")
 
 
+def register_listener(conn: psycopg.Connection, listener: str, ttl_seconds: float) -> None:
+    """Job events are sent while a registered listener has not expired (migration 0014): each costs the
+    committing transaction the notification queue's lock, so nobody pays it while nobody watches."""
+    queries.run(conn, "ops_events_register", {"listener": listener, "ttl": ttl_seconds})
+
+
+def unregister_listener(conn: psycopg.Connection, listener: str) -> None:
+    queries.run(conn, "ops_events_unregister", {"listener": listener})
+
+
 def replies_per_minute(conn: psycopg.Connection, minutes: int = 60) -> list[dict]:
     return queries.all(conn, "ops_replies_per_minute", {"minutes": validate_limit(minutes, maximum=1440)})
 

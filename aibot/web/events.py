@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import socket
 import threading
 import time
 from collections.abc import Iterable
@@ -129,16 +131,27 @@ class Subscriber:
             pass
 
 
+LISTENER_TTL = 30.0     # seconds a registration lasts if this process dies without unregistering
+RENEW_EVERY = 10.0      # seconds between renewals while the hub has subscribers
+
+
 class EventHub:
-    """LISTENs on aibot_events, broadcasts frames, and sends `stats` every `stats_interval` seconds."""
+    """LISTENs on aibot_events, broadcasts frames, and sends `stats` every `stats_interval` seconds.
+
+    The job triggers send events only while some hub has a subscriber (`inspection.register_listener`):
+    this hub registers when its first subscriber arrives, before that subscriber's snapshot is read, and
+    unregisters when the last one leaves."""
 
     def __init__(self, database_url: str, database: db.Database, *, stats_interval: float = 3.0, poll: float = 0.25):
         self._url = database_url
         self._database = database
         self.stats_interval = stats_interval
         self.poll = poll
+        self.listener = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
         self._subs: set[Subscriber] = set()
         self._lock = threading.Lock()
+        self._registration_lock = threading.Lock()
+        self.registered = False
         self._stop = threading.Event()
         self.listening = threading.Event()
         self._thread = threading.Thread(target=self._run, name="aibot-events", daemon=True)
@@ -153,15 +166,37 @@ class EventHub:
             subs, self._subs = list(self._subs), set()
         for s in subs:
             s.stop()
+        self._sync_registration()
 
     def subscribe(self, sub: Subscriber) -> None:
+        """Adds `sub`; the first subscriber registers the hub (a database write: call it off the event loop)."""
         with self._lock:
             self._subs.add(sub)
+        self._sync_registration()
 
     def unsubscribe(self, sub: Subscriber) -> None:
         with self._lock:
             self._subs.discard(sub)
         sub.stop()
+        self._sync_registration()
+
+    def _sync_registration(self, *, renew: bool = False) -> None:
+        """Registered while the hub has subscribers, not registered otherwise. A failure is logged and
+        mended at the next renewal (the subscribers meanwhile miss job events, not snapshots or stats)."""
+        with self._registration_lock:
+            want = self.subscriber_count > 0
+            if want == self.registered and not (want and renew):
+                return
+            try:
+                with self._database.transaction() as conn:
+                    if want:
+                        inspection.register_listener(conn, self.listener, LISTENER_TTL)
+                    else:
+                        inspection.unregister_listener(conn, self.listener)
+                self.registered = want
+            except psycopg.Error as exc:
+                log.warning("could not %s the live-events listener (%s: %s); retrying in %.0fs",
+                            "register" if want else "unregister", type(exc).__name__, exc, RENEW_EVERY)
 
     @property
     def subscriber_count(self) -> int:
@@ -209,7 +244,11 @@ class EventHub:
 
     def _loop(self, conn: psycopg.Connection) -> None:
         next_stats = time.monotonic() + self.stats_interval
+        next_renewal = time.monotonic() + RENEW_EVERY
         while not self._stop.is_set():
+            if time.monotonic() >= next_renewal:
+                next_renewal = time.monotonic() + RENEW_EVERY
+                self._sync_registration(renew=True)
             payloads = [n.payload for n in conn.notifies(timeout=self.poll, stop_after=500)]
             if payloads and self.subscriber_count:
                 events = parse_events(payloads)

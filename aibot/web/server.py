@@ -407,7 +407,9 @@ def build_app(database: db.Database, hub: events.EventHub | None, token: str | N
         await websocket.accept()
         client = f"{websocket.client.host}:{websocket.client.port}" if websocket.client else "ws"
         sub = events.Subscriber(asyncio.get_running_loop(), name=client)
-        hub.subscribe(sub)  # before the snapshot, so no event falls between the two
+        # Before the snapshot, so no event falls between the two; the first subscriber registers the hub
+        # with the database (the triggers send events only then), so off the event loop.
+        await run_in_threadpool(hub.subscribe, sub)
         sender = asyncio.create_task(_send_frames(websocket, sub))
         try:
             sub.offer(await run_in_threadpool(api.snapshot))
@@ -415,7 +417,7 @@ def build_app(database: db.Database, hub: events.EventHub | None, token: str | N
         except WebSocketDisconnect:
             pass
         finally:
-            hub.unsubscribe(sub)
+            hub.unsubscribe(sub)   # the last one unregisters the hub: a short write, and it must happen
             sender.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await sender

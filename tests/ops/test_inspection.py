@@ -319,8 +319,11 @@ def drain_notifies(listener) -> list[dict]:
 
 @pytest.fixture
 def listener(db_url):
+    """A session LISTENing on the job events, with a registered listener (0014: none are sent otherwise)."""
     with psycopg.connect(db_url, autocommit=True) as c:
         inspection.listen(c)
+        c.execute("SET search_path = aibot")
+        inspection.register_listener(c, "test-listener", 300)
         yield c
 
 

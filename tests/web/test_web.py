@@ -8,13 +8,16 @@ import socket
 import time
 
 import httpx
+import psycopg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
+from aibot import db
 from aibot.cli import main
 from aibot.cli.serve_cmd import read_token
+from aibot.ops import inspection
 from aibot.web import events
 from aibot.web.server import AppServer, ServeError, check_bind, host_of, origin_ok
 from tests.ops.test_inspection import add_job, seed, state_of
@@ -306,6 +309,50 @@ def test_websocket_frames_follow_the_queue(conn, server):
 
         f = next_frame(ws, lambda f: f["type"] == "stats")
         assert "throughputHour" in f["data"] and "unclaimedItems" in f["data"]
+
+
+def _notifies_of(db_url, action) -> list[str]:
+    """The aibot_events payloads another session sees while `action(conn)` commits its job changes."""
+    with psycopg.connect(db_url, autocommit=True) as listener, db.connect(db_url, autocommit=True) as conn:
+        listener.execute("LISTEN aibot_events")
+        action(conn)
+        conn.execute("NOTIFY aibot_events, 'marker'")   # delivered in commit order: everything before is in
+        got = []
+        for n in listener.notifies(timeout=5):
+            if n.payload == "marker":
+                return got
+            got.append(n.payload)
+    raise AssertionError("the marker notification never arrived")
+
+
+def test_job_events_are_sent_only_while_a_listener_is_registered(db_url):
+    """Each event costs the committing claim or completion the notification queue's lock (0014): with no
+    dashboard open, none is sent; a registered hub gets them; one whose registration expired does not."""
+    def move(conn):
+        jid = add_job(conn)
+        conn.execute("UPDATE aibot.jobs SET state = 'running' WHERE id = %s", (jid,))
+
+    assert _notifies_of(db_url, move) == []
+    with db.connect(db_url, autocommit=True) as c:
+        inspection.register_listener(c, "test-hub", 30)
+    assert [json.loads(p)["type"] for p in _notifies_of(db_url, move)] == ["queued", "claimed"]
+    with db.connect(db_url, autocommit=True) as c:
+        c.execute("UPDATE aibot.event_listeners SET expires_at = now() - interval '1 second'")
+    assert _notifies_of(db_url, move) == []
+
+
+def test_the_hub_is_registered_while_a_websocket_is_open(conn, server):
+    def listeners():
+        return [r["listener"] for r in conn.execute("SELECT listener FROM aibot.event_listeners WHERE expires_at > now()")]
+
+    assert listeners() == [] and not server.hub.registered
+    with ws_connect(ws_url(server)) as ws:
+        next_frame(ws, lambda f: f["type"] == "snapshot")
+        assert listeners() == [server.hub.listener]
+        with ws_connect(ws_url(server)) as ws2:
+            next_frame(ws2, lambda f: f["type"] == "snapshot")
+        assert listeners() == [server.hub.listener]      # one subscriber is still there
+    wait_for(lambda: listeners() == [], timeout=10, message="the hub to unregister when its last subscriber left")
 
 
 def test_websocket_client_commands(conn, server):

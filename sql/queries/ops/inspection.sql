@@ -188,6 +188,15 @@ ORDER BY 1, 2, 3, 4;
 -- Subscribes the serve process to the job events of 0005's triggers
 LISTEN aibot_events;
 
+-- ops_events_register --
+-- This event hub has a live subscriber: the job triggers send events until expires_at (renewed meanwhile)
+INSERT INTO event_listeners (listener, expires_at) VALUES (%(listener)s, now() + make_interval(secs => %(ttl)s))
+ON CONFLICT (listener) DO UPDATE SET expires_at = EXCLUDED.expires_at;
+
+-- ops_events_unregister --
+-- The hub's last subscriber left, or the hub stops; rows of hubs that died long ago go too
+DELETE FROM event_listeners WHERE listener = %(listener)s OR expires_at < now() - interval '1 hour';
+
 -- ops_model_queue --
 -- Per model with queued jobs or an instance: what waits, the servers serving it (replicas), where it is loading, and why it waits when nowhere
 WITH q AS (
