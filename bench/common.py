@@ -22,6 +22,7 @@ import os
 import platform
 import re
 import shlex
+import subprocess
 import sys
 import tempfile
 import threading
@@ -252,15 +253,21 @@ def url_with_dbname(url: str, dbname: str) -> str:
 
 
 @contextlib.contextmanager
-def scratch_database(admin_url: str, label: str) -> Iterator[str]:
-    """A fresh migrated database, dropped afterwards even on error or Ctrl-C."""
+def scratch_database(admin_url: str, label: str, tree: Path | None = None) -> Iterator[str]:
+    """A fresh migrated database, dropped afterwards even on error or Ctrl-C. With `tree` (another
+    checkout) that checkout's `aibot migrate` makes the schema, so a before/after comparison covers
+    what lives in SQL (triggers, functions) too."""
     name = f"aibot_bench_{label}_{os.getpid()}_{uuid.uuid4().hex[:6]}"
     with psycopg.connect(admin_url, autocommit=True) as admin:
         admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     url = url_with_dbname(admin_url, name)
-    log(f"scratch database {name} on {redact_url(admin_url)}")
+    log(f"scratch database {name} on {redact_url(admin_url)}" + (f", migrated by {tree}" if tree else ""))
     try:
-        migrate.migrate(url)
+        if tree is None:
+            migrate.migrate(url)
+        else:
+            subprocess.run([sys.executable, "-m", "aibot", "migrate", "--database-url", url], cwd=tree, check=True,
+                           env={**os.environ, "PYTHONPATH": str(tree)}, stdout=subprocess.DEVNULL)
         yield url
     finally:
         with psycopg.connect(admin_url, autocommit=True) as admin:

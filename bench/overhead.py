@@ -236,7 +236,7 @@ def aibot_config(path: Path, url: str, slots: int, n_entities: int) -> str:
 
 def run_aibot(admin_url: str, args, workdir: Path, *, label: str = "aibot", extra_env: dict | None = None,
               lean: bool = False, worker_tree: Path | None = None) -> dict:
-    with common.scratch_database(admin_url, "ovh_aibot") as url:
+    with common.scratch_database(admin_url, "ovh_aibot", tree=worker_tree) as url:
         os.environ["AIBOT_DATABASE_URL"] = url   # the ingest's doorbell asks which broker kind is in use
         if args.statement_log:
             # Every statement of this database only, in the server's log (read back after the run).
@@ -591,8 +591,8 @@ def run_whatif_lean_async(admin_url: str, args, workdir: Path) -> dict:
 def run_aibot_base(admin_url: str, args, workdir: Path, which: int = 0) -> dict:
     """The same aibot run with the workers importing `--baseline-tree` (another checkout, e.g. the
     commit before a change) instead of this one: before and after in one run, so their ratio holds
-    on a busy machine. Only the worker processes run the baseline; this script, the migrations and
-    the ingest are this tree's (the schema must be the same)."""
+    on a busy machine. The worker processes and the migrations are the baseline's; this script's
+    ingest and refresh are this tree's (so they must work on the baseline's schema)."""
     trees = args.baseline_tree or []
     if len(trees) <= which:
         raise SystemExit(f"--systems aibot-base{which + 1 if which else ''} needs {which + 1} --baseline-tree")
