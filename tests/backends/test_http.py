@@ -296,7 +296,7 @@ def test_idle_connections_expire_before_the_servers_keep_alive_timeout():
     client = HttpClient("http://127.0.0.1:1")
     try:
         assert KEEPALIVE_EXPIRY < 5        # cpp-httplib, uvicorn and Node close idle connections at 5 s
-        assert client._client._transport._pool._keepalive_expiry == KEEPALIVE_EXPIRY
+        assert client._transport._pool._keepalive_expiry == KEEPALIVE_EXPIRY
     finally:
         client.close()
 
