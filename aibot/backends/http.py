@@ -238,6 +238,7 @@ class HttpClient:
             limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections,
                                 keepalive_expiry=KEEPALIVE_EXPIRY))
         self._urls: dict[str, httpx.URL] = {}
+        self._closed = False
 
     def __repr__(self) -> str:  # never shows headers
         return f"HttpClient({self.display})"
@@ -250,6 +251,9 @@ class HttpClient:
         return url
 
     def close(self) -> None:
+        """Closes the pool, which also breaks off requests in flight (a worker's shutdown past its timeout);
+        no request is sent afterwards, and none is retried."""
+        self._closed = True
         self._transport.close()
 
     def _request_for(self, method: str, path: str, *, timeout: httpx.Timeout, json: Any = None,
@@ -264,10 +268,14 @@ class HttpClient:
         be closed by the server as the request goes out, whatever the expiry: the request then fails
         before any response byte, and it goes once more on another connection. A second failure is the
         server's."""
+        if self._closed:
+            raise Unreachable(f"{method} {self.display}{path}: the client is closed (the process is stopping)")
         request = self._request_for(method, path, **kwargs)
         try:
             resp = self._transport.handle_request(request)
         except _STALE_CONNECTION as exc:
+            if self._closed:    # our own close() broke the connection off: not the server's doing
+                raise
             log.debug("%s %s%s: %s before the response; once more on another connection",
                       method, self.display, path, type(exc).__name__)
             resp = self._transport.handle_request(request)

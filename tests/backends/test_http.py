@@ -290,6 +290,31 @@ def test_a_keep_alive_connection_the_server_closes_as_the_request_goes_out_is_re
     assert len(served) == 3 and sorted(served.values()) == [1, 2, 2]   # two stale reuses, each retried
 
 
+def test_closing_the_client_breaks_off_a_request_in_flight_and_never_resends_it(srv, backend):
+    """A worker's shutdown past its timeout closes its clients to stop the generations in flight. The
+    broken connection fails before any response byte, like a stale keep-alive one, but must not be sent
+    again: CI saw a worker that resent a 30 s generation at shutdown, and outlived its 60 s."""
+    arrived = threading.Event()
+    seen: list[int] = []
+
+    def slow(h):
+        seen.append(1)
+        arrived.set()
+        srv.release.wait(10)
+    route(srv, "POST", "/v1/chat/completions")(slow)
+    errors: list[BaseException] = []
+    t = threading.Thread(target=lambda: errors.append(pytest.raises(Unreachable, backend.chat, REQ).value))
+    t.start()
+    assert arrived.wait(5)
+    backend.close()
+    t.join(5)
+    assert not t.is_alive() and len(errors) == 1
+    assert len(seen) == 1, "the broken-off request was sent again"
+    with pytest.raises(Unreachable, match="closed"):
+        backend.chat(REQ)
+    assert len(seen) == 1
+
+
 def test_idle_connections_expire_before_the_servers_keep_alive_timeout():
     from aibot.backends.http import KEEPALIVE_EXPIRY, HttpClient
 
