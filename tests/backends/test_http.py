@@ -301,6 +301,7 @@ def test_closing_the_client_breaks_off_a_request_in_flight_and_never_resends_it(
         seen.append(1)
         arrived.set()
         srv.release.wait(10)
+        h.close_connection = True       # the client is gone: nothing more to read on this connection
     route(srv, "POST", "/v1/chat/completions")(slow)
     errors: list[BaseException] = []
     t = threading.Thread(target=lambda: errors.append(pytest.raises(Unreachable, backend.chat, REQ).value))

@@ -44,6 +44,10 @@ def test_estimate_is_chars_over_four_rounded_up(text, expected):
 def test_counter_uses_server_count_and_falls_back_on_failure():
     assert make_counter(lambda s: 7)("abc") == 7
     assert make_counter(lambda s: None)("abcdefgh") == 2     # tokenizer has no answer -> estimate
+    asked = []
+    no_answer = make_counter(lambda s: asked.append(s))
+    assert no_answer("abcd") == 1 and no_answer("abcdefgh") == 2
+    assert asked == ["abcd"]       # its counts would be thrown away (prompt.fit): not asked again
     calls = []
 
     def broken(s):
