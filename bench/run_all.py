@@ -1,4 +1,4 @@
-"""Runs all nine speed-up benchmarks, one after the other, and prints what each found.
+"""Runs every benchmark, one after the other, and prints what each found.
 
     python bench/run_all.py [--quick] [--only seed_scenarios,saturation] [--database-url URL]
 
@@ -35,6 +35,7 @@ BENCHMARKS = [
     (8, "real_inference", "real llama.cpp inference (another engineer's)"),
     (9, "scaling", "claim latency and jobs/s vs queue depth and cluster size, plans checked"),
     (10, "workload", "trace: 32 personas, 2 × 128 GB, aibot vs Ollama/llama-swap/LM Studio/LiteLLM/sequential"),
+    (11, "adaptive_real", "adaptive concurrency on a real llama.cpp router: aibot's cap vs the server's own curve"),
 ]
 
 

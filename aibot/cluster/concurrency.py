@@ -11,9 +11,9 @@ makes every reply on the pair slower and holds a request buffer another model co
 From aibot's own timings (a job's generation interval and its reply's size, `Sample`), this module
 builds the curve aggregate tokens/s against in-flight requests per level (`curve`) and picks the knee
 (`knee`): the smallest level beyond which one more request adds less than `min_gain` of what a lone
-request produces. Levels are measured only when they are tried, so a pair whose curve is not known far
-enough (too few samples at a level) keeps its full `parallel` -- that is the exploration that measures
-it. No I/O: `aibot.cluster.slots` reads the samples and applies the caps.
+request produces. Levels are measured only when they are tried, so a pair whose curve is not known at
+both ends (a lone request and its full `parallel`) keeps its full `parallel` -- that is the exploration
+that measures it. No I/O: `aibot.cluster.slots` reads the samples and applies the caps.
 """
 
 from __future__ import annotations
@@ -92,20 +92,27 @@ class Decision:
 
     slots: int
     reason: str
-    measured: int = 0          # highest level measured contiguously from 1 (0: not even a lone request)
+    measured: tuple[int, ...] = ()   # the levels with enough samples to count
 
 
 def knee(levels: Mapping[int, Level], parallel: int, *, min_gain: float = DEFAULT_MIN_GAIN,
-         min_samples: int = DEFAULT_MIN_SAMPLES) -> Decision:
+         min_samples: int = DEFAULT_MIN_SAMPLES, current: int | None = None) -> Decision:
     """The pair's concurrency: the knee of its throughput curve, or `parallel` while it is not known.
 
-    Only levels 1..M that all have `min_samples` generations count (a gap means the curve past it is
-    unknown). The knee is the smallest c < M such that every measured c' in (c, M] adds less than
-    `min_gain` × the lone-request throughput per added request: T(c') − T(c) < min_gain · T(1) · (x(c') − x(c)),
-    x being the requests really in flight at each level (`Level.x`).
-    Comparing against every higher level, not only c + 1, keeps one noisy dip from settling a pair
-    that grows again past it. No knee up to M: if M reached `parallel` the curve grows all the way;
-    otherwise the next level is unmeasured and the pair keeps `parallel` so it gets measured.
+    Levels with `min_samples` generations are measured. A cap needs both ends of the curve: a lone
+    request (the gain is judged against its rate) and `parallel` itself (what running every slot
+    gives); until both are measured the pair keeps `parallel`, so traffic measures them. Then the knee
+    is the smallest measured c < parallel such that every measured c' above it adds less than
+    `min_gain` × the lone-request throughput per added request:
+    T(c') − T(c) < min_gain · T(1) · (x(c') − x(c)), x being the requests really in flight at each
+    level (`Level.x`). Why `parallel` must be measured: a real llama.cpp server on CPU was flat from
+    1 to 3 requests and 1.6 × faster at 6 (bench/adaptive_real.py); deciding from the levels 1 and 2
+    alone capped it at 1 and cost a third of its throughput. Comparing against every higher level, not
+    only c + 1, keeps one noisy dip from settling a pair that grows again past it.
+    `current`, the pair's cap now: kept while it is still a knee by this rule, even if a lower level
+    has become one too. A capped pair keeps adding samples at its cap only, which moves that level's
+    estimate; without this a real server's cap went 4 → 8 → 4 → 5 within one backlog
+    (bench/adaptive_real.py).
     Never above `parallel` (the server accepts no more); the memory bound is applied by the caller.
     """
     if not isinstance(parallel, int) or parallel < 1:
@@ -116,34 +123,37 @@ def knee(levels: Mapping[int, Level], parallel: int, *, min_gain: float = DEFAUL
         raise ValueError(f"min_samples must be >= 1, got {min_samples!r}")
     if parallel == 1:
         return Decision(1, "parallel 1: nothing to adapt")
-    measured = 0
-    for k in range(1, parallel + 1):
-        lv = levels.get(k)
-        if lv is None or lv.samples < min_samples:
-            break
-        measured = k
-    if measured < 2:
-        need = 1 if measured == 0 else 2
-        have = levels[need].samples if need in levels else 0
-        return Decision(parallel, f"exploring: {have}/{min_samples} samples at {need} in flight", measured)
-    t = {k: levels[k].aggregate_tps for k in range(1, measured + 1)}
-    x = {k: levels[k].x for k in range(1, measured + 1)}
+    measured = tuple(k for k in range(1, parallel + 1) if k in levels and levels[k].samples >= min_samples)
+    for need in (1, parallel):
+        if need not in measured:
+            have = levels[need].samples if need in levels else 0
+            known = f"; measured at {', '.join(map(str, measured))}" if measured else ""
+            return Decision(parallel, f"exploring: {have}/{min_samples} samples at {need} in flight{known}", measured)
+    t = {k: levels[k].aggregate_tps for k in measured}
+    x = {k: levels[k].x for k in measured}
     step = min_gain * t[1]
-    for c in range(1, measured):
-        if all(t[c2] - t[c] < step * max(x[c2] - x[c], 0.0) for c2 in range(c + 1, measured + 1)):
-            return Decision(c, f"knee at {c}: {t[c]:.1f} tok/s, at most {max(t.values()):.1f} up to {measured} "
-                               f"in flight (< {min_gain:.0%} of a lone request's {t[1]:.1f} per added request)",
-                            measured)
-    if measured >= parallel:
-        return Decision(parallel, f"throughput grows up to parallel {parallel}", measured)
-    return Decision(parallel, f"exploring: grows up to {measured} in flight, "
-                              f"{levels[measured + 1].samples if measured + 1 in levels else 0}/{min_samples} "
-                              f"samples at {measured + 1}", measured)
+
+    def is_knee(c: int) -> bool:
+        return all(t[c2] - t[c] < step * max(x[c2] - x[c], 0.0) for c2 in measured if c2 > c)
+
+    order = list(measured[:-1])
+    if current in order:
+        order.remove(current)
+        order.insert(0, current)
+    for c in order:
+        if is_knee(c):
+            return Decision(c, f"knee at {c}: {t[c]:.1f} tok/s, at most {max(t.values()):.1f} at "
+                               f"{', '.join(map(str, measured))} in flight (< {min_gain:.0%} of a lone "
+                               f"request's {t[1]:.1f} per added request)", measured)
+    return Decision(parallel, f"throughput grows up to parallel {parallel}", measured)
 
 
 def caps(samples: Mapping[str, Iterable[Sample]], parallel: Mapping[str, int], *,
-         min_gain: float = DEFAULT_MIN_GAIN, min_samples: int = DEFAULT_MIN_SAMPLES) -> dict[str, Decision]:
-    """The decision for each model of one server (`parallel`: model → its parallel); a model with no
-    samples at all explores at its parallel."""
-    return {m: knee(curve(samples.get(m, ())), p, min_gain=min_gain, min_samples=min_samples)
+         min_gain: float = DEFAULT_MIN_GAIN, min_samples: int = DEFAULT_MIN_SAMPLES,
+         current: Mapping[str, int] | None = None) -> dict[str, Decision]:
+    """The decision for each model of one server (`parallel`: model → its parallel; `current`: model →
+    its slots now); a model with no samples at all explores at its parallel."""
+    current = current or {}
+    return {m: knee(curve(samples.get(m, ())), p, min_gain=min_gain, min_samples=min_samples,
+                    current=current.get(m))
             for m, p in parallel.items()}

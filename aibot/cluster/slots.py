@@ -44,15 +44,16 @@ def adaptive_enabled() -> bool:
     return bool(cfg is not None and cfg.cluster_settings.adaptive_concurrency)
 
 
-def concurrency_decisions(conn: psycopg.Connection, server_id: int,
-                          parallel: Mapping[str, int]) -> dict[str, concurrency.Decision]:
-    """The adaptive decision for each loaded model of one server, from its recent generations."""
+def concurrency_decisions(conn: psycopg.Connection, server_id: int, parallel: Mapping[str, int],
+                          current: Mapping[str, int] | None = None) -> dict[str, concurrency.Decision]:
+    """The adaptive decision for each loaded model of one server, from its recent generations
+    (`current`: the slots each pair has now, kept while they are still a knee)."""
     samples: dict[str, list[concurrency.Sample]] = {}
     for r in queries.all(conn, "cluster_concurrency_samples", {
             "server_id": server_id, "window_s": SAMPLE_WINDOW_SECONDS, "limit": SAMPLE_LIMIT}):
         samples.setdefault(r["model"], []).append(
             concurrency.Sample(concurrency=r["concurrency"], tokens=r["tokens"], seconds=r["seconds"]))
-    return concurrency.caps(samples, parallel)
+    return concurrency.caps(samples, parallel, current=current)
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,8 @@ def _server_changes(conn: psycopg.Connection, server: Mapping[str, Any], demand:
     caps: dict[str, int] = {}
     if server["enabled"] and adaptive:
         decided = concurrency_decisions(conn, server["id"],
-                                        {i.model: i.parallel for i in instances if i.state == "loaded"})
+                                        {i.model: i.parallel for i in instances if i.state == "loaded"},
+                                        {m: c["free"] + c["held"] for m, c in counts.items()})
         caps = {m: d.slots for m, d in decided.items()}
         for m, d in sorted(decided.items()):
             kind = (d.slots, d.reason.split(":")[0])   # the figures in the reason move every tick

@@ -39,7 +39,7 @@ def test_saturating_curve_settles_at_two():
     t = {1: 20.0, 2: 36.0, 3: 36.8, 4: 37.2}
     d = decide(t.__getitem__, range(1, 5), 4)
     assert d.slots == 2, d.reason
-    assert d.measured == 4
+    assert d.measured == (1, 2, 3, 4)
 
 
 def test_throughput_that_falls_past_the_knee_settles_there():
@@ -71,16 +71,33 @@ def test_too_few_samples_keeps_parallel():
     assert knee({}, 4).slots == 4
 
 
-def test_unmeasured_next_level_keeps_parallel_so_it_gets_measured():
-    # Grows from 1 to 2, nothing known at 3: explore at full parallel rather than stop at 2.
+def test_unmeasured_parallel_keeps_parallel_so_it_gets_measured():
+    # Grows from 1 to 2, nothing known at 4: explore at full parallel rather than stop at 2.
     d = decide({1: 20.0, 2: 38.0}.__getitem__, range(1, 3), 4)
-    assert d.slots == 4 and "3" in d.reason
+    assert d.slots == 4 and "at 4 in flight" in d.reason
 
 
-def test_a_gap_in_the_levels_ends_the_known_curve():
-    # Levels 1, 2 and 4 measured, 3 not: only 1..2 count, and they grow, so explore.
+def test_a_flat_start_does_not_cap_before_parallel_is_measured():
+    # The shape a real llama.cpp server on 2 CPU cores showed (bench/adaptive_real.py, tokens/s by
+    # level): flat from 1 to 3, 1.6 x at 6. Levels 1..3 alone look like a knee at 1.
+    t = {1: 58.3, 2: 58.3, 3: 57.7, 4: 63.6, 5: 75.0, 6: 92.9}
+    early = decide(t.__getitem__, range(1, 4), 6)
+    assert early.slots == 6 and early.reason.startswith("exploring"), early.reason
+    assert decide(t.__getitem__, range(1, 7), 6).slots == 6
+
+
+def test_a_lone_request_must_be_measured_before_a_cap():
+    # Saturated from 2 on, but the reference rate of one request is unknown: no cap yet.
+    t = {2: 36.0, 3: 36.5, 4: 36.6}
+    d = decide(t.__getitem__, range(2, 5), 4)
+    assert d.slots == 4 and "at 1 in flight" in d.reason
+
+
+def test_a_gap_between_the_ends_still_compares_the_measured_levels():
+    # Levels 1, 2 and 4 measured, 3 not: 2 -> 4 bought nothing, so 2 is the knee.
     t = {1: 20.0, 2: 38.0, 4: 38.5}
-    assert decide(t.__getitem__, (1, 2, 4), 4).slots == 4
+    d = decide(t.__getitem__, (1, 2, 4), 4)
+    assert d.slots == 2 and d.measured == (1, 2, 4), d.reason
 
 
 def test_never_above_parallel():
@@ -117,3 +134,16 @@ def test_server_targets_give_a_capped_models_slots_to_the_others():
     assert server_targets(budget, instances, {"a": 10, "b": 10}, caps={"a": 2}) == {"a": 2, "b": 4}
     # A cap never raises a model above its parallel.
     assert server_targets(budget, instances, {"a": 10}, caps={"a": 9})["a"] == 4
+
+
+def test_the_current_cap_is_kept_while_it_is_still_a_knee():
+    # Both 2 and 3 qualify; a pair capped at 3 stays there (its own samples move its estimate: no
+    # flapping), a pair at its parallel goes to the smallest knee.
+    t = {1: 20.0, 2: 36.0, 3: 37.0, 4: 37.2}
+    levels = curve(samples_for(t.__getitem__, range(1, 5)))
+    assert knee(levels, 4).slots == 2
+    assert knee(levels, 4, current=3).slots == 3
+    assert knee(levels, 4, current=4).slots == 2
+    # A current cap that is no knee any more (the curve grows past it) gives way.
+    grown = curve(samples_for({1: 20.0, 2: 36.0, 3: 37.0, 4: 60.0}.__getitem__, range(1, 5)))
+    assert knee(grown, 4, current=2).slots == 4
