@@ -97,6 +97,59 @@ def trace(seed: int, minutes: float, names: list[str], *, base_rate: float = 0.2
     return out
 
 
+#: Deferral windows (simulated s) for the clairvoyant reference: none, the aging step, and longer.
+CLAIRVOYANT_WINDOWS = (0.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+
+
+def places_per_server(size_gb: float, memory_gb: float = MEMORY_GB) -> int:
+    """How many models of `size_gb` one server holds under aibot's memory formula: the most n whose
+    request-buffer bound still gives every resident a slot (the rule `aibot.cluster.demand` places by)."""
+    from aibot.cluster.sizing import Budget, memory_bound
+
+    budget = Budget(memory_bytes=int(memory_gb * GB))
+    n = 0
+    while (bound := memory_bound(budget, int((n + 1) * size_gb * GB))) is not None and bound >= n + 1:
+        n += 1
+    return n
+
+
+def clairvoyant_loads(events: list[tuple[float, str]], places: int, window_s: float) -> int:
+    """Loads of a clairvoyant cache on the trace: requests of a model arriving within `window_s` of the
+    first request of its open batch share one visit (each request waits at most `window_s` for it), and
+    on a miss the resident whose next visit is furthest away is evicted (Belady's MIN, optimal for a
+    cache that must serve every visit when it comes). Load times and slots are ignored, so this is a
+    reference for how few loads any policy can have at that wait, not a schedule (greedy batching then
+    MIN is not a proven joint optimum)."""
+    visits, opened = [], {}
+    for t, model in sorted(events):
+        if model in opened and t - opened[model] <= window_s:
+            continue
+        opened[model] = t
+        visits.append(model)
+    nxt: list[int] = [0] * len(visits)
+    seen: dict[str, int] = {}
+    for i in range(len(visits) - 1, -1, -1):
+        nxt[i] = seen.get(visits[i], len(visits))
+        seen[visits[i]] = i
+    resident: dict[str, int] = {}   # model -> index of its next visit
+    loads = 0
+    for i, model in enumerate(visits):
+        if model not in resident:
+            loads += 1
+            if len(resident) >= places:
+                del resident[max(resident, key=resident.__getitem__)]
+        resident[model] = nxt[i]
+    return loads
+
+
+def clairvoyant(events: list[tuple[float, str]], catalog) -> dict:
+    """The reference table: places in the cluster and loads per deferral window."""
+    size = max(gb for _, _, gb in catalog)
+    places = 2 * places_per_server(size)
+    return {"places": places, "model_gb": size,
+            "loads_by_window_s": {f"{w:g}": clairvoyant_loads(events, places, w) for w in CLAIRVOYANT_WINDOWS}}
+
+
 def spec(speed: float, catalog):
     from aibot.sim.catalog import ModelSpec
     from aibot.sim.cluster import ClusterSpec
@@ -295,10 +348,13 @@ def main(argv: list[str] | None = None) -> int:
                    and ours["over_commits"] == 0 and ours["not_answered"] == 0 and fair)
         print(f"best peer by p95 wait: {best['policy']} ({best['wait_p95_s']} s, {best['loads']} loads); aibot "
               f"{ours['wait_p95_s']} s, {ours['loads']} loads; target: {common.verdict(met)}")
+    ref = clairvoyant(events, catalog)
+    print(f"clairvoyant cache ({ref['places']} places of {ref['model_gb']:g} GB, Belady's MIN over batches): loads "
+          + ", ".join(f"{n} if a request may wait {w} s" for w, n in ref["loads_by_window_s"].items()))
     common.write_json(args.output_dir, NAME, {
         "parameters": {"minutes": args.minutes, "speed": args.speed, "rate": args.rate, "seed": args.seed,
                        "personas": len(catalog), "messages": len(events), "service_s": SERVICE_S},
-        "target": {"met": met}, "results": rows})
+        "target": {"met": met}, "clairvoyant": ref, "results": rows})
     if not args.no_plot:
         common.save_plot(args.output_dir, NAME, lambda fig: plot(fig, rows), size=(12, 6))
     return 0

@@ -41,3 +41,24 @@ def test_unanswered_requests_get_both_percentiles():
     assert row["not_answered"] == 1 and row["replies"] == 2
     assert row["unanswered_oldest_wait_s"] == pytest.approx(10.0)
     assert row["wait_answered_p99_s"] <= 3.0 < row["wait_p99_s"]
+
+
+def test_places_follow_the_memory_formula():
+    # 128 GB, 8 GB reserve, 12 GB safety: 6 × 15 GB leave 18 GB = 6 request buffers of 3 GB, one per
+    # resident; a seventh would leave one buffer for seven models.
+    assert workload.places_per_server(15.0) == 6
+    assert workload.places_per_server(8.0) > workload.places_per_server(15.0) > workload.places_per_server(30.0)
+
+
+def test_clairvoyant_cache_evicts_the_model_needed_last():
+    events = [(float(i), m) for i, m in enumerate("ABCABC")]
+    # A, B load; C evicts B (needed after A); A hits; B evicts A (never needed again); C hits: 4 loads.
+    # LRU would miss all six.
+    assert workload.clairvoyant_loads(events, places=2, window_s=0) == 4
+    assert workload.clairvoyant_loads(events, places=3, window_s=0) == 3
+
+
+def test_clairvoyant_batches_requests_within_the_window_of_their_batch():
+    events = [(0.0, "A"), (5.0, "B"), (10.0, "A"), (20.0, "A")]
+    assert workload.clairvoyant_loads(events, places=1, window_s=15) == 3    # A@0 (+A@10), B, A@20
+    assert workload.clairvoyant_loads(events, places=1, window_s=25) == 2    # A@0 (+10, +20), B
