@@ -151,3 +151,19 @@ def test_check_notices_when_the_index_order_changes(filled, conn):
     conn.execute("ANALYZE aibot.jobs")
     with pytest.raises(AssertionError, match="jobs_claimable|sorts"):
         _assert_walks_claimable_index(_candidate_plans(filled, use_slots=False, calls=1)[0])
+
+
+def test_the_claims_instance_lookup_is_by_key_however_large_the_cluster(conn):
+    # 200 servers × 6 models: the claim statement finds each claimed job's serving instance by primary
+    # key. Joined plainly, the planner took claim_jobs for its default 1,000 rows and hashed every
+    # model_instances row on every claim (bench/scaling.py, the servers sweep).
+    conn.execute("INSERT INTO aibot.servers (name, url) "
+                 "SELECT 'inst-' || g, 'http://127.0.0.1:' || (1000 + g) FROM generate_series(1, 200) g")
+    conn.execute("INSERT INTO aibot.model_instances (server_id, model) "
+                 "SELECT s.id, 'model-' || m FROM aibot.servers s, generate_series(0, 5) m")
+    conn.execute("ANALYZE aibot.model_instances")
+    row = conn.execute("EXPLAIN (FORMAT JSON) " + jobs.queries.sql("jobs_claim"), {
+        "worker_id": "plan-test", "lease_seconds": 60.0, "use_slots": True, "limit": 1, "max_scan": 100}).fetchone()
+    nodes = list(_nodes(next(iter(row.values()))[0]["Plan"]))
+    scans = [(n["Node Type"], n.get("Index Name")) for n in nodes if n.get("Relation Name") == "model_instances"]
+    assert scans == [("Index Scan", "model_instances_pkey")], scans

@@ -40,11 +40,15 @@ ORDER BY i.ord;
 
 -- jobs_claim --
 -- Claims up to %(limit)s jobs in priority order (slot-aware when use_slots); see aibot.claim_jobs in
--- 0002_queue.sql. The serving instance's own name and per-request context come along (one statement).
+-- 0002_queue.sql. The serving instance's own name and per-request context come along (one statement),
+-- looked up by primary key per claimed row: as a plain join (or a LATERAL the planner flattens into one)
+-- the planner takes the function for 1,000 rows and hashes all of model_instances, a Seq Scan that grows
+-- with the cluster; the LIMIT keeps the subquery from being flattened.
 SELECT c.*, mi.instance_id, mi.context_length
 FROM claim_jobs(%(worker_id)s, %(lease_seconds)s::double precision, %(use_slots)s,
                 %(limit)s::integer, %(max_scan)s::integer) c
-LEFT JOIN model_instances mi ON mi.server_id = c.server_id AND mi.model = c.model;
+LEFT JOIN LATERAL (SELECT m.instance_id, m.context_length FROM model_instances m
+                   WHERE m.server_id = c.server_id AND m.model = c.model LIMIT 1) mi ON true;
 
 -- jobs_renew --
 -- Extends the lease of a running job (heartbeat); nothing happens unless the token still holds it
