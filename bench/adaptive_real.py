@@ -48,8 +48,7 @@ from aibot.config import load_config  # noqa: E402
 from aibot.harness import FAST_SCHEDULES, Stack, entity, write_config  # noqa: E402
 
 NAME = "adaptive_real"
-SERVER = "router"
-MODEL = "gemma-a"
+MODEL = "gemma-a"   # a preset of tests/real_llm/router.py (MODELS[0])
 PROMPT = "Tell me a short story about ship number {i}."
 DECISION = re.compile(r"adaptive concurrency \S+/(?P<model>\S+): (?P<slots>\d+) slot\(s\), (?P<reason>.*)$")
 
@@ -71,9 +70,9 @@ def router_for(parallel: int, threads: int, workdir: Path):
 # ---------------------------------------------------------------------------------------------------
 
 def direct_level(url: str, k: int, per_level: int, max_tokens: int, seq: list[int]) -> dict:
-    """k closed-loop clients, each sending requests back to back until the level has `per_level`
-    generations; every request counts at concurrency k (the clients start together and the level's
-    first and last requests are dropped from nobody: the ramp is k-wide by construction)."""
+    """k closed-loop clients, each sending ceil(per_level / k) requests back to back; every request
+    counts at concurrency k (the clients start together behind a barrier, so only the last requests of
+    the slowest clients run with fewer than k in flight)."""
     lock = threading.Lock()
     samples: list[concurrency.Sample] = []
     usage_tokens = 0
@@ -136,11 +135,11 @@ def direct_curve(url: str, parallel: int, per_level: int,
 class AibotRun:
     def __init__(self, db_url: str, router, workdir: Path, parallel: int, max_tokens: int) -> None:
         self.db_url, self.router, self.parallel = db_url, router, parallel
+        from tests.real_llm.deploy import server_entry
+
         ents = [entity("teller", MODEL, maxTokens=max_tokens, temperature=0)]
         self.config_path = write_config(
-            workdir / "config.json", entities=ents,
-            servers=[{"name": SERVER, "url": router.url, "kind": "llamacpp-router", "enabled": True,
-                      "capabilities": {"maxMemory": 64}, "perRequestGB": 0.5}],
+            workdir / "config.json", entities=ents, servers=[server_entry(router)],
             clusterSettings={"keepModelsLoaded": True, "adaptiveConcurrency": True})
         self.config = load_config(self.config_path)
         self.stack = Stack(db_url, self.config_path, workdir=workdir / "aibot-logs", env={
@@ -212,9 +211,16 @@ class AibotRun:
                 common.log(f"aibot users={k}: slots {self.timeline[-1][1] if self.timeline else '?'}; "
                            f"decisions so far {[d['slots'] for d in self.decisions()]}")
                 phases.append({"users": k, "from_s": round(t, 2), "to_s": round(time.perf_counter() - self.t0, 2)})
-            # Give the next rebalance tick (1 s) the chance to apply what the last level measured.
-            common.wait_until(lambda: len(self.timeline) > 0 and time.perf_counter() - self.t0 > phases[-1]["to_s"] + 2.5,
-                              10, "a rebalance after the last level", interval=0.05)
+            # The rebalance tick (1 s) decides from what the last level measured: wait until aibot has
+            # decided with the whole curve measured and its slot rows show that decision.
+            def applied():
+                d = self.decisions()
+                return (d and not d[-1]["reason"].startswith("exploring") and self.timeline
+                        and self.timeline[-1][1] == d[-1]["slots"])
+            try:
+                common.wait_until(applied, 15, "aibot's decision on the measured curve", interval=0.05)
+            except TimeoutError as exc:
+                common.log(f"{exc}: the backlog runs at whatever the pair has ({self.decisions()[-1:]})")
             settled = self.timeline[-1][1]
             t_backlog = time.perf_counter() - self.t0
             with db.connect(self.db_url, autocommit=True) as conn:
