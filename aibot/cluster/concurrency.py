@@ -25,6 +25,10 @@ from dataclasses import dataclass
 #: Measured against the single-request rate, not the current total, so a linear curve is never capped
 #: (a relative "+10 % over the total" would cap a perfectly linear server at 10).
 DEFAULT_MIN_GAIN = 0.10
+#: A pair already capped keeps its cap until a higher level beats it by this many times the bar: a
+#: hysteresis band, so a curve whose gain sits near `min_gain` does not flip between the cap and its full
+#: parallel at every rebalance (it did, 4 → 1 → 4 → 1 within one run, on a real llama.cpp server).
+KEEP_FACTOR = 1.5
 #: Generations needed at a level before its throughput is trusted.
 DEFAULT_MIN_SAMPLES = 8
 #: A generation shorter than this is timer noise, not a throughput measurement.
@@ -109,10 +113,10 @@ def knee(levels: Mapping[int, Level], parallel: int, *, min_gain: float = DEFAUL
     1 to 3 requests and 1.6 × faster at 6 (bench/adaptive_real.py); deciding from the levels 1 and 2
     alone capped it at 1 and cost a third of its throughput. Comparing against every higher level, not
     only c + 1, keeps one noisy dip from settling a pair that grows again past it.
-    `current`, the pair's cap now: kept while it is still a knee by this rule, even if a lower level
-    has become one too. A capped pair keeps adding samples at its cap only, which moves that level's
-    estimate; without this a real server's cap went 4 → 8 → 4 → 5 within one backlog
-    (bench/adaptive_real.py).
+    `current`, the pair's cap now: kept while no measured level above it adds `KEEP_FACTOR` × the bar,
+    even if a lower level has become a knee too. A capped pair keeps adding samples at its cap only,
+    which moves that level's estimate; without this a real server's cap went 4 → 8 → 4 → 5 within one
+    backlog, and between 1 and its full parallel on a curve near the bar (bench/adaptive_real.py).
     Never above `parallel` (the server accepts no more); the memory bound is applied by the caller.
     """
     if not isinstance(parallel, int) or parallel < 1:
@@ -133,18 +137,19 @@ def knee(levels: Mapping[int, Level], parallel: int, *, min_gain: float = DEFAUL
     x = {k: levels[k].x for k in measured}
     step = min_gain * t[1]
 
-    def is_knee(c: int) -> bool:
-        return all(t[c2] - t[c] < step * max(x[c2] - x[c], 0.0) for c2 in measured if c2 > c)
+    def is_knee(c: int, bar: float = step) -> bool:
+        return all(t[c2] - t[c] < bar * max(x[c2] - x[c], 0.0) for c2 in measured if c2 > c)
 
-    order = list(measured[:-1])
-    if current in order:
-        order.remove(current)
-        order.insert(0, current)
-    for c in order:
+    def decided(c: int) -> Decision:
+        return Decision(c, f"knee at {c}: {t[c]:.1f} tok/s, at most {max(t.values()):.1f} at "
+                           f"{', '.join(map(str, measured))} in flight (< {min_gain:.0%} of a lone "
+                           f"request's {t[1]:.1f} per added request)", measured)
+
+    if current in measured[:-1] and is_knee(current, KEEP_FACTOR * step):
+        return decided(current)
+    for c in measured[:-1]:
         if is_knee(c):
-            return Decision(c, f"knee at {c}: {t[c]:.1f} tok/s, at most {max(t.values()):.1f} at "
-                               f"{', '.join(map(str, measured))} in flight (< {min_gain:.0%} of a lone "
-                               f"request's {t[1]:.1f} per added request)", measured)
+            return decided(c)
     return Decision(parallel, f"throughput grows up to parallel {parallel}", measured)
 
 

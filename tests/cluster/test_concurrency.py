@@ -147,3 +147,12 @@ def test_the_current_cap_is_kept_while_it_is_still_a_knee():
     # A current cap that is no knee any more (the curve grows past it) gives way.
     grown = curve(samples_for({1: 20.0, 2: 36.0, 3: 37.0, 4: 60.0}.__getitem__, range(1, 5)))
     assert knee(grown, 4, current=2).slots == 4
+
+
+def test_a_cap_near_the_bar_does_not_flip_back_to_parallel():
+    # 2 -> 4 adds 12 % of a lone request's rate per added request: just over the 10 % bar, so an
+    # uncapped pair keeps its parallel, but a pair capped at 2 keeps its cap (under 1.5 x the bar).
+    t = {1: 20.0, 2: 36.0, 3: 38.4, 4: 40.8}
+    levels = curve(samples_for(t.__getitem__, range(1, 5)))
+    assert knee(levels, 4).slots == 4
+    assert knee(levels, 4, current=2).slots == 2
