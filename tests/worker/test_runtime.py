@@ -231,7 +231,9 @@ def test_a_failed_delivery_keeps_the_reply_and_delivers_it_without_generating_ag
     job = jobs.get(conn, job_id)
     # The retry delay is full jitter from 0 s, so the same invocation may already have re-claimed it.
     assert job["state"] in ("queued", "done") and job["reply"] is not None, job
-    assert job["attempts"] == 0 and job["last_error"].startswith("delivery failed"), "a sink outage is not the job's"
+    # The failed post's attempt was refunded: 0, or 1 if the re-claim that delivered already counted its own.
+    assert job["attempts"] == (0 if job["state"] == "queued" else 1), "a sink outage is not the job's"
+    assert job["last_error"].startswith("delivery failed"), job
     if job["state"] == "queued":
         assert held_slots(conn) == 0 and chat.replies() == []
 
