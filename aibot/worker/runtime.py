@@ -84,6 +84,8 @@ class _Invocation:
 
     deadline: float
     next_claim: jobs.Claim | None = None
+    #: The last completion took a claim along and it came back empty.
+    came_back_empty: bool = False
 
 
 class InFlightRegistry:
@@ -238,11 +240,12 @@ class Runtime:
             try:
                 while not self.stopping.is_set():
                     if claim is None:
-                        claim = self._claim()
+                        claim = self._claim(just_tried=invocation.came_back_empty)
                         if claim is None:
                             self._on_idle()
                             return done
                     current, claim = claim, None   # from here on `claim` is only a claim not yet processed
+                    invocation.came_back_empty = False
                     self.process(current)
                     # The completion claimed the next job in its own round trip (before the deadline only).
                     claim, invocation.next_claim = invocation.next_claim, None
@@ -314,6 +317,7 @@ class Runtime:
                     ok = plain(conn)
                 else:
                     self._local.invocation.next_claim = nxt
+                    self._local.invocation.came_back_empty = nxt is None
             # A retry after a commit whose acknowledgement was lost finds the job already done by us.
             return ok or jobs.finished_by(conn, claim.job_id, claim.token) == "done"
 
@@ -325,10 +329,19 @@ class Runtime:
         except Exception as exc:
             logger.warning("could not ring the doorbell %s (%s); the scheduler's doorbell tick will", why, exc)
 
-    def _claim(self) -> jobs.Claim | None:
+    def _claim(self, *, just_tried: bool = False) -> jobs.Claim | None:
         """A claim, retried briefly when it came back empty although claimable work exists: rows
         locked by other claimers or by a rebalance are skipped (SKIP LOCKED), and giving up then would
-        leave a free slot idle until the next doorbell."""
+        leave a free slot idle until the next doorbell.
+
+        `just_tried`: the completion before took a claim along and it came back empty, so the same
+        statement again would almost always be empty too (three claims per job on a quiet queue, each
+        the most expensive statement of the path): only the doorbell's cheaper count decides whether
+        to try again."""
+        if just_tried and self.database.retrying("probe for claimable work", doorbell.matchable,
+                                                 autocommit=True) == 0:
+            return None
+
         def step(conn):
             claim = jobs.claim(conn, self.worker_id, lease_seconds=self.lease_seconds, use_slots=True)
             return claim, claim is None and doorbell.matchable(conn) > 0

@@ -40,8 +40,8 @@ def _install() -> None:
             stamp("invocation")
             return run_invocation(self)
 
-        def claim_stamped(self):
-            c = claim(self)
+        def claim_stamped(self, **kw):
+            c = claim(self, **kw)
             if c is not None:
                 stamp("claimed", c.job_id)
             return c

@@ -150,17 +150,44 @@ def test_a_busy_loop_claims_each_next_job_with_the_completion_of_the_last(conn, 
     ids = [enqueue(conn, f"m{i}", "plain") for i in range(4)]
     rt = postgres_runtime(settings)
     standalone = []
-    real_claim = rt._claim
-    monkeypatch.setattr(rt, "_claim", lambda: standalone.append(1) or real_claim())
+    real_claim = jobs.claim
+    monkeypatch.setattr(jobs, "claim", lambda *a, **kw: standalone.append(1) or real_claim(*a, **kw))
     try:
         assert rt.run_invocation() == 4
     finally:
         rt.close()
     assert [jobs.get(conn, i)["state"] for i in ids] == ["done"] * 4
     assert all(len(replies(conn, i)) == 1 for i in ids) and held_slots(conn) == 0
-    # The first claim and the final empty one; the three in between came with the completions.
-    assert len(standalone) == 2, standalone
+    # Only the first claim stands alone: the next three came with the completions, and the last
+    # completion's came back empty, so the doorbell's count (nothing claimable) ended the loop
+    # instead of the same claim again.
+    assert len(standalone) == 1, standalone
     assert sim.model_stats("tiny")["served"] == 4
+
+
+def test_work_that_arrives_after_an_empty_claim_along_is_still_claimed(conn, world, monkeypatch):  # noqa: F811
+    """The shortcut after an empty claim must not strand a job that became claimable in between:
+    the doorbell's count sees it and the loop claims it."""
+    sim, _, settings = world
+    first = enqueue(conn, "m0", "plain")
+    rt = postgres_runtime(settings)
+    real = jobs.finish_delivered_and_claim
+    late: list[int] = []
+
+    def then_enqueue(*args, **kw):
+        got = real(*args, **kw)
+        if not late:
+            assert got[1] is None, "the queue held one job: the claim along comes back empty"
+            late.append(enqueue(conn, "m1", "plain"))
+        return got
+
+    monkeypatch.setattr(jobs, "finish_delivered_and_claim", then_enqueue)
+    try:
+        assert rt.run_invocation() == 2
+    finally:
+        rt.close()
+    assert [jobs.get(conn, i)["state"] for i in (first, *late)] == ["done", "done"]
+    assert sim.model_stats("tiny")["served"] == 2
 
 
 def test_a_next_claim_taken_as_the_worker_stops_is_handed_back(conn, world, monkeypatch):  # noqa: F811
