@@ -8,7 +8,7 @@ and counts against `max_attempts`.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Generator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -231,7 +231,10 @@ class Backend(Protocol):
 
     def chat(self, request: ChatRequest) -> ChatResult: ...
 
-    def chat_stream(self, request: ChatRequest) -> Iterator[str]: ...
+    def chat_stream(self, request: ChatRequest) -> Generator[str, None, int | None]:
+        """The reply's text deltas; the generator's return value is the completion's token count as the
+        server reported it (None if it did not): what adaptive concurrency measures throughput in."""
+        ...
 
     def tokenize(self, model: str, text: str) -> int | None:
         """Token count from the server's tokenizer, or None if it has none."""

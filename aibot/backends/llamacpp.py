@@ -42,7 +42,7 @@ import json
 import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Generator
 from typing import Any
 
 from aibot.backends.base import (
@@ -246,9 +246,9 @@ class LlamaCppBackend(OpenAICompatBackend):
         except BackendError as exc:
             raise retype(exc, router=self.router) from exc
 
-    def chat_stream(self, request: ChatRequest) -> Iterator[str]:
+    def chat_stream(self, request: ChatRequest) -> Generator[str, None, int | None]:
         try:
-            yield from super().chat_stream(request)
+            return (yield from super().chat_stream(request))
         except BackendError as exc:
             raise retype(exc, router=self.router) from exc
 

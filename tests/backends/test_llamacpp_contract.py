@@ -326,6 +326,28 @@ def test_router_chat_and_stream(replay):
     assert "".join(b.chat_stream(req("gemma-a"))).startswith("Say hello like a pirate")
 
 
+def streamed(gen) -> tuple[str, int | None]:
+    """A chat stream drained: its text and its return value (the server's completion-token count)."""
+    parts = []
+    while True:
+        try:
+            parts.append(next(gen))
+        except StopIteration as end:
+            return "".join(parts), end.value
+
+
+def test_router_stream_asks_for_usage_and_returns_the_servers_token_count(replay):
+    """Adaptive concurrency measures tokens/s in the server's own count: the worker asks for the usage
+    chunk, and a stream without it still counts from llama-server's `timings.predicted_n`."""
+    server, b = replay()
+    server.on("POST", "/v1/chat/completions", router("chat-stream-usage"))
+    text, tokens = streamed(b.chat_stream(req("gemma-a")))
+    assert text.startswith("Say hello like a pirate") and tokens == 8
+    assert server.asked("POST", "/v1/chat/completions")[-1]["body"]["stream_options"] == {"include_usage": True}
+    server.on("POST", "/v1/chat/completions", router("chat-stream"))      # no usage chunk: timings only
+    assert streamed(b.chat_stream(req("gemma-a")))[1] == 8
+
+
 @pytest.mark.parametrize("name,error,scope", [
     ("chat-context-exceeded", ContextOverflow, "request"),
     ("chat-unknown-model", ModelUnavailable, "request"),

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import pytest
 
@@ -85,6 +85,29 @@ def curve_of(conn, server_id: int) -> str:
                              {"server_id": server_id, "window_s": slots.SAMPLE_WINDOW_SECONDS, "limit": slots.SAMPLE_LIMIT})
     levels = concurrency.curve(concurrency.Sample(r["concurrency"], r["tokens"], r["seconds"]) for r in rows)
     return ", ".join(f"{lv.k}: {lv.samples}× x={lv.x:.2f} {lv.aggregate_tps:.0f} tok/s" for lv in levels.values())
+
+
+def test_samples_count_the_servers_tokens_and_estimate_only_without_them(conn):
+    """A reply that carries the server's count (reply.tokens) is measured in it; one without is
+    estimated as chars / 4."""
+    sim = SimServer(SimConfig(name="a", models=[ModelSpec("m1", 1 * GB, parallel=2)], preloaded="all")).start()
+    try:
+        register_sims(conn, {"a": sim}, memory_gb=64)
+        server_id = state.servers(conn)[0]["id"]
+        for i, reply in enumerate(({"text": "x" * 40, "tokens": 3}, {"text": "x" * 40})):
+            [jid] = jobs.enqueue_many(conn, [jobs.NewJob(source="t", source_message_id=f"s{i}", entity_id="e",
+                                                         model="m1", priority=10, payload={"text": "hi"})])
+            claim = jobs.claim(conn, "w", lease_seconds=60, use_slots=True)
+            assert claim is not None and claim.job_id == jid
+            t0 = datetime.now(timezone.utc)
+            assert jobs.store_reply(conn, jid, claim.token, reply, started_at=t0,
+                                    generated_at=t0 + timedelta(seconds=1))
+            assert jobs.complete(conn, jid, claim.token)
+        rows = slots.queries.all(conn, "cluster_concurrency_samples", {
+            "server_id": server_id, "window_s": slots.SAMPLE_WINDOW_SECONDS, "limit": slots.SAMPLE_LIMIT})
+        assert sorted(r["tokens"] for r in rows) == [3.0, 10.0]
+    finally:
+        sim.stop()
 
 
 def pair_slots(conn) -> int:

@@ -60,6 +60,23 @@ def _poll(predicate, timeout: float, what: str, interval: float = 0.01):
     return wait_until(predicate, timeout, what, interval, error=RuntimeError)
 
 
+def capture_streams(rec: Recorder, model: str) -> None:
+    """A streamed chat as aibot's worker sends it for llama.cpp (`stream_options.include_usage`) and
+    without the option: the SSE lines as received (blank separators included). Needs `model` loaded."""
+    for name, extra, note in (
+            ("chat-stream", {}, ""),
+            ("chat-stream-usage", {"stream_options": {"include_usage": True}},
+             ", stream_options.include_usage: a last chunk with empty choices and usage")):
+        with httpx.stream("POST", f"{rec.router.url}/v1/chat/completions", timeout=120,
+                          json={"model": model, "messages": [{"role": "user", "content": "Say hello like a pirate."}],
+                                "max_tokens": 8, "temperature": 0, "stream": True, **extra}) as s:
+            lines = list(s.iter_lines())
+            ctype = s.headers.get("content-type")
+            status = s.status_code
+        rec.save(name, f"POST /v1/chat/completions stream:true, {model}, max_tokens 8{note}: the SSE lines as "
+                 "received (blank separators included)", payload=lines, status=status, content_type=ctype)
+
+
 def capture_main(rec: Recorder) -> None:
     r = rec.router
     o = r.options
@@ -111,14 +128,7 @@ def capture_main(rec: Recorder) -> None:
 
     rec.save("chat", "POST /v1/chat/completions {model: gemma-a, max_tokens 8, temperature 0}",
              r.chat(a, "Say hello like a pirate.", max_tokens=8))
-    with httpx.stream("POST", f"{r.url}/v1/chat/completions", timeout=120,
-                      json={"model": a, "messages": [{"role": "user", "content": "Say hello like a pirate."}],
-                            "max_tokens": 8, "temperature": 0, "stream": True}) as s:
-        lines = list(s.iter_lines())
-        ctype = s.headers.get("content-type")
-        status = s.status_code
-    rec.save("chat-stream", "POST /v1/chat/completions stream:true, gemma-a, max_tokens 8: the SSE lines as "
-             "received (blank separators included)", payload=lines, status=status, content_type=ctype)
+    capture_streams(rec, a)
     rec.save("chat-context-exceeded", f"POST /v1/chat/completions gemma-a with a ~3000-token prompt; the "
              f"per-slot context is c/parallel = {o.slot_context}", r.chat(a, LONG_PROMPT, max_tokens=8))
     rec.save("chat-unknown-model", "POST /v1/chat/completions {model: no-such-model}",

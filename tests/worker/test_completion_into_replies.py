@@ -65,6 +65,9 @@ def test_the_completion_writes_the_reply_row_and_the_job_together(conn, world, m
     assert row["message"]["text"] == job["reply"]["text"] and row["message"]["timestamp"] == job["reply"]["timestamp"]
     assert stores.calls == 0, "no store before the post: the completion carries the reply"
     assert held_slots(conn) == 0 and sim.model_stats("tiny")["served"] == 1
+    # The stream's usage chunk (asked for, as llama-server honours it): the simulator's 5-token reply,
+    # kept for adaptive concurrency, and never sent to the chat (the row has no such field).
+    assert job["reply"]["tokens"] == 5 and "tokens" not in row["message"], job["reply"]
 
 
 def test_a_lost_claim_writes_no_reply_row(conn, world):  # noqa: F811
