@@ -15,9 +15,9 @@ Gemma 3 270M from PyPI, `--parallel P` slots, `--threads T`), two phases against
 
 Reported: the direct curve and its knee, the slots aibot settled at (and when), the backlog's aggregate
 tokens/s at aibot's cap against the direct curve at P (what running every slot would have given), and the
-backlog's per-request seconds against the direct figure at P. Tokens are chars / 4 of the reply, the
-estimate aibot's samples use, in both phases (the server's own `usage.completion_tokens` is reported
-beside it for the direct phase).
+backlog's per-request seconds against the direct figure at P. Tokens are the server's own count in both
+phases (`usage.completion_tokens`; what aibot's samples use since 894d66e, chars / 4 where a server
+reports none); the chars / 4 estimate is reported beside it for the direct phase.
 
     python bench/adaptive_real.py [--parallel 12] [--threads 2] [--max-tokens 48] [--per-level 24]
 
@@ -75,12 +75,12 @@ def direct_level(url: str, k: int, per_level: int, max_tokens: int, seq: list[in
     the slowest clients run with fewer than k in flight)."""
     lock = threading.Lock()
     samples: list[concurrency.Sample] = []
-    usage_tokens = 0
+    chars_tokens = 0.0
     n_each = -(-per_level // k)
     barrier = threading.Barrier(k)
 
     def client(_: int) -> None:
-        nonlocal usage_tokens
+        nonlocal chars_tokens
         # A new connection per request: the router may close a kept-alive connection between two
         # proxied requests ("Server disconnected without sending a response"; aibot's client resends
         # such a request once, this load generator just does not reuse connections).
@@ -98,9 +98,11 @@ def direct_level(url: str, k: int, per_level: int, max_tokens: int, seq: list[in
                 r.raise_for_status()
                 doc = r.json()
                 text = doc["choices"][0]["message"].get("content") or ""
+                used = (doc.get("usage") or {}).get("completion_tokens")
                 with lock:
-                    samples.append(concurrency.Sample(concurrency=k, tokens=len(text) / 4, seconds=dt))
-                    usage_tokens += int((doc.get("usage") or {}).get("completion_tokens") or 0)
+                    samples.append(concurrency.Sample(concurrency=k, seconds=dt,
+                                                      tokens=used if isinstance(used, int) else len(text) / 4))
+                    chars_tokens += len(text) / 4
 
     t0 = time.perf_counter()
     with ThreadPoolExecutor(k) as pool:
@@ -108,7 +110,7 @@ def direct_level(url: str, k: int, per_level: int, max_tokens: int, seq: list[in
     wall = time.perf_counter() - t0
     tokens = sum(s.tokens for s in samples)
     return {"k": k, "requests": len(samples), "wall_s": round(wall, 3),
-            "aggregate_tps": round(tokens / wall, 2), "usage_tps": round(usage_tokens / wall, 2),
+            "aggregate_tps": round(tokens / wall, 2), "chars4_tps": round(chars_tokens / wall, 2),
             "per_request_s": round(statistics.mean(s.seconds for s in samples), 3), "_samples": samples}
 
 
@@ -121,8 +123,8 @@ def direct_curve(url: str, parallel: int, per_level: int,
     for k in range(1, parallel + 1):
         row = direct_level(url, k, per_level, max_tokens, seq)
         samples += row.pop("_samples")
-        common.log(f"direct k={k}: {row['aggregate_tps']:.1f} tok/s aggregate (chars/4), "
-                   f"{row['usage_tps']:.1f} by the server's usage, {row['per_request_s']:.2f} s per request")
+        common.log(f"direct k={k}: {row['aggregate_tps']:.1f} tok/s aggregate (the server's count), "
+                   f"{row['chars4_tps']:.1f} by chars/4, {row['per_request_s']:.2f} s per request")
         rows.append(row)
     levels = concurrency.curve(samples)
     return rows, levels, concurrency.knee(levels, parallel, min_samples=min(per_level, 8))
@@ -229,7 +231,8 @@ class AibotRun:
                 self.wait_done(conn, ids, 600)
                 wall = time.perf_counter() - started
                 rows = conn.execute(
-                    "SELECT length(coalesce(reply->>'text', ''))::float / 4 AS tokens, "
+                    "SELECT coalesce((reply->>'tokens')::float, length(coalesce(reply->>'text', ''))::float / 4) "
+                    "AS tokens, "
                     "extract(epoch FROM generated_at - started_at)::float AS seconds, state::text AS state "
                     "FROM aibot.jobs WHERE id = ANY(%s)", (ids,)).fetchall()
             in_backlog = [p for t, p, r in self.timeline if t >= t_backlog]
@@ -291,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         "backlog_per_request_vs_direct_at_parallel": round(run["backlog"]["per_request_s"] / full["per_request_s"], 3),
         "direct_at_cap_tps": at_cap and at_cap["aggregate_tps"],
     }
-    print(common.table(direct, ["k", "requests", "aggregate_tps", "usage_tps", "per_request_s"],
+    print(common.table(direct, ["k", "requests", "aggregate_tps", "chars4_tps", "per_request_s"],
                        title=f"direct curve, parallel {args.parallel}, threads {args.threads}"))
     print(f"aibot's rule on the direct curve: {direct_knee.slots} slot(s) ({direct_knee.reason})")
     print(f"aibot settled at {settled} slot(s); decisions: " + "; ".join(f"{d['slots']} ({d['reason']})"
