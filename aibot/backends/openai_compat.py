@@ -14,6 +14,7 @@ never match, and a name that fits two entries fits none.
 
 from __future__ import annotations
 
+import logging
 import operator
 import threading
 from collections.abc import Callable, Generator, Iterable, Iterator
@@ -29,6 +30,7 @@ from aibot.backends.base import (
     LoadedModel,
     ModelNotLoaded,
     Offered,
+    RequestFault,
     ServerInfo,
 )
 from aibot.backends.http import (
@@ -42,6 +44,7 @@ from aibot.backends.http import (
 )
 
 CHAT_PATH = "/v1/chat/completions"
+log = logging.getLogger("aibot.backends")
 
 
 def chat_body(request: ChatRequest, *, stream: bool, include_usage: bool = False) -> dict[str, Any]:
@@ -135,6 +138,11 @@ def stream_deltas(events: Iterator[Any], where: str) -> Generator[str, None, int
     if not finished:
         raise BadResponse(f"{where}: the stream ended without a finish_reason")
     return tokens
+
+
+def refuses_stream_options(exc: BackendError) -> bool:
+    """A 4xx that names `stream_options`: a server that validates its fields and does not know this one."""
+    return exc.status is not None and 400 <= exc.status < 500 and "stream_options" in f"{exc} {exc.body or ''}"
 
 
 def stream_token_count(event: dict[str, Any]) -> int | None:
@@ -303,12 +311,32 @@ class OpenAICompatBackend:
         """Text deltas, returning the server's completion-token count (None if it gave none); the
         request is sent on the first `next()`, and errors surface while iterating."""
         where = f"POST {self.http.display}{CHAT_PATH}"
-        events = self.http.stream_events("POST", CHAT_PATH, json_body=chat_body(
-            request, stream=True, include_usage=self.stream_usage))
+        include_usage = self.stream_usage
+        while True:
+            deltas = stream_deltas(self.http.stream_events("POST", CHAT_PATH, json_body=chat_body(
+                request, stream=True, include_usage=include_usage)), where)
+            try:
+                first = next(deltas)
+            except StopIteration as end:
+                return end.value
+            except RequestFault as exc:
+                if include_usage and refuses_stream_options(exc):
+                    # A server that refuses the field must still answer: ask it without from now on.
+                    log.warning("%s refused stream_options (%s); streaming without the usage chunk from now on "
+                                "(its replies are counted as chars / 4)", self.http.display, exc)
+                    self.stream_usage = include_usage = False
+                    continue
+                raise self.http.scrub(exc) from exc.__cause__
+            except BackendError as exc:
+                raise self.http.scrub(exc) from exc.__cause__
+            break
         try:
-            return (yield from stream_deltas(events, where))
+            yield first
+            return (yield from deltas)
         except BackendError as exc:
             raise self.http.scrub(exc) from exc.__cause__
+        finally:
+            deltas.close()     # a consumer that stops early closes the HTTP stream now, not at collection
 
     def tokenize(self, model: str, text: str) -> int | None:
         return None

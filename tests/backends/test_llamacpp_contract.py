@@ -348,6 +348,33 @@ def test_router_stream_asks_for_usage_and_returns_the_servers_token_count(replay
     assert streamed(b.chat_stream(req("gemma-a")))[1] == 8
 
 
+def test_a_server_that_refuses_stream_options_is_asked_without_them(replay):
+    """An OpenAI-compatible server that validates its fields (FastAPI with pydantic's extra="forbid":
+    422 and an `extra_forbidden` error at ["body", "stream_options"], the shape pydantic documents for
+    that error) still answers: the stream is sent again without the option, and from then on never
+    with it. Its replies then count as chars / 4 (no count returned)."""
+    server, b = replay("openai")
+    refusal = {"http_status": 422, "payload": {"detail": [{
+        "type": "extra_forbidden", "loc": ["body", "stream_options"], "msg": "Extra inputs are not permitted",
+        "input": {"include_usage": True}}]}}
+
+    def plain(line: str) -> str:      # the real stream without llama-server's own `timings`
+        if not line.startswith("data: {"):
+            return line
+        event = json.loads(line[len("data: "):])
+        event.pop("timings", None)
+        return "data: " + json.dumps(event)
+
+    stream = {"http_status": 200, "payload": [plain(line) for line in router("chat-stream")["payload"]]}
+    server.on("POST", "/v1/chat/completions", refusal, stream)
+    text, tokens = streamed(b.chat_stream(req("gemma-a")))
+    assert text.startswith("Say hello like a pirate") and tokens is None
+    bodies = [s["body"] for s in server.asked("POST", "/v1/chat/completions")]
+    assert [("stream_options" in body) for body in bodies] == [True, False]
+    streamed(b.chat_stream(req("gemma-a")))
+    assert "stream_options" not in server.asked("POST", "/v1/chat/completions")[-1]["body"]
+
+
 @pytest.mark.parametrize("name,error,scope", [
     ("chat-context-exceeded", ContextOverflow, "request"),
     ("chat-unknown-model", ModelUnavailable, "request"),
