@@ -13,7 +13,8 @@ builds the curve aggregate tokens/s against in-flight requests per level (`curve
 (`knee`): the smallest level beyond which one more request adds less than `min_gain` of what a lone
 request produces. Levels are measured only when they are tried, so a pair whose curve is not known at
 both ends (a lone request and its full `parallel`) keeps its full `parallel` -- that is the exploration
-that measures it. No I/O: `aibot.cluster.slots` reads the samples and applies the caps.
+that measures it -- except that a pair whose `parallel` is measured and a lone request not runs one
+request at a time until it is (a backlog never leaves a request alone). No I/O: `aibot.cluster.slots` reads the samples and applies the caps.
 """
 
 from __future__ import annotations
@@ -105,7 +106,8 @@ def knee(levels: Mapping[int, Level], parallel: int, *, min_gain: float = DEFAUL
 
     Levels with `min_samples` generations are measured. A cap needs both ends of the curve: a lone
     request (the gain is judged against its rate) and `parallel` itself (what running every slot
-    gives); until both are measured the pair keeps `parallel`, so traffic measures them. Then the knee
+    gives); until `parallel` is measured the pair keeps it, so traffic measures it, and once it is but
+    a lone request is not (a backlog never leaves one alone) the pair probes at 1 until it is. Then the knee
     is the smallest measured c < parallel such that every measured c' above it adds less than
     `min_gain` × the lone-request throughput per added request:
     T(c') − T(c) < min_gain · T(1) · (x(c') − x(c)), x being the requests really in flight at each
@@ -132,6 +134,12 @@ def knee(levels: Mapping[int, Level], parallel: int, *, min_gain: float = DEFAUL
         if need not in measured:
             have = levels[need].samples if need in levels else 0
             known = f"; measured at {', '.join(map(str, measured))}" if measured else ""
+            if need == 1 and parallel in measured:
+                # A backlog keeps every slot busy, so a lone request never happens by itself: run one
+                # to measure it (on a real 1-thread llama.cpp server one request alone was 1.4 × faster
+                # than two together, bench/real_inference.py; nothing but a probe finds that out).
+                return Decision(1, f"probing: {have}/{min_samples} samples at 1 in flight, its full "
+                                   f"{parallel} measured{known}", measured)
             return Decision(parallel, f"exploring: {have}/{min_samples} samples at {need} in flight{known}", measured)
     t = {k: levels[k].aggregate_tps for k in measured}
     x = {k: levels[k].x for k in measured}

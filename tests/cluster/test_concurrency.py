@@ -87,10 +87,28 @@ def test_a_flat_start_does_not_cap_before_parallel_is_measured():
 
 
 def test_a_lone_request_must_be_measured_before_a_cap():
-    # Saturated from 2 on, but the reference rate of one request is unknown: no cap yet.
+    # Saturated from 2 on, but the reference rate of one request is unknown: no knee yet.
     t = {2: 36.0, 3: 36.5, 4: 36.6}
     d = decide(t.__getitem__, range(2, 5), 4)
-    assert d.slots == 4 and "at 1 in flight" in d.reason
+    assert not d.reason.startswith("knee") and "at 1 in flight" in d.reason
+
+
+def test_a_backlog_that_never_runs_one_alone_is_probed_at_one():
+    # The full parallel is measured, a lone request never was (every slot stayed busy): one request
+    # at a time until it is, then the rule decides from both ends.
+    t = {1: 110.0, 2: 78.0}          # a real 1-thread llama.cpp server (bench/real_inference.py)
+    d = decide(t.__getitem__, [2], 2)
+    assert d.slots == 1 and d.reason.startswith("probing") and d.measured == (2,), d
+    settled = decide(t.__getitem__, [1, 2], 2)
+    assert settled.slots == 1 and settled.reason.startswith("knee at 1"), settled
+    grows = {1: 50.0, 2: 95.0}
+    assert decide(grows.__getitem__, [1, 2], 2).slots == 2
+
+
+def test_nothing_is_probed_before_the_full_parallel_is_measured():
+    t = {2: 36.0, 3: 36.5}
+    d = decide(t.__getitem__, [2, 3], 4)
+    assert d.slots == 4 and d.reason.startswith("exploring") and "at 1 in flight" in d.reason
 
 
 def test_a_gap_between_the_ends_still_compares_the_measured_levels():

@@ -155,6 +155,38 @@ def test_slots_converge_to_the_simulators_knee(conn, db_url):
         sim.stop()
 
 
+def test_a_backlog_probes_a_lone_request_and_keeps_one_where_it_is_faster(conn, db_url):
+    """Two requests together are slower in total than one alone (a 1-thread CPU server: the real
+    llama.cpp servers of bench/real_inference.py were 1.4 x faster at one request each). A steady
+    backlog keeps both slots busy, so a lone request is never measured by itself: the pair probes at 1,
+    measures it, and stays there."""
+    sim = SimServer(SimConfig(name="a", models=[ModelSpec("m1", 1 * GB, parallel=2)], preloaded="all", speed=1.0,
+                              ttft_seconds=0.005, prompt_token_seconds=0.0, per_token_seconds=0.008,
+                              reply_tokens=25, batch_curve=[1.0, 2.8])).start()
+    try:
+        register_sims(conn, {"a": sim}, memory_gb=64)
+        server_id = state.servers(conn)[0]["id"]
+        peak = [0]
+        run_users(db_url, 2, 2 * PER_USER, "backlog", peak)     # always two in flight
+        assert peak[0] == 2
+        slots.rebalance(conn, {}, adaptive=True)
+        probe = slots.concurrency_decisions(conn, server_id, {"m1": 2})["m1"]
+        assert probe.slots == 1 and probe.reason.startswith("probing") and 1 not in probe.measured, \
+            (probe, curve_of(conn, server_id))
+        assert pair_slots(conn) == 1
+
+        peak = [0]
+        run_users(db_url, 2, PER_USER, "probe", peak)            # the same demand, one at a time now
+        assert peak[0] == 1
+        slots.rebalance(conn, {}, adaptive=True)
+        settled = slots.concurrency_decisions(conn, server_id, {"m1": 2}, current={"m1": 1})["m1"]
+        assert settled.slots == 1 and settled.reason.startswith("knee at 1") and settled.measured == (1, 2), \
+            (settled, curve_of(conn, server_id))
+        assert pair_slots(conn) == 1
+    finally:
+        sim.stop()
+
+
 def test_a_linear_server_keeps_its_parallel(conn, db_url):
     sim = SimServer(SimConfig(name="a", models=[ModelSpec("m1", 1 * GB, parallel=3)], preloaded="all", speed=1.0,
                               ttft_seconds=0.005, prompt_token_seconds=0.0, per_token_seconds=0.004,
