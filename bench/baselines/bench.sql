@@ -77,3 +77,18 @@ RETURNING job_id;
 -- bench_leftover_databases --
 -- Scratch databases of this benchmark process left behind when Postgres restarted mid-run
 SELECT datname FROM pg_database WHERE datname LIKE %(pattern)s;
+
+-- bench_aibot_server_gaps --
+-- Per server, the time from one generation's end (generated_at) to the start of the next one there
+-- (started_at), among the given jobs: how long a server sat idle between two requests (with more than
+-- one slot per server the generations overlap and the values go negative)
+SELECT s.name AS server, count(*)::int AS gaps,
+       (percentile_cont(0.5) WITHIN GROUP (ORDER BY g.gap) * 1000)::float8 AS p50_ms,
+       (percentile_cont(0.9) WITHIN GROUP (ORDER BY g.gap) * 1000)::float8 AS p90_ms
+FROM (SELECT j.server_id,
+             extract(epoch FROM j.started_at - lag(j.generated_at) OVER (PARTITION BY j.server_id
+                                                                         ORDER BY j.started_at)) AS gap
+      FROM aibot.jobs j WHERE j.id = ANY(%(ids)s)) g
+JOIN aibot.servers s ON s.id = g.server_id
+WHERE g.gap IS NOT NULL
+GROUP BY s.name ORDER BY s.name;
