@@ -36,6 +36,7 @@ BENCHMARKS = [
     (9, "scaling", "claim latency and jobs/s vs queue depth and cluster size, plans checked"),
     (10, "workload", "trace: 32 personas, 2 × 128 GB, aibot vs Ollama/llama-swap/LM Studio/LiteLLM/sequential"),
     (11, "adaptive_real", "adaptive concurrency on a real llama.cpp router: aibot's cap vs the server's own curve"),
+    (12, "stream_cost", "client CPU per generation on a real llama.cpp server, streamed vs not"),
 ]
 
 
