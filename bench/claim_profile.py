@@ -75,12 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=10_000, help="queued jobs per point")
     p.add_argument("--claims", type=int, default=30, help="claims profiled per point")
     args = p.parse_args(argv)
-    try:
-        servers = [int(v) for v in args.servers.split(",") if v.strip()]
-    except ValueError:
-        p.error(f"--servers must be comma-separated integers, got {args.servers!r}")
-    if not servers or min(servers) < 1 or args.models < 1 or args.claims < 1 or args.jobs < args.claims:
-        p.error("--servers, --models and --claims must be >= 1 and --jobs >= --claims")
+    servers = common.positive_ints(p, "--servers", args.servers)
+    if args.models < 1 or args.claims < 1 or args.jobs < args.claims:
+        p.error("--models and --claims must be >= 1 and --jobs >= --claims")
     points = []
     for n in servers:
         log(f"[profile] {n} servers × {args.models} models, {args.jobs:,} queued, {args.claims} claims")

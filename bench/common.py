@@ -82,6 +82,17 @@ def parser(doc: str | None) -> argparse.ArgumentParser:
     return p
 
 
+def positive_ints(p: argparse.ArgumentParser, flag: str, text: str) -> list[int]:
+    """A comma-separated list of integers >= 1 from option `flag`, or the parser's error naming it."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        p.error(f"{flag}: expected comma-separated integers >= 1, got {text!r}")
+    return values
+
+
 def host_info() -> dict[str, Any]:
     ram = None
     try:

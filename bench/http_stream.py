@@ -97,10 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--quick", action="store_true")
     args = p.parse_args(argv)
-    try:
-        tokens = [int(t) for t in args.tokens.split(",") if t.strip()]
-    except ValueError:
-        p.error(f"--tokens must be comma-separated integers, got {args.tokens!r}")
+    tokens = common.positive_ints(p, "--tokens", args.tokens)
     if args.quick:
         args.calls, args.rounds = min(args.calls, 200), 1
     trees = {"this": common.REPO}

@@ -288,11 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.quick:
         args.requests, args.concurrency, args.rounds = min(args.requests, 16), "2,4", 1
-    try:
-        sweep = [int(c) for c in args.concurrency.split(",")]
-    except ValueError:
-        p.error(f"--concurrency: expected comma-separated integers, got {args.concurrency!r}")
-    if args.requests < 2 or args.max_tokens < 1 or min(sweep) < 1 or args.rounds < 1:
+    sweep = common.positive_ints(p, "--concurrency", args.concurrency)
+    if args.requests < 2 or args.max_tokens < 1 or args.rounds < 1:
         p.error("--requests must be >= 2; --max-tokens, --rounds and every --concurrency >= 1")
 
     from tests import real_llm

@@ -392,13 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         p.error(f"--sweeps: unknown {', '.join(bad)}; choose from {', '.join(SWEEPS)}")
     for name in ("servers", "models", "slots"):
-        try:
-            vals = [int(v) for v in getattr(args, name).split(",") if v.strip()]
-        except ValueError:
-            p.error(f"--{name} must be comma-separated integers, got {getattr(args, name)!r}")
-        if not vals or min(vals) < 1:
-            p.error(f"--{name} values must be >= 1")
-        setattr(args, name, vals)
+        setattr(args, name, common.positive_ints(p, f"--{name}", getattr(args, name)))
     for name in ("max_jobs", "threads", "latency_claims", "throughput_jobs"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")

@@ -179,12 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.quick:
         args.counts, args.speed, args.reps, args.seed_speed = "1,6,20", min(args.speed, 0.1), 1, 0
-    try:
-        counts = [int(c) for c in args.counts.split(",") if c.strip()]
-    except ValueError:
-        p.error(f"--counts: expected comma-separated integers, got {args.counts!r}")
-    if not counts or min(counts) < 1:
-        p.error(f"--counts: every count must be >= 1, got {args.counts!r}")
+    counts = common.positive_ints(p, "--counts", args.counts)
     if args.speed <= 0:
         p.error(f"--speed: must be > 0, got {args.speed}")
 

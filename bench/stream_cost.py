@@ -53,12 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--quick", action="store_true")
     args = p.parse_args(argv)
-    try:
-        tokens = [int(t) for t in args.tokens.split(",") if t.strip()]
-    except ValueError:
-        p.error(f"--tokens must be comma-separated integers, got {args.tokens!r}")
-    if not tokens or min(tokens) < 1 or args.calls < 1 or args.rounds < 1:
-        p.error("--tokens values, --calls and --rounds must be >= 1")
+    tokens = common.positive_ints(p, "--tokens", args.tokens)
+    if args.calls < 1 or args.rounds < 1:
+        p.error("--calls and --rounds must be >= 1")
     if args.quick:
         args.calls, args.rounds = min(args.calls, 5), 1
 

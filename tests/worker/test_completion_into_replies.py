@@ -34,6 +34,18 @@ def postgres_runtime(settings) -> Runtime:
     return rt
 
 
+def after_each_completion(monkeypatch, action) -> None:
+    """Runs `action(result)` right after each completion that takes the next claim along returns."""
+    real = jobs.finish_delivered_and_claim
+
+    def wrapped(*args, **kw):
+        got = real(*args, **kw)
+        action(got)
+        return got
+
+    monkeypatch.setattr(jobs, "finish_delivered_and_claim", wrapped)
+
+
 class CountingStores:
     """Counts the worker's store-before-post writes (jobs.store_reply) while installed."""
 
@@ -174,17 +186,14 @@ def test_work_that_arrives_after_an_empty_claim_along_is_still_claimed(conn, wor
     sim, _, settings = world
     first = enqueue(conn, "m0", "plain")
     rt = postgres_runtime(settings)
-    real = jobs.finish_delivered_and_claim
     late: list[int] = []
 
-    def then_enqueue(*args, **kw):
-        got = real(*args, **kw)
+    def enqueue_once(got) -> None:
         if not late:
             assert got[1] is None, "the queue held one job: the claim along comes back empty"
             late.append(enqueue(conn, "m1", "plain"))
-        return got
 
-    monkeypatch.setattr(jobs, "finish_delivered_and_claim", then_enqueue)
+    after_each_completion(monkeypatch, enqueue_once)
     try:
         assert rt.run_invocation() == 2
     finally:
@@ -197,14 +206,8 @@ def test_a_next_claim_taken_as_the_worker_stops_is_handed_back(conn, world, monk
     sim, _, settings = world
     ids = [enqueue(conn, f"m{i}", "plain") for i in range(2)]
     rt = postgres_runtime(settings)
-    real = jobs.finish_delivered_and_claim
-
-    def then_stop(*args, **kw):
-        got = real(*args, **kw)
-        rt.stopping.set()                 # shutdown begins right after the completion claimed the next job
-        return got
-
-    monkeypatch.setattr(jobs, "finish_delivered_and_claim", then_stop)
+    # Shutdown begins right after the completion claimed the next job.
+    after_each_completion(monkeypatch, lambda got: rt.stopping.set())
     try:
         assert rt.run_invocation() == 1
     finally:
