@@ -231,8 +231,7 @@ class AibotRun:
                 self.wait_done(conn, ids, 600)
                 wall = time.perf_counter() - started
                 rows = conn.execute(
-                    "SELECT coalesce((reply->>'tokens')::float, length(coalesce(reply->>'text', ''))::float / 4) "
-                    "AS tokens, "
+                    "SELECT (reply->>'tokens')::float AS tokens, "
                     "extract(epoch FROM generated_at - started_at)::float AS seconds, state::text AS state "
                     "FROM aibot.jobs WHERE id = ANY(%s)", (ids,)).fetchall()
             in_backlog = [p for t, p, r in self.timeline if t >= t_backlog]

@@ -26,6 +26,12 @@ def estimate_tokens(text: str) -> int:
     return -(-len(text) // CHARS_PER_TOKEN)
 
 
+def reply_tokens(text: str, server_count: int | None) -> int:
+    """A generated reply's size in tokens, as adaptive concurrency measures throughput in (the worker
+    stores it as `reply.tokens`): the server's own count when it reported one, else the estimate."""
+    return server_count if server_count is not None else estimate_tokens(text)
+
+
 class FallbackCounter:
     """`count_tokens`, with the estimate for a text it has no answer for (None) or when it fails.
 

@@ -53,6 +53,7 @@ from aibot.cluster import state as cluster_state
 from aibot.config import ConfigStore
 from aibot.delivery.sinks import PostgresSink, SinkError, make_sink, reply_id
 from aibot.generation import postprocess, prompt
+from aibot.generation.tokens import reply_tokens
 from aibot.queue import doorbell, jobs, ratelimit
 from aibot.settings import Settings, get_settings
 from aibot.worker import registry
@@ -454,9 +455,8 @@ class Runtime:
             "model": claim.model,
             "server": server["name"],
             "generated_at": generated_at.isoformat(),
+            "tokens": reply_tokens(raw, tokens),    # adaptive concurrency's samples (never sent to the chat)
         }
-        if tokens is not None:   # the server's count: adaptive concurrency prefers it to chars / 4
-            reply["tokens"] = tokens
         note = f"{len(text)} chars generated in {time.monotonic() - started:.2f}s"
         if item.released.is_set():
             logger.warning("not delivering: the job was handed back at shutdown and will run again (%s)", note)

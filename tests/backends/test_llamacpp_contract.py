@@ -348,6 +348,20 @@ def test_router_stream_asks_for_usage_and_returns_the_servers_token_count(replay
     assert streamed(b.chat_stream(req("gemma-a")))[1] == 8
 
 
+@pytest.mark.parametrize("kind,asked", [("llamacpp-router", True), ("llamacpp", True), ("ollama", True),
+                                        ("openai", True), ("lmstudio", False)])
+def test_which_kinds_ask_a_stream_for_its_usage(replay, kind, asked):
+    """What each kind sends: llama-server honours `stream_options` (the chat-stream-usage capture),
+    Ollama parses it (openai/openai.go `ChatCompletionRequest.StreamOptions`), the OpenAI API defines
+    it; LM Studio is not sent it (not among its documented chat params, and it refuses unrecognized
+    fields elsewhere: lmstudio-bug-tracker #2024). The answer is llama-server's captured stream."""
+    server, b = replay(kind)
+    server.on("POST", "/v1/chat/completions", router("chat-stream"))
+    streamed(b.chat_stream(req("gemma-a")))
+    body = server.asked("POST", "/v1/chat/completions")[-1]["body"]
+    assert ("stream_options" in body) is asked, body
+
+
 def test_a_server_that_refuses_stream_options_is_asked_without_them(replay):
     """An OpenAI-compatible server that validates its fields (FastAPI with pydantic's extra="forbid":
     422 and an `extra_forbidden` error at ["body", "stream_options"], the shape pydantic documents for

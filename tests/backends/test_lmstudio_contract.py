@@ -59,8 +59,6 @@ def only_older_levels(server, *, v0=True):
 def test_kind_declares_its_attributes():
     assert (LMStudioBackend.can_load, LMStudioBackend.model_id_template, LMStudioBackend.default_port) == \
         (True, "{base}@{quant}", 1234)
-    # No `stream_options` (not among its documented chat params; it refuses unknown fields elsewhere).
-    assert LMStudioBackend.stream_usage is False
 
 
 # ---------------------------------------------------------------- v1 catalogue

@@ -15,6 +15,7 @@ from aibot import db
 from aibot.backends.base import ChatRequest
 from aibot.backends.factory import backend_for_server
 from aibot.cluster import concurrency, slots, state
+from aibot.generation.tokens import reply_tokens
 from aibot.queue import jobs
 from aibot.sim import GB, ModelSpec, SimConfig, SimServer
 from tests.support.cluster_rows import register_sims
@@ -63,7 +64,8 @@ def run_users(db_url: str, users: int, per_user: int, tag: str, in_flight: list[
                     generated_at = datetime.now(timezone.utc)
                     with lock:
                         running[0] -= 1
-                    assert jobs.store_reply(conn, claim.job_id, claim.token, {"text": result.text},
+                    reply = {"text": result.text, "tokens": reply_tokens(result.text, result.completion_tokens)}
+                    assert jobs.store_reply(conn, claim.job_id, claim.token, reply,
                                             started_at=started_at, generated_at=generated_at)
                     assert jobs.complete(conn, claim.job_id, claim.token)
                 if backend is not None:
@@ -87,14 +89,16 @@ def curve_of(conn, server_id: int) -> str:
     return ", ".join(f"{lv.k}: {lv.samples}× x={lv.x:.2f} {lv.aggregate_tps:.0f} tok/s" for lv in levels.values())
 
 
-def test_samples_count_the_servers_tokens_and_estimate_only_without_them(conn):
-    """A reply that carries the server's count (reply.tokens) is measured in it; one without is
-    estimated as chars / 4."""
+def test_samples_are_the_stored_token_counts(conn):
+    """The samples measure each reply in the tokens the worker stored with it (the server's count, or
+    `reply_tokens`' estimate); a reply stored without any (before the worker wrote them) is no sample."""
     sim = SimServer(SimConfig(name="a", models=[ModelSpec("m1", 1 * GB, parallel=2)], preloaded="all")).start()
     try:
         register_sims(conn, {"a": sim}, memory_gb=64)
         server_id = state.servers(conn)[0]["id"]
-        for i, reply in enumerate(({"text": "x" * 40, "tokens": 3}, {"text": "x" * 40})):
+        stored = ({"text": "x" * 40, "tokens": reply_tokens("x" * 40, 3)},
+                  {"text": "x" * 40, "tokens": reply_tokens("x" * 40, None)}, {"text": "x" * 40})
+        for i, reply in enumerate(stored):
             [jid] = jobs.enqueue_many(conn, [jobs.NewJob(source="t", source_message_id=f"s{i}", entity_id="e",
                                                          model="m1", priority=10, payload={"text": "hi"})])
             claim = jobs.claim(conn, "w", lease_seconds=60, use_slots=True)
@@ -105,7 +109,7 @@ def test_samples_count_the_servers_tokens_and_estimate_only_without_them(conn):
             assert jobs.complete(conn, jid, claim.token)
         rows = slots.queries.all(conn, "cluster_concurrency_samples", {
             "server_id": server_id, "window_s": slots.SAMPLE_WINDOW_SECONDS, "limit": slots.SAMPLE_LIMIT})
-        assert sorted(r["tokens"] for r in rows) == [3.0, 10.0]
+        assert sorted(r["tokens"] for r in rows) == [3.0, 10.0]     # the server's 3, the estimate's 10
     finally:
         sim.stop()
 

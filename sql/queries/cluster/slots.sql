@@ -37,14 +37,15 @@ DELETE FROM slots WHERE server_id = %(server_id)s AND retired AND job_id IS NULL
 -- cluster_concurrency_samples --
 -- Adaptive concurrency (aibot.cluster.concurrency): each recent generation on one server with how many
 -- requests were in flight on its (server, model) pair meanwhile, time-weighted and itself included,
--- its reply size in tokens (the server's count the worker stored as reply.tokens; without one, chars / 4,
--- the estimate aibot.generation.tokens uses) and its length. The generation interval is started_at (first byte sent) .. generated_at (reply complete).
+-- its size in tokens (reply.tokens, which the worker writes: aibot.generation.tokens.reply_tokens) and its
+-- length. A reply without it (stored before the worker wrote it) is no sample, though it still counts as in
+-- flight beside the others. The generation interval is
+-- started_at (first byte sent) .. generated_at (reply complete).
 -- Walks jobs_finished: only jobs finished within the window, the newest `limit` per pair. (The FILTER
 -- matters: least/greatest ignore NULLs, so the LEFT JOIN's empty row would count as a full overlap.)
 WITH recent AS (
     SELECT j.id, j.model, j.started_at, j.generated_at,
-           coalesce((j.reply->>'tokens')::double precision,
-                    length(coalesce(j.reply->>'text', ''))::double precision / 4) AS tokens,
+           (j.reply->>'tokens')::double precision AS tokens,
            row_number() OVER (PARTITION BY j.model ORDER BY j.generated_at DESC) AS n
     FROM jobs j
     WHERE j.finished_at > now() - make_interval(secs => %(window_s)s)
@@ -62,5 +63,5 @@ SELECT r.model, r.tokens,
 FROM recent r
 LEFT JOIN recent o ON o.model = r.model AND o.id <> r.id
                   AND o.started_at < r.generated_at AND o.generated_at > r.started_at
-WHERE r.n <= %(limit)s
+WHERE r.n <= %(limit)s AND r.tokens IS NOT NULL
 GROUP BY r.id, r.model, r.tokens, r.started_at, r.generated_at;
