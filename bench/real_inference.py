@@ -236,10 +236,11 @@ def run_aibot(admin_url: str, config_path: str, config, llm, msgs, args, workdir
             worker_cores = (worker_cpu(workers.pid) - cpu0) / (t_end - t0)
         finally:
             stack.stop()
-        gaps = {r["server"]: {"p50_ms": round(r["p50_ms"], 1), "p90_ms": round(r["p90_ms"], 1)}
-                for r in harness.q(psy(url), "bench_aibot_server_gaps", {"ids": res.job_ids})}
+        with psy(url) as conn:
+            gaps = {r["server"]: {"p50_ms": round(r["p50_ms"], 1), "p90_ms": round(r["p90_ms"], 1)}
+                    for r in harness.q(conn, "bench_aibot_server_gaps", {"ids": res.job_ids})}
+            states = {r["state"]: r["n"] for r in harness.q(conn, "bench_aibot_states")}
         common.log(f"aibot #{round_no}: idle between two generations per server (ms) {gaps}")
-        states = {r["state"]: r["n"] for r in harness.q(psy(url), "bench_aibot_states")}
         rep = harness.q1(url, "bench_aibot_replies")
         total = (len(msgs) + WARM_UP) * (round_no if shared_url else 1)
         if states != {"done": total} or rep["replies"] != total:

@@ -14,7 +14,8 @@ builds the curve aggregate tokens/s against in-flight requests per level (`curve
 request produces. Levels are measured only when they are tried, so a pair whose curve is not known at
 both ends (a lone request and its full `parallel`) keeps its full `parallel` -- that is the exploration
 that measures it -- except that a pair whose `parallel` is measured and a lone request not runs one
-request at a time until it is (a backlog never leaves a request alone). No I/O: `aibot.cluster.slots` reads the samples and applies the caps.
+request at a time until it is (a backlog never leaves a request alone). No I/O: `aibot.cluster.slots`
+reads the samples and applies the caps.
 """
 
 from __future__ import annotations
@@ -136,8 +137,8 @@ def knee(levels: Mapping[int, Level], parallel: int, *, min_gain: float = DEFAUL
             known = f"; measured at {', '.join(map(str, measured))}" if measured else ""
             if need == 1 and parallel in measured:
                 # A backlog keeps every slot busy, so a lone request never happens by itself: run one
-                # to measure it (on a real 1-thread llama.cpp server one request alone was 1.4 × faster
-                # than two together, bench/real_inference.py; nothing but a probe finds that out).
+                # to measure it (on real 1-thread llama.cpp servers one request each was 1.3-1.5 × as
+                # fast as two, bench/results/real_inference.json; nothing but a probe finds that out).
                 return Decision(1, f"probing: {have}/{min_samples} samples at 1 in flight, its full "
                                    f"{parallel} measured{known}", measured)
             return Decision(parallel, f"exploring: {have}/{min_samples} samples at {need} in flight{known}", measured)

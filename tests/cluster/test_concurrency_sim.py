@@ -161,7 +161,7 @@ def test_slots_converge_to_the_simulators_knee(conn, db_url):
 
 def test_a_backlog_probes_a_lone_request_and_keeps_one_where_it_is_faster(conn, db_url):
     """Two requests together are slower in total than one alone (a 1-thread CPU server: the real
-    llama.cpp servers of bench/real_inference.py were 1.4 x faster at one request each). A steady
+    llama.cpp servers of bench/real_inference.py were 1.3-1.5 x as fast at one request each). A steady
     backlog keeps both slots busy, so a lone request is never measured by itself: the pair probes at 1,
     measures it, and stays there."""
     sim = SimServer(SimConfig(name="a", models=[ModelSpec("m1", 1 * GB, parallel=2)], preloaded="all", speed=1.0,
